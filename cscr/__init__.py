@@ -1,0 +1,3 @@
+"""cscr: Cost-Spectrum Contrastive Routing (SPEC: ../shared/SPEC.md)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Subcommands of the ``cscr`` CLI, one module each (see cscr/cli.py)."""

@@ -1,0 +1,161 @@
+"""Frozen configuration dataclasses, one per stage.
+
+Each field has a comment; ``__post_init__`` validates. Configs become plain dicts only at the Ray
+boundary (``asdict`` / ``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of its allowed range."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+    """Build a config from a dict, refusing unknown keys with a clear error."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - names)
+    _check(not unknown, f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
+def asdict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "routerbench"  # loader name: routerbench, llmrouter, routellm, embedllm, mixinstruct, generic
+    data_dir: str | None = None  # folder with the source files; None: the loader's Hub download
+    val_fraction: float = 0.1  # fraction of train prompts carved out as validation
+    probe_size: int = 192  # prompts carved out of train as the held-out probe set (never trained on)
+    seed: int = 0  # seed of the val / probe carve-out
+    cost: Literal["usd", "params"] = "usd"  # cost unit where a source offers both
+    missing: Literal["mask", "drop"] = "mask"  # what to do with rows that miss a quality cell
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.val_fraction < 0.5, f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+        _check(self.probe_size >= 0, f"probe_size must be >= 0, got {self.probe_size}")
+        _check(self.cost in ("usd", "params"), f"cost must be 'usd' or 'params', got {self.cost!r}")
+        _check(self.missing in ("mask", "drop"), f"missing must be 'mask' or 'drop', got {self.missing!r}")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    model: str | None = None  # sentence-transformers path or Hub id; None: the packaged all-MiniLM-L6-v2
+    batch_size: int = 64  # prompts per encoder forward
+    device: str = "cpu"  # torch device
+    max_seq_length: int = 256  # tokens kept per prompt
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        _check(self.max_seq_length > 0, f"max_seq_length must be > 0, got {self.max_seq_length}")
+
+
+@dataclass(frozen=True)
+class FingerprintConfig:
+    kind: Literal["logit", "perplexity", "probe-outcome"] = "probe-outcome"  # descriptor kind
+    n_probes: int = 192  # N: probe prompts
+    steps: int = 10  # T: greedy steps per probe (logit footprint)
+    basis_size: int = 256  # K: shared token-string basis size
+    scorer: str | None = None  # scorer LM for perplexity fingerprints; None: packaged SmolLM2
+    max_new_tokens: int = 64  # answer length for live perplexity fingerprints
+    backend: Literal["transformers", "vllm"] = "transformers"  # inference backend
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("logit", "perplexity", "probe-outcome"), f"unknown descriptor kind {self.kind!r}")
+        _check(self.n_probes > 1, f"n_probes must be > 1, got {self.n_probes}")
+        _check(self.steps > 0, f"steps must be > 0, got {self.steps}")
+        _check(self.basis_size > 1, f"basis_size must be > 1, got {self.basis_size}")
+        _check(self.backend in ("transformers", "vllm"), f"unknown backend {self.backend!r}")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    in_dim: int = 384  # prompt-embedding width (MiniLM: 384)
+    hidden: int = 384  # hidden width (ablation: 4x)
+    out_dim: int = 192  # D': descriptor width; set from the descriptors at train time
+    activation: Literal["gelu", "relu"] = "gelu"  # hidden activation
+    dropout: float = 0.0  # dropout after the hidden layer
+
+    def __post_init__(self) -> None:
+        _check(min(self.in_dim, self.hidden, self.out_dim) > 0, "head widths must be > 0")
+        _check(self.activation in ("gelu", "relu"), f"activation must be gelu or relu, got {self.activation!r}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    bands: int = 5  # B: cost percentile bands (1 = vanilla)
+    tau_min: float = 0.05  # base temperature
+    alpha: float = 0.25  # temperature slope in band mean cost
+    gamma: float = 0.2  # negative cost penalty (denominator only)
+    tolerance: float = 0.0  # positives: quality >= best - tolerance (graded data)
+
+    def __post_init__(self) -> None:
+        _check(self.bands >= 1, f"bands must be >= 1, got {self.bands}")
+        _check(self.tau_min >= 0 and self.alpha >= 0, "tau_min and alpha must be >= 0")
+        _check(self.tau_min + self.alpha > 0, "tau_min + alpha must be > 0 (temperature would be 0)")
+        _check(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
+        _check(0 <= self.tolerance <= 1, f"tolerance must be in [0, 1], got {self.tolerance}")
+
+    @staticmethod
+    def vanilla() -> LossConfig:
+        return LossConfig(bands=1, gamma=0.0, alpha=0.0)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    top_k: int = 4  # k: experts retrieved before the cost penalty
+    use_gpu: bool | None = None  # None: the GPU index when faiss-gpu and CUDA are present
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10  # passes over the train prompts
+    batch_size: int = 512  # prompts per step
+    lr: float = 5e-4  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
+    seed: int = 0  # torch / numpy seed
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+
+    @staticmethod
+    def from_nested(d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        head = from_dict(HeadConfig, d.pop("head", {}))
+        loss = from_dict(LossConfig, d.pop("loss", {}))
+        index = from_dict(IndexConfig, d.pop("index", {}))
+        return from_dict(TrainConfig, {**d, "head": head, "loss": loss, "index": index})
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n_lambdas: int = 200  # knob values in the sweep
+    bootstrap: int = 5000  # paired bootstrap resamples
+    seed: int = 0  # seed for random routers and the bootstrap
+    binarize_at: float = 0.5  # correctness threshold for McNemar on graded quality
+
+    def __post_init__(self) -> None:
+        _check(self.n_lambdas >= 2, f"n_lambdas must be >= 2, got {self.n_lambdas}")
+        _check(self.bootstrap >= 1, f"bootstrap must be >= 1, got {self.bootstrap}")
