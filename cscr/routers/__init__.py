@@ -5,7 +5,14 @@ Importing this package imports every built-in router module so that they registe
 
 import importlib
 
-from cscr.routers.base import Router, RouterContext, RouterError, available_routers, get_router, register
+from cscr.routers.base import (
+    Router,
+    RouterContext,
+    RouterError,
+    available_routers,
+    get_router,
+    register,
+)
 
 _BUILTIN = ["oracle", "simple", "knn", "cscr", "umr", "thompson", "parametric", "softmax_gate", "soft_moe"]
 for _m in _BUILTIN:

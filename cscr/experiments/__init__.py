@@ -1,0 +1,2 @@
+"""Generalisation experiments (SPEC.md section 8): out-of-distribution prompts (ood.py) and
+unseen experts (unseen.py), as pure functions over a routing table and its embeddings."""

@@ -1,0 +1,160 @@
+"""Out-of-distribution prompts (SPEC.md section 8.3): train on some categories, test on the rest.
+
+``ood_split`` re-splits a table by category: the in-distribution group keeps its train / val /
+probe / test rows; every row of the held-out group becomes a test row (none of them was ever
+trained on, so all of them measure generalisation); rows in neither group are dropped. Probe
+rows come from the in-distribution group only, so probe-outcome descriptors see no held-out
+prompt either. The result records two evaluation sets: ``id_rows`` (the in-distribution test
+rows, the reference) and ``ood_rows`` (the held-out group).
+
+Groupings:
+  * RouteLLM MMLU: ``stem_vs_rest`` (the 18 STEM subjects of MMLU's own category map against the
+    other 39; GSM8K rows are not MMLU and are left out);
+  * LLMRouter: ``leave_one_group_out`` over ``LLMROUTER_TASK_GROUPS`` (math, code, open QA,
+    multiple choice, generation): train on four groups, test on the fifth.
+
+``run_ood`` trains CSCR heads on the in-distribution rows, fits the named baselines on the same
+rows and evaluates every router on both sets (``cscr.eval.evaluate_routers``). Pure: nothing
+is written; the CLI and the report layer write files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cscr.config import EvalConfig, TrainConfig
+from cscr.data.table import RoutingTable, TableError
+from cscr.eval import EvalResult, evaluate_routers
+from cscr.experiments.common import CSCR_VARIANTS, Log, default_descriptors, fit_routers, train_cscr
+from cscr.routers.base import RouterContext
+
+# MMLU's own category map (hendrycks/test categories.py): subjects whose subcategory is physics,
+# chemistry, biology, computer science, math or engineering
+STEM_SUBJECTS = frozenset({
+    "abstract_algebra", "astronomy", "college_biology", "college_chemistry", "college_computer_science",
+    "college_mathematics", "college_physics", "computer_security", "conceptual_physics",
+    "electrical_engineering", "elementary_mathematics", "high_school_biology", "high_school_chemistry",
+    "high_school_computer_science", "high_school_mathematics", "high_school_physics",
+    "high_school_statistics", "machine_learning",
+})
+
+# LLMRouter's 14 task names in five groups by the kind of skill they test
+LLMROUTER_TASK_GROUPS: dict[str, tuple[str, ...]] = {
+    "math": ("math", "gsm8k", "agentverse-mgsm", "agentverse-logicgrid"),
+    "code": ("mbpp", "human_eval"),
+    "open-qa": ("natural_qa", "trivia_qa"),
+    "multiple-choice": ("mmlu", "gpqa", "arc_challenge", "commonsense_qa", "openbook_qa"),
+    "generation": ("commongen",),
+}
+
+
+@dataclass
+class OODSplit:
+    table: RoutingTable  # the re-split table (rows of both groups only)
+    emb_rows: np.ndarray  # (n',) rows of the original table (to slice its embeddings)
+    id_rows: np.ndarray  # rows of ``table``: in-distribution test prompts
+    ood_rows: np.ndarray  # rows of ``table``: every prompt of the held-out group
+    train_group: str
+    test_group: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def mmlu_subject(category: str) -> str:
+    """Subject of a RouteLLM MMLU category ("abstract_algebra", "mmlu/abstract_algebra", "mmlu_x")."""
+    c = category.strip().lower()
+    for prefix in ("mmlu/", "mmlu_", "mmlu-"):
+        if c.startswith(prefix):
+            return c[len(prefix):]
+    return c
+
+
+def category_mask(table: RoutingTable, categories: Iterable[str]) -> np.ndarray:
+    """(n,) bool: rows whose category is one of ``categories``."""
+    return np.isin(table.categories, list(categories))
+
+
+def ood_split(table: RoutingTable, in_group: np.ndarray, out_group: np.ndarray,
+              train_group: str = "in", test_group: str = "out") -> OODSplit:
+    """Re-split ``table``: ``in_group`` rows keep their splits, ``out_group`` rows all become test."""
+    in_group, out_group = np.asarray(in_group, dtype=bool), np.asarray(out_group, dtype=bool)
+    if in_group.shape != (table.n,) or out_group.shape != (table.n,):
+        raise TableError(f"group masks must have shape ({table.n},)")
+    if (in_group & out_group).any():
+        raise TableError(f"{int((in_group & out_group).sum())} rows are in both the train and the test group")
+    splits = table.splits
+    for s in ("train", "probe"):
+        if not (in_group & (splits == s)).any():
+            raise TableError(f"the train group {train_group!r} has no {s} rows")
+    if not out_group.any():
+        raise TableError(f"the test group {test_group!r} has no rows")
+    keep = np.flatnonzero(in_group | out_group)
+    sub = table.subset(keep)
+    new_splits = sub.splits.copy()
+    held = out_group[keep]
+    new_splits[held] = "test"
+    sub.splits = new_splits.astype(str)
+    sub.meta = {**sub.meta, "ood": {"train_group": train_group, "test_group": test_group}}
+    id_rows = np.flatnonzero(~held & (new_splits == "test"))
+    ood_rows = np.flatnonzero(held)
+    counts = {f"{train_group}:{s}": int((~held & (new_splits == s)).sum()) for s in ("train", "val", "probe", "test")}
+    counts[f"{test_group}:test"] = int(held.sum())
+    counts["dropped"] = int(table.n - len(keep))
+    return OODSplit(sub, keep, id_rows, ood_rows, train_group, test_group, counts)
+
+
+def stem_vs_rest(table: RoutingTable) -> OODSplit:
+    """RouteLLM MMLU: train on the STEM subjects, test on the other subjects (GSM8K left out)."""
+    subj = np.array([mmlu_subject(c) for c in table.categories])
+    is_gsm = np.char.find(subj.astype(str), "gsm8k") >= 0
+    stem = np.isin(subj, list(STEM_SUBJECTS)) & ~is_gsm
+    if not stem.any():
+        raise TableError("no MMLU STEM subject among the table's categories (is this the RouteLLM MMLU table?)")
+    return ood_split(table, stem, ~stem & ~is_gsm, "stem", "non-stem")
+
+
+def leave_one_group_out(table: RoutingTable, groups: Mapping[str, Sequence[str]] | None = None) -> list[OODSplit]:
+    """One split per group: train on the other groups' categories, test on this group's."""
+    groups = dict(LLMROUTER_TASK_GROUPS if groups is None else groups)
+    known = {c for cats in groups.values() for c in cats}
+    unknown = sorted(set(table.categories) - known - {""})
+    if unknown:
+        raise TableError(f"categories in no group: {unknown}; groups: {sorted(groups)}")
+    out = []
+    for name, cats in groups.items():
+        test = category_mask(table, cats)
+        if not test.any():
+            continue  # a group this table does not have
+        out.append(ood_split(table, category_mask(table, known - set(cats)), test, f"not-{name}", name))
+    if not out:
+        raise TableError("no group has rows in this table")
+    return out
+
+
+@dataclass
+class OODResult:
+    split: OODSplit
+    in_distribution: EvalResult  # every router on the in-group test rows
+    out_of_distribution: EvalResult  # every router on the held-out group
+    routers: list[str]
+
+
+def run_ood(split: OODSplit, emb: np.ndarray, routers: Sequence[str], train_cfg: TrainConfig | None = None,
+            eval_cfg: EvalConfig | None = None, descriptors: Mapping[str, np.ndarray] | None = None,
+            seed: int = 0, log: Log | None = None) -> OODResult:
+    """Train on the split's in-distribution rows, evaluate on both sets.
+
+    ``emb``: embeddings of the *original* table (sliced with ``split.emb_rows``). ``descriptors``:
+    default probe-outcome descriptors from the in-distribution probe rows.
+    """
+    table = split.table
+    e = np.asarray(emb)[split.emb_rows]
+    desc = dict(descriptors) if descriptors is not None else default_descriptors(table)
+    heads = {v: train_cscr(table, e, desc, v, train_cfg, log) for v in CSCR_VARIANTS if v in routers}
+    ctx = RouterContext.from_table(table, e, seed=seed)
+    fitted = fit_routers(routers, ctx, heads, desc)
+    cfg = eval_cfg or EvalConfig()
+    return OODResult(split, evaluate_routers(fitted, table, e, split.id_rows, cfg),
+                     evaluate_routers(fitted, table, e, split.ood_rows, cfg), list(routers))

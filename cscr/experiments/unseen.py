@@ -1,0 +1,127 @@
+"""Unseen experts (SPEC.md section 8.2): train on two thirds of the pool, route over the rest.
+
+``split_experts`` holds out about a third of the experts, stratified by cost (the experts sorted
+by c_m are cut into as many consecutive chunks as experts to hold out, and one expert per chunk
+is drawn, seeded), so the held-out pool spans the cost range instead of landing all at one end.
+
+``run_unseen`` trains the CSCR heads on the seen experts only (their answers, their
+descriptors) and routes over the held-out experts through their descriptors alone: the head is
+not retrained. Every router is evaluated on the test prompts over the held-out pool. Baselines
+take part as far as their method allows without training on the held-out experts' train answers
+(``HOW`` says what each uses):
+
+  * umr: clusters of the train prompts; the held-out experts' per-cluster errors from their
+    validation answers (UniRoute's recipe for new experts);
+  * knn: its neighbour memory is the validation prompts with the held-out experts' answers;
+  * pareto-random: its hull from the held-out experts' mean validation quality and cost;
+  * thompson: learns on the test stream from a uniform prior; needs no data beforehand;
+  * oracle and random: need none (the oracle is the ceiling).
+
+``EXCLUDED`` (parametric, softmax-gate, soft-moe) cannot take part: each has one output unit per
+expert trained on that expert's answers, so a new expert means training a new network, which
+is exactly what this experiment rules out. The result lists them with that reason. Costs c_m
+are the held-out pool's own (price metadata, known for any expert). Pure: nothing is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cscr.config import EvalConfig, TrainConfig
+from cscr.data.table import RoutingTable, TableError
+from cscr.eval import EvalResult, evaluate_routers
+from cscr.experiments.common import (
+    CSCR_VARIANTS,
+    Log,
+    costs_of,
+    cscr_from_result,
+    default_descriptors,
+    train_cscr,
+)
+from cscr.routers.base import Router, RouterContext, get_router
+
+HOW = {
+    "cscr": "head trained on the seen experts; held-out experts enter by their descriptors",
+    "vanilla": "head trained on the seen experts; held-out experts enter by their descriptors",
+    "umr": "train-prompt clusters; held-out experts' per-cluster errors from their validation answers",
+    "knn": "neighbour memory = validation prompts with the held-out experts' answers",
+    "pareto-random": "hull from the held-out experts' mean validation quality",
+    "thompson": "learns on the test stream from a uniform prior",
+    "oracle": "hindsight ceiling",
+    "random": "no data needed",
+}
+EXCLUDED = {
+    name: "one output unit per expert trained on its answers: a new expert needs a new network"
+    for name in ("parametric", "softmax-gate", "soft-moe")
+}
+_VAL_AS_TRAIN = ("knn", "pareto-random")  # fitted with the validation rows in the train role
+
+
+def split_experts(table: RoutingTable, frac_unseen: float = 1 / 3, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(seen, unseen) expert names, each in table order; unseen stratified by cost."""
+    names = table.expert_names
+    m = len(names)
+    k = int(round(frac_unseen * m))
+    if not 0 < k < m:
+        raise TableError(f"cannot hold out {frac_unseen:.2f} of {m} experts ({k}): need 1..{m - 1}")
+    order = np.argsort(table.expert_costs(), kind="stable")  # cheapest first
+    rng = np.random.default_rng(seed)
+    held = {int(rng.choice(chunk)) for chunk in np.array_split(order, k)}
+    return [n for j, n in enumerate(names) if j not in held], [n for j, n in enumerate(names) if j in held]
+
+
+@dataclass
+class UnseenResult:
+    seen: list[str]
+    unseen: list[str]
+    evaluation: EvalResult  # every participating router over the held-out pool, test prompts
+    how: dict[str, str]  # router -> what it used for the held-out experts
+    excluded: dict[str, str]  # router -> why it could not take part
+
+
+def fit_unseen_router(name: str, pool: RoutingTable, emb: np.ndarray, seed: int = 0) -> Router:
+    """A baseline for the held-out pool from what its method allows (see ``HOW``)."""
+    if name in EXCLUDED:
+        raise ValueError(f"{name!r} cannot route over unseen experts: {EXCLUDED[name]}")
+    if name not in HOW or name in CSCR_VARIANTS:
+        raise ValueError(f"no unseen-experts recipe for router {name!r}; known: {sorted(HOW)}")
+    ctx = RouterContext.from_table(pool, emb, seed=seed)
+    if name in _VAL_AS_TRAIN:
+        val_ctx = RouterContext(pool, emb, ctx.val_rows, np.zeros(0, dtype=np.int64), seed=seed)
+        router = get_router(name).fit(val_ctx)
+        router.costs = pool.expert_costs(ctx.train_rows)  # the same c_m as every other router
+        return router
+    # umr: train-prompt clusters, validation-answer errors; thompson (uniform prior), oracle, random
+    return get_router(name).fit(ctx)
+
+
+def run_unseen(table: RoutingTable, emb: np.ndarray, routers: Sequence[str], seen: Sequence[str],
+               unseen: Sequence[str], train_cfg: TrainConfig | None = None, eval_cfg: EvalConfig | None = None,
+               descriptors: Mapping[str, np.ndarray] | None = None, seed: int = 0,
+               log: Log | None = None) -> UnseenResult:
+    """Train on ``seen`` experts, evaluate every participating router over ``unseen`` on test rows."""
+    overlap = sorted(set(seen) & set(unseen))
+    if overlap:
+        raise TableError(f"experts both seen and unseen: {overlap}")
+    if not seen or not unseen:
+        raise TableError("need at least one seen and one unseen expert")
+    desc = dict(descriptors) if descriptors is not None else default_descriptors(table)
+    seen_table, pool = table.subset(experts=list(seen)), table.subset(experts=list(unseen))
+    excluded = {n: EXCLUDED[n] for n in routers if n in EXCLUDED}
+    fitted: dict[str, Router] = {}
+    for name in routers:
+        if name in excluded:
+            continue
+        if name in CSCR_VARIANTS:
+            result = train_cscr(seen_table, emb, desc, name, train_cfg, log)
+            fitted[name] = cscr_from_result(result, {n: desc[n] for n in pool.expert_names},
+                                            costs_of(pool, pool.split_index("train")))
+        else:
+            fitted[name] = fit_unseen_router(name, pool, emb, seed)
+    if not fitted:
+        raise ValueError(f"none of {list(routers)} can route over unseen experts")
+    evaluation = evaluate_routers(fitted, pool, emb, pool.split_index("test"), eval_cfg or EvalConfig())
+    return UnseenResult(list(seen), list(unseen), evaluation, {n: HOW[n] for n in fitted}, excluded)
