@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cscr.data.table import RoutingTable
+from cscr.routers.envelope import sweep_choices
 
 
 class RouterError(ValueError):
@@ -116,10 +117,7 @@ class Router(ABC):
         if (lambdas < 0).any() or not np.isfinite(lambdas).all():
             raise RouterError("cost weight lambda must be finite and >= 0")
         u, pen = self.scored(emb, rows, candidates)
-        out = np.empty((len(lambdas), u.shape[0]), dtype=np.int64)
-        for l_i, lam in enumerate(lambdas):  # L small; each step fully vectorised over (n, M)
-            out[l_i] = np.argmax(u - lam * pen, axis=1)
-        return out
+        return sweep_choices(u, pen, lambdas)  # argmax(u - lam * pen) per lambda, via per-prompt envelopes
 
     def route(self, emb: np.ndarray, lam: float = 0.0, rows: np.ndarray | None = None,
               candidates: Sequence[str] | None = None) -> np.ndarray:
@@ -155,6 +153,16 @@ class Router(ABC):
 
 _REGISTRY: dict[str, Callable[..., Router]] = {}
 
+#: built-in router modules (cscr/routers/<module>.py), imported on first use of the registry
+BUILTIN = ("oracle", "simple", "knn", "cscr", "umr", "thompson", "parametric", "softmax_gate", "soft_moe")
+
+
+def _load_builtin() -> None:
+    import importlib
+
+    for mod in BUILTIN:
+        importlib.import_module(f"cscr.routers.{mod}")
+
 
 def register(name: str) -> Callable[[type[Router]], type[Router]]:
     def deco(cls: type[Router]) -> type[Router]:
@@ -168,7 +176,7 @@ def register(name: str) -> Callable[[type[Router]], type[Router]]:
 
 
 def get_router(name: str, **kwargs: Any) -> Router:
-    import cscr.routers  # noqa: F401  (registers the built-in routers)
+    _load_builtin()
 
     if name not in _REGISTRY:
         raise RouterError(f"unknown router {name!r}; available: {sorted(_REGISTRY)}")
@@ -176,6 +184,6 @@ def get_router(name: str, **kwargs: Any) -> Router:
 
 
 def available_routers() -> list[str]:
-    import cscr.routers  # noqa: F401
+    _load_builtin()
 
     return sorted(_REGISTRY)

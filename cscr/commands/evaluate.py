@@ -1,0 +1,141 @@
+"""``cscr evaluate``: fit routers on a prepared run and evaluate them on its test split.
+
+    cscr evaluate --run runs/routerbench --routers oracle,random,pareto-random,knn,single
+    cscr evaluate --run runs/routerbench --routers cscr,vanilla,knn,pareto-random,oracle --compare cscr
+
+Router names: any registered router (``cscr evaluate --list``); ``single`` expands to one
+router per expert (each a single point), ``single:NAME`` is one expert. Prints AUDC / QNC /
+peak per router and writes report.md, metrics.json, metrics.csv and deferral.png into
+``<run>/eval`` (or ``--out``). ``--compare NAME`` adds the paired bootstrap (delta AUDC, 95%
+interval, one-sided p) and McNemar's exact test at a matched budget of NAME against the
+strongest other router (by AUDC, the oracle excluded), printed under the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cscr.config import EvalConfig
+from cscr.errors import InputError
+from cscr.run import RunPaths
+
+DEFAULT_ROUTERS = "oracle,random,pareto-random,knn,single"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("evaluate", help="evaluate routers on a run's test split (AUDC, QNC, peak)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=False, help="run folder made by `cscr prepare` (e.g. runs/routerbench)")
+    p.add_argument("--routers", default=DEFAULT_ROUTERS, help=f"comma-separated router names (default: {DEFAULT_ROUTERS})")
+    p.add_argument("--compare", default=None, metavar="ROUTER",
+                   help="significance of ROUTER against the strongest other router (not the oracle)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="matched budget (mean cost) for McNemar (default: the best single expert's mean test cost)")
+    p.add_argument("--candidates", default=None, metavar="E1,E2,...",
+                   help="route among these experts only (default: the whole pool)")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="rows to evaluate on")
+    p.add_argument("--lambdas", type=int, default=EvalConfig.n_lambdas, help="knob values per sweep")
+    p.add_argument("--bootstrap", type=int, default=EvalConfig.bootstrap, help="paired bootstrap resamples")
+    p.add_argument("--seed", type=int, default=EvalConfig.seed, help="seed of random routers and the bootstrap")
+    p.add_argument("--binarize-at", type=float, default=EvalConfig.binarize_at,
+                   help="correctness threshold on quality for McNemar")
+    p.add_argument("--out", default=None, help="report folder (default: <run>/eval)")
+    p.add_argument("--list", action="store_true", help="list the available routers and exit")
+    p.set_defaults(func=run)
+
+
+def parse_routers(spec: str, expert_names: list[str], available: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """[(display name, registry name, kwargs)] from ``a,b,single,single:NAME``; clear errors."""
+    from cscr.routers.base import RouterError
+
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise InputError("--routers is empty")
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    for name in names:
+        base, _, arg = name.partition(":")
+        if base not in available:
+            raise RouterError(f"unknown router {base!r}; available: {', '.join(available)}")
+        if base == "single":
+            experts = [arg] if arg else expert_names
+            for e in experts:
+                if e not in expert_names:
+                    raise RouterError(f"single: unknown expert {e!r}; the pool has {expert_names}")
+                out.append((f"single:{e}", "single", {"expert": e}))
+        elif arg:
+            raise RouterError(f"router {base!r} takes no ':' argument (got {name!r})")
+        else:
+            out.append((base, base, {}))
+    displays = [d for d, _, _ in out]
+    dup = sorted({d for d in displays if displays.count(d) > 1})
+    if dup:
+        raise InputError(f"router(s) listed twice: {dup}")
+    return out
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cscr.routers import RouterContext, available_routers, get_router
+
+    available = available_routers()
+    if args.list:
+        print("\n".join(available))
+        return 0
+    if not args.run:
+        raise InputError("--run is required (a folder made by `cscr prepare`)")
+    cfg = EvalConfig(n_lambdas=args.lambdas, bootstrap=args.bootstrap, seed=args.seed, binarize_at=args.binarize_at)
+    paths = RunPaths.of(args.run)
+    paths.require_table()
+
+    from cscr.data.table import RoutingTable
+
+    table = RoutingTable.load(paths.table)
+    candidates = None
+    if args.candidates:
+        candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+        unknown = sorted(set(candidates) - set(table.expert_names))
+        if unknown or not candidates:
+            raise InputError(f"--candidates: unknown expert(s) {unknown}; the pool has {table.expert_names}")
+    specs = parse_routers(args.routers, candidates or table.expert_names, available)
+    if args.compare is not None and args.compare not in [d for d, _, _ in specs]:
+        raise InputError(f"--compare {args.compare!r} is not among --routers ({', '.join(d for d, _, _ in specs)})")
+    from cscr.encoder import load_run_embeddings
+
+    emb = load_run_embeddings(paths.root)
+    rows = table.split_index(args.split)
+    if len(rows) == 0:
+        raise InputError(f"{paths.root}: the table has no {args.split} prompts")
+
+    ctx = RouterContext.from_table(table, emb, paths.root, seed=cfg.seed)
+    routers = {}
+    for display, name, kwargs in specs:
+        t0 = time.perf_counter()
+        routers[display] = get_router(name, **kwargs).fit(ctx)
+        _log(f"evaluate: fitted {display} ({time.perf_counter() - t0:.1f}s)")
+
+    from cscr.eval.evaluate import evaluate_routers
+    from cscr.eval.report import format_header, format_table, write_report
+
+    t0 = time.perf_counter()
+    result = evaluate_routers(routers, table, emb, rows, cfg, compare=args.compare, budget=args.budget,
+                              candidates=candidates)
+    _log(f"evaluate: swept {len(routers)} routers over {len(result.rows)} {args.split} prompts "
+         f"({time.perf_counter() - t0:.1f}s)")
+    out_dir = Path(args.out).expanduser() if args.out else paths.eval
+    written = write_report(result, out_dir)
+    print(format_header(result))
+    print()
+    print(format_table(result))
+    for s in result.significance:
+        print()
+        print(s.line())
+    print()
+    print(f"wrote {', '.join(str(p) for p in written.values())}")
+    return 0
