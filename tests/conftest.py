@@ -49,8 +49,17 @@ def ray_start_2_cpus():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The real packaged all-MiniLM-L6-v2, loaded once per session (cscr.encoder.Encoder)."""
+    from cscr.config import EncoderConfig
+    from cscr.encoder import get_encoder
+
+    return get_encoder(EncoderConfig())

@@ -1,0 +1,113 @@
+"""``cscr prepare``: routing table (with splits) and prompt embeddings for one data set.
+
+    cscr prepare --dataset routerbench --data-dir ../shared/data --out runs/routerbench
+    cscr prepare --dataset routellm --option subset=mmlu --out runs/mmlu
+    cscr prepare --dataset generic --option file=my_logs.jsonl --out runs/mine
+    cscr prepare --dataset routerbench --out runs/rb --ray        # embeddings on Ray Data
+
+The data directory comes from ``--data-dir`` or ``CSCR_DATA_DIR``; with neither, loaders that
+know a Hub copy (routerbench, embedllm, mixinstruct) download it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from cscr.config import DataConfig, EncoderConfig
+from cscr.data.table import SPLITS, RoutingTable
+from cscr.errors import InputError
+from cscr.run import RunPaths
+
+DATASETS = ["routerbench", "llmrouter", "routellm", "embedllm", "mixinstruct", "generic"]
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("prepare", help="build a run's routing table, splits and prompt embeddings",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help=f"data set: {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", default=None, help="folder with the source files (default: $CSCR_DATA_DIR; else the Hub)")
+    p.add_argument("--out", required=True, help="run folder to write (e.g. runs/routerbench)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="loader option, repeatable (routellm subset=mmlu|gsm8k|both, prices=FILE; "
+                        "mixinstruct metric=bertscore; generic file=PATH; llmrouter answer_tokens=128)")
+    p.add_argument("--cost", choices=["usd", "params"], default="usd", help="cost unit where the source offers both")
+    p.add_argument("--missing", choices=["mask", "drop"], default="mask", help="rows with an empty quality cell")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--probe-size", type=int, default=192)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoder", default=None, help="sentence-transformers path or Hub id (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--batch-size", type=int, default=64, help="encoder batch size")
+    p.add_argument("--no-embed", action="store_true", help="write the table only")
+    p.add_argument("--ray", action="store_true", help="embed with Ray Data (jobs/embed.py) on a local cluster")
+    p.add_argument("--workers", type=int, default=2, help="Ray actors for --ray")
+    p.set_defaults(func=run)
+
+
+def parse_options(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--option expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def summary(table: RoutingTable) -> str:
+    rows = ", ".join(f"{s} {int((table.splits == s).sum())}" for s in SPLITS)
+    missing = int(np.isnan(table.quality).sum())
+    lines = [
+        f"source      {table.source}",
+        f"prompts     {table.n} ({rows})",
+        f"experts     {len(table.experts)}; cost unit {table.cost_unit}",
+        f"missing     {missing} quality cells in {int(np.isnan(table.quality).any(axis=1).sum())} rows "
+        f"(policy: {table.meta.get('missing_policy', '?')}; rows dropped: {table.meta.get('rows_dropped', 0)})",
+    ]
+    mean_q = np.nanmean(table.quality, axis=0) if table.n else np.zeros(len(table.experts))
+    mean_c = table.cost.mean(axis=0)
+    width = max(len(e.name) for e in table.experts)
+    lines.append(f"  {'expert':<{width}}  {'quality':>7}  {'mean cost':>10}")
+    for e, q, c in zip(table.experts, mean_q, mean_c, strict=True):
+        lines.append(f"  {e.name:<{width}}  {q:7.3f}  {c:10.4g}")
+    for key in ("cost_model", "cost_source", "quality_rule", "duplicate_sample_ids_note", "missing_cost_policy"):
+        if key in table.meta:
+            lines.append(f"note        {key}: {table.meta[key]}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cscr.data import load_dataset
+
+    t0 = time.perf_counter()
+    data_dir = args.data_dir or os.environ.get("CSCR_DATA_DIR") or None
+    cfg = DataConfig(dataset=args.dataset, data_dir=data_dir, val_fraction=args.val_fraction,
+                     probe_size=args.probe_size, seed=args.seed, cost=args.cost, missing=args.missing)
+    table = load_dataset(args.dataset, cfg, **parse_options(args.option))
+    paths = RunPaths.of(args.out)
+    table.save(paths.table)
+    t_table = time.perf_counter() - t0
+    print(f"cscr prepare: {args.dataset} -> {paths.root}")
+    print(summary(table))
+    print(f"table       {paths.table} ({t_table:.1f}s)")
+    if args.no_embed:
+        return 0
+    t1 = time.perf_counter()
+    enc_cfg = EncoderConfig(model=args.encoder, batch_size=args.batch_size)
+    if args.ray:
+        from jobs.embed import embed_table_local_ray
+
+        emb = embed_table_local_ray(table, paths.embeddings, enc_cfg, workers=args.workers)
+    else:
+        from cscr.encoder import embed_table, get_encoder
+
+        emb = embed_table(table, get_encoder(enc_cfg), paths.embeddings)
+    print(f"embeddings  {paths.embeddings} ({emb.shape[0]} x {emb.shape[1]}, {time.perf_counter() - t1:.1f}s)")
+    print(f"total       {time.perf_counter() - t0:.1f}s")
+    sys.stdout.flush()
+    return 0
