@@ -1,0 +1,142 @@
+"""Cost-spectrum InfoNCE (SPEC.md section 4) and its vanilla variant: pure tensor functions.
+
+Notation: N queries in a batch, M experts, D' descriptor width, B cost bands.
+
+* ``cost_bands(costs, B)``: band id of each expert from the quantiles of the M expert costs.
+* ``band_temperatures``: ``tau_b = tau_min + alpha * mean cost of band b``.
+* ``positives_from_quality(Q, tolerance)``: the positive set ``P(i)`` (quality >= the prompt's
+  best quality minus the tolerance; a prompt whose best quality is 0 has none) and the mask of
+  observed cells. A missing cell is never a positive and is left out of the denominator.
+* ``cost_spectrum_infonce``: the loss. For query i and band b with at least one positive,
+
+      loss_ib = - log( sum_{m in P_ib} exp(s_im / tau_b) / sum_{m' observed} exp((s_im' - gamma c_m') / tau_b) )
+
+  ``loss_i`` is the mean of ``loss_ib`` over the bands with a positive; the batch loss is the mean
+  over queries with at least one positive. A batch without any positive gives a zero that still
+  carries a (zero) gradient, never NaN. With B = 1 and gamma = 0 this is multi-positive InfoNCE
+  (the "vanilla" ablation).
+
+No I/O, no framework: the training loops (cscr/train.py, jobs/train.py) call these.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cscr.config import LossConfig
+
+#: floor on a band temperature, so that tau_min = 0 with a zero-cost band stays finite
+TAU_FLOOR = 1e-4
+
+
+def cost_bands(costs: Tensor | np.ndarray, n_bands: int) -> Tensor:
+    """(M,) int64 band id of each expert: which of ``n_bands`` cost-quantile bands it falls in.
+
+    The B - 1 interior edges are the k/B quantiles (linear interpolation) of the M costs; an
+    expert whose cost equals an edge goes to the lower band, so equal costs always share a band.
+    With B > M some bands are empty (they never enter the loss).
+    """
+    if int(n_bands) < 1:
+        raise ValueError(f"number of cost bands must be >= 1, got {n_bands}")
+    c = torch.as_tensor(costs, dtype=torch.float64).reshape(-1)  # (M,)
+    if c.numel() == 0:
+        raise ValueError("cost_bands needs at least one expert cost")
+    if n_bands == 1:
+        return torch.zeros(c.shape, dtype=torch.int64)  # (M,)
+    probs = torch.arange(1, n_bands, dtype=torch.float64) / n_bands  # (B-1,)
+    edges = torch.quantile(c, probs)  # (B-1,) interior edges, non-decreasing
+    return torch.bucketize(c, edges, right=False).to(torch.int64)  # (M,) in [0, B)
+
+
+def band_temperatures(costs: Tensor, bands: Tensor, tau_min: float, alpha: float,
+                      n_bands: int | None = None) -> Tensor:
+    """(B,) ``tau_b = tau_min + alpha * mean cost of band b`` (empty bands: tau_min), floored."""
+    n_bands = int(bands.max().item()) + 1 if n_bands is None else int(n_bands)
+    onehot = torch.nn.functional.one_hot(bands, n_bands).to(costs.dtype)  # (M, B)
+    count = onehot.sum(0)  # (B,)
+    mean_cost = (onehot * costs[:, None]).sum(0) / count.clamp_min(1)  # (B,)
+    return (tau_min + alpha * mean_cost).clamp_min(TAU_FLOOR)  # (B,)
+
+
+def positives_from_quality(quality: Tensor | np.ndarray, tolerance: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(positives (N, M) bool, observed (N, M) bool) from quality (N, M) with NaN = missing.
+
+    A positive is an observed cell with ``Q >= best - tolerance`` and ``Q > 0``, where ``best`` is
+    the prompt's best observed quality: on 0/1 data, the correct experts; a prompt nobody
+    answered well has no positive (and is skipped by the loss).
+    """
+    if not 0.0 <= tolerance <= 1.0:
+        raise ValueError(f"tolerance must be in [0, 1], got {tolerance}")
+    q = torch.as_tensor(quality).to(torch.float64)  # (N, M)
+    if q.ndim != 2:
+        raise ValueError(f"quality must be (N, M), got shape {tuple(q.shape)}")
+    observed = ~torch.isnan(q)  # (N, M)
+    filled = torch.where(observed, q, torch.full_like(q, -1.0))  # (N, M) missing below any quality
+    best = filled.max(dim=1, keepdim=True).values  # (N, 1)
+    positives = observed & (filled >= best - tolerance) & (filled > 0)  # (N, M)
+    return positives, observed
+
+
+def cost_spectrum_infonce(q: Tensor, e: Tensor, positives: Tensor, costs: Tensor, bands: Tensor | int,
+                          tau_min: float = 0.05, alpha: float = 0.25, gamma: float = 0.2,
+                          mask: Tensor | None = None) -> Tensor:
+    """The cost-spectrum InfoNCE loss of SPEC.md section 4 (a scalar tensor).
+
+    q: (N, D') routing queries (unit rows); e: (M, D') expert descriptors (unit rows);
+    positives: (N, M) bool P(i); costs: (M,) c_m in [0, 1]; bands: (M,) int band ids (from
+    ``cost_bands``) or the number of bands B; mask: (N, M) bool observed cells (None: all).
+    """
+    if q.ndim != 2 or e.ndim != 2 or q.shape[1] != e.shape[1]:
+        raise ValueError(f"q must be (N, D) and e (M, D) with one D, got {tuple(q.shape)} and {tuple(e.shape)}")
+    n, m = q.shape[0], e.shape[0]
+    if positives.shape != (n, m):
+        raise ValueError(f"positives must be ({n}, {m}), got {tuple(positives.shape)}")
+    costs = torch.as_tensor(costs, dtype=q.dtype, device=q.device).reshape(-1)  # (M,)
+    if costs.shape != (m,):
+        raise ValueError(f"costs must be ({m},), got {tuple(costs.shape)}")
+    band_ids = cost_bands(costs.detach().cpu(), bands) if isinstance(bands, int) else bands
+    band_ids = torch.as_tensor(band_ids, dtype=torch.int64, device=q.device).reshape(-1)  # (M,)
+    if band_ids.shape != (m,) or (band_ids < 0).any():
+        raise ValueError(f"bands must be ({m},) non-negative band ids, got {tuple(band_ids.shape)}")
+    n_bands = int(band_ids.max().item()) + 1
+    observed = torch.ones(n, m, dtype=torch.bool, device=q.device) if mask is None else mask.to(torch.bool)  # (N, M)
+    pos = positives.to(torch.bool) & observed  # (N, M) a missing cell is never positive
+
+    tau = band_temperatures(costs, band_ids, tau_min, alpha, n_bands)  # (B,)
+    s = q @ e.T  # (N, M) similarities s_im
+    in_band = band_ids[None, :] == torch.arange(n_bands, device=q.device)[:, None]  # (B, M)
+    pos_b = pos[:, None, :] & in_band[None, :, :]  # (N, B, M) P_ib
+    has = pos_b.any(dim=2)  # (N, B) b in K_i
+    neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
+    num_logits = s[:, None, :] / tau[None, :, None]  # (N, B, M)
+    den_logits = (s - gamma * costs[None, :])[:, None, :] / tau[None, :, None]  # (N, B, M)
+    num_logits = torch.where(pos_b, num_logits, neg_inf)  # (N, B, M)
+    den_logits = torch.where(observed[:, None, :], den_logits, neg_inf)  # (N, B, M)
+    # rows (i, b) without a positive are replaced by zeros so logsumexp and its gradient stay finite
+    num_logits = torch.where(has[:, :, None], num_logits, torch.zeros_like(num_logits))  # (N, B, M)
+    den_logits = torch.where(has[:, :, None], den_logits, torch.zeros_like(den_logits))  # (N, B, M)
+    loss_ib = torch.logsumexp(den_logits, dim=2) - torch.logsumexp(num_logits, dim=2)  # (N, B)
+    loss_ib = torch.where(has, loss_ib, torch.zeros_like(loss_ib))  # (N, B)
+    n_bands_i = has.sum(dim=1)  # (N,) |K_i|
+    keep = n_bands_i > 0  # (N,) queries with a positive
+    loss_i = loss_ib.sum(dim=1) / n_bands_i.clamp_min(1)  # (N,)
+    n_keep = keep.sum()
+    if n_keep == 0:
+        return (s * 0.0).sum()  # () zero, with a gradient path
+    return (loss_i * keep).sum() / n_keep  # ()
+
+
+def loss_from_config(q: Tensor, e: Tensor, positives: Tensor, costs: Tensor, bands: Tensor,
+                     cfg: LossConfig, mask: Tensor | None = None) -> Tensor:
+    """``cost_spectrum_infonce`` with tau_min, alpha, gamma from a LossConfig (bands precomputed)."""
+    return cost_spectrum_infonce(q, e, positives, costs, bands, cfg.tau_min, cfg.alpha, cfg.gamma, mask)
+
+
+def vanilla_infonce(q: Tensor, e: Tensor, positives: Tensor, tau: float = 0.05,
+                    mask: Tensor | None = None) -> Tensor:
+    """Multi-positive InfoNCE: the cost-spectrum loss with B = 1 and gamma = 0 (the "vanilla" ablation)."""
+    m = e.shape[0]
+    zeros = torch.zeros(m, dtype=q.dtype, device=q.device)  # (M,)
+    return cost_spectrum_infonce(q, e, positives, zeros, torch.zeros(m, dtype=torch.int64), tau, 0.0, 0.0, mask)

@@ -1,0 +1,169 @@
+"""The CSCR router: top-k then similarity minus lambda * cost, candidates, live pool updates,
+loading trained heads from a run folder, evaluation through the shared interface."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cscr.config import EvalConfig, HeadConfig, TrainConfig
+from cscr.eval import evaluate_routers
+from cscr.fingerprints.probe_outcome import probe_outcome_descriptors
+from cscr.head import Head
+from cscr.routers import RouterContext, RouterError, get_router
+from cscr.routers.cscr import CSCRRouter, VanillaRouter
+from cscr.synthetic import synthetic_table, write_synthetic_run
+from cscr.train import fit_head, prepare_arrays, train_run
+
+
+def random_parts(m=6, d_out=8, d_in=16, seed=0):
+    torch.manual_seed(seed)
+    head = Head(HeadConfig(in_dim=d_in, hidden=32, out_dim=d_out))
+    rng = np.random.default_rng(seed)
+    desc = rng.standard_normal((m, d_out)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    names = [f"e{j}" for j in range(m)]
+    costs = np.linspace(0.0, 1.0, m)
+    emb = rng.standard_normal((40, d_in)).astype(np.float32)
+    return head, dict(zip(names, desc, strict=True)), dict(zip(names, costs, strict=True)), emb
+
+
+def test_utilities_are_similarities_on_the_top_k_and_minus_inf_elsewhere():
+    head, desc, costs, emb = random_parts()
+    router = CSCRRouter.from_parts(head, desc, costs, top_k=3, encoder_dim=16)
+    u = router.utilities(emb)
+    sims = router.queries(emb) @ np.stack(list(desc.values())).T  # brute force q . d_m
+    assert (np.isfinite(u).sum(axis=1) == 3).all()
+    top3 = np.sort(sims, axis=1)[:, ::-1][:, :3]
+    np.testing.assert_allclose(np.sort(np.where(np.isfinite(u), u, -9), axis=1)[:, ::-1][:, :3], top3, rtol=1e-5, atol=1e-6)
+    # lambda = 0 picks the most similar; a huge lambda the cheapest of the top-k
+    assert (router.route(emb, 0.0) == sims.argmax(axis=1)).all()
+    cheap = np.array([min(np.flatnonzero(np.isfinite(r)), key=lambda j: router.costs[j]) for r in u])
+    assert (router.route(emb, 1e6) == cheap).all()
+    # routing at lambda is argmax of sim - lambda * c over the top-k
+    lam = 0.3
+    expected = np.argmax(np.where(np.isfinite(u), sims - lam * router.costs[None, :], -np.inf), axis=1)
+    assert (router.route(emb, lam) == expected).all()
+
+
+def test_candidates_search_top_k_within_them():
+    head, desc, costs, emb = random_parts()
+    router = CSCRRouter.from_parts(head, desc, costs, top_k=2)
+    sims = router.queries(emb) @ np.stack(list(desc.values())).T
+    worst = int(np.argmin(sims[0]))  # outside prompt 0's global top-2
+    cands = [f"e{worst}", f"e{(worst + 1) % 6}"]
+    u, _ = router.scored(emb, candidates=cands)
+    assert np.isfinite(u[0, worst])  # searched within the candidates, not filtered afterwards
+    assert set(np.flatnonzero(np.isfinite(u[0]))) == {worst, (worst + 1) % 6}
+    assert set(router.route_sweep(emb, np.array([0.0, 1.0, 100.0]), candidates=cands).ravel()) <= {worst, (worst + 1) % 6}
+    with pytest.raises(RouterError, match="unknown expert"):
+        router.route(emb, 0.0, candidates=["nope"])
+
+
+def test_a_removed_expert_is_never_chosen():
+    head, desc, costs, emb = random_parts()
+    router = CSCRRouter.from_parts(head, desc, costs, top_k=4)
+    favourite = np.bincount(router.route(emb, 0.0)).argmax()
+    name = router.expert_names[favourite]
+    router.remove_expert(name)
+    assert name not in router.expert_names and len(router.costs) == 5
+    lambdas = router.knob_grid(emb, 50)
+    chosen = {router.expert_names[j] for j in np.unique(router.route_sweep(emb, lambdas))}
+    assert name not in chosen
+    assert name not in {n for r in router.rank(emb, 0.2) for n, _, _ in r}
+    with pytest.raises(RouterError, match="unknown expert"):
+        router.remove_expert(name)
+
+
+def test_an_added_expert_is_chosen_for_prompts_near_it_without_retraining():
+    """Train with the pool, take an expert out (never chosen), then add it back under a new name
+    from its descriptor alone: the newcomer takes exactly the prompts the expert had, at every
+    knob value, and the head is untouched."""
+    table, emb, topic = synthetic_table(n=900, n_experts=5, seed=5, probe_size=64)
+    desc = probe_outcome_descriptors(table)
+    res = fit_head(prepare_arrays(table, emb, desc), TrainConfig(epochs=2, batch_size=128), log=None)
+    costs = dict(zip(table.expert_names, table.expert_costs(), strict=True))
+    router = CSCRRouter.from_parts(res.head, desc, costs)
+    weights = {k: v.clone() for k, v in router.head.state_dict().items()}
+    test = table.split_index("test")
+    lambdas = router.knob_grid(emb[test], 40)
+    before = np.array(router.expert_names)[router.route_sweep(emb[test], lambdas)]  # (L, n) names
+    counts = {n: int((before == n).sum()) for n in router.expert_names}
+    name = max(counts, key=lambda n: counts[n] if costs[n] < 1 else -1)  # a frequently chosen, not the dearest
+    assert 0 < counts[name] < before.size
+
+    router.remove_expert(name)
+    without = np.array(router.expert_names)[router.route_sweep(emb[test], lambdas)]
+    assert name not in without
+
+    router.add_expert("newcomer", desc[name], cost=costs[name])
+    after = np.array(router.expert_names)[router.route_sweep(emb[test], lambdas)]
+    assert ((after == "newcomer") == (before == name)).all()
+    assert (after[before != name] == before[before != name]).all()
+    # prompts near the newcomer's descriptor: those whose query is most similar to it
+    q = router.queries(emb[test])
+    sims = q @ router.index.vectors().T  # (n, M)
+    near = sims.argmax(axis=1) == router.expert_names.index("newcomer")
+    assert near.any() and (np.array(router.route_embeddings(emb[test][near], 0.0)) == "newcomer").all()
+    for k, v in router.head.state_dict().items():  # nothing was retrained
+        torch.testing.assert_close(v, weights[k])
+    with pytest.raises(RouterError, match="already in the index"):
+        router.add_expert("newcomer", desc[name], 0.1)
+    with pytest.raises(RouterError, match="cost of 'x'"):
+        router.add_expert("x", desc[name], -1.0)
+
+
+def test_rank_orders_by_score_and_bad_inputs_are_refused():
+    head, desc, costs, emb = random_parts()
+    router = CSCRRouter.from_parts(head, desc, costs, top_k=3)
+    ranked = router.rank(emb[:2], lam=0.5)
+    assert len(ranked[0]) == 3
+    scores = [s for _, _, s in ranked[0]]
+    assert scores == sorted(scores, reverse=True)
+    assert ranked[0][0][0] == router.route_embeddings(emb[:1], 0.5)[0]
+    with pytest.raises(RouterError, match="lambda"):
+        router.rank(emb[:2], lam=-1)
+    with pytest.raises(RouterError, match=r"prompt embeddings must be \(n, 16\)"):
+        router.route(emb[:, :5])
+    with pytest.raises(RouterError, match="encoder gives 384"):
+        CSCRRouter.from_parts(head, desc, costs, encoder_dim=384)
+    with pytest.raises(RouterError, match="dimension 3, the head outputs 8"):
+        CSCRRouter.from_parts(head, {"a": np.ones(3)}, {"a": 0.1})
+    with pytest.raises(RouterError, match="not fitted"):
+        CSCRRouter().route(emb)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    table, emb, _ = synthetic_table(n=700, n_experts=5, seed=7, probe_size=48)
+    run = write_synthetic_run(tmp_path_factory.mktemp("cscr") / "run", table, emb)
+    for v in ("cscr", "vanilla"):
+        train_run(str(run), v, TrainConfig(epochs=2, batch_size=128), log=None)
+    return table, emb, run
+
+
+def test_fit_loads_the_trained_heads_and_evaluates_beside_baselines(trained_run):
+    table, emb, run = trained_run
+    ctx = RouterContext.from_table(table, emb, run_dir=run)
+    routers = {n: get_router(n).fit(ctx) for n in ("cscr", "vanilla", "random")}
+    assert isinstance(routers["vanilla"], VanillaRouter) and routers["vanilla"].model_variant == "vanilla"
+    assert routers["cscr"].expert_names == table.expert_names and routers["cscr"].top_k == 4
+    np.testing.assert_allclose(routers["cscr"].costs, table.expert_costs())
+    result = evaluate_routers(routers, table, emb, table.split_index("test"), EvalConfig(n_lambdas=40, bootstrap=50),
+                              compare="cscr")
+    assert result.routers["cscr"].audc > result.routers["random"].audc
+    assert result.significance[0].a == "cscr"
+    # a different k from the constructor
+    assert get_router("cscr", top_k=1).fit(ctx).top_k == 1
+    assert (np.isfinite(get_router("cscr", top_k=1).fit(ctx).utilities(emb[:5])).sum(1) == 1).all()
+
+
+def test_fit_without_a_trained_head_says_what_to_run(tmp_path):
+    table, emb, _ = synthetic_table(n=200, n_experts=3, seed=8, probe_size=20)
+    run = write_synthetic_run(tmp_path / "run", table, emb)
+    ctx = RouterContext.from_table(table, emb, run_dir=run)
+    with pytest.raises(FileNotFoundError, match="cscr train --run .* --variant vanilla"):
+        get_router("vanilla").fit(ctx)
+    with pytest.raises(RouterError, match="needs a run folder"):
+        get_router("cscr").fit(RouterContext.from_table(table, emb))
