@@ -1,0 +1,336 @@
+"""Expert fingerprints on Ray Data: probes x experts fanned out over actor pools.
+
+Each open-weights expert gets its own actor pool (``LogitFootprintUDF`` or ``GenerateUDF``:
+the model loads once per actor in ``__init__``), with ``num_gpus=1`` per actor on clusters with
+GPUs and fractional CPUs otherwise. Black-box experts are called from one actor each with a
+bounded number of requests in flight, timeouts and retries (``OpenAIBackend``). Answers of
+every perplexity expert (recorded, generated or fetched) then go through one pool of scorer
+actors (``ScoreUDF``). Rows stream back to the driver; as soon as an expert's N probes are
+in, its descriptor is written to the run's descriptor store (atomically), so a killed job
+resumes where it stopped: experts already in the store under the same basis are skipped
+unless ``--force``.
+
+    python jobs/fingerprint.py --pool examples/pools/local-small.yaml --run runs/local
+    ray job submit --working-dir . -- python jobs/fingerprint.py --pool examples/pools/local-small.yaml --run runs/local
+    cscr fingerprint --pool examples/pools/routerbench.yaml --run runs/routerbench
+    python jobs/fingerprint.py --smoke-test
+
+Probes: the run table's probe split (first N in table order); with no table in the run, N
+generated built-in tasks (cscr.tasks, seed 7). Kind ``auto``: logit footprints for
+open-weights experts, perplexity fingerprints for the others; when both occur, K is set to N
+(SPEC.md section 2: both kinds then share R^N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cscr.config import ConfigError
+from cscr.data.table import RoutingTable, TableError
+from cscr.errors import InputError
+from cscr.fingerprints.basis import TokenBasis, pre_tokenize
+from cscr.fingerprints.logit import LogitFootprintUDF, footprint_from_rows
+from cscr.fingerprints.perplexity import (
+    DEFAULT_SCORER,
+    GenerateUDF,
+    ScoreUDF,
+    perplexity_basis_id,
+    perplexity_descriptor,
+)
+from cscr.fingerprints.store import DescriptorError, DescriptorStore
+from cscr.label import udf_args
+from cscr.pool import ExpertSpec, Pool, load_pool, pool_from_dict
+from cscr.run import RunPaths
+from cscr.tasks import builtin_tasks
+
+
+def log(msg: str) -> None:
+    print(f"fingerprint: {msg}", file=sys.stderr, flush=True)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to a cluster (``--address`` / ``RAY_ADDRESS``, as under ``ray job submit``) or start
+    a local one. Returns True when this call started Ray (the caller shuts it down)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or min(os.cpu_count() or 2, 8), include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def load_probes(run: RunPaths, n: int, seed: int = 7) -> tuple[list[str], list[str], str]:
+    """(probe ids, texts, where from): the run table's probe split, else generated tasks."""
+    if (run.table / "manifest.json").exists():
+        table = RoutingTable.load(run.table)
+        rows = table.split_index("probe")
+        if len(rows) < 2:
+            raise InputError(f"{run.table} has {len(rows)} probe prompts; fingerprints need at least 2")
+        rows = rows[:n]
+        return list(table.prompt_ids[rows]), [str(t) for t in table.texts[rows]], f"probe split of {run.table}"
+    tasks = builtin_tasks(n, seed=seed)
+    return [t.id for t in tasks], [t.prompt for t in tasks], f"{n} generated built-in tasks (no table in {run.root})"
+
+
+def expert_kind(spec: ExpertSpec, kind: str) -> str:
+    if kind == "auto":
+        return "logit" if spec.kind == "open-weights" else "perplexity"
+    if kind == "logit" and spec.kind != "open-weights":
+        raise InputError(f"expert {spec.name!r} is {spec.kind}: no logits; use --kind perplexity or auto")
+    return kind
+
+
+def recorded_answers(spec: ExpertSpec, run: RunPaths, probe_ids: list[str]) -> list[str | None]:
+    folder = Path(spec.source.table) if spec.source.table else run.table
+    if (folder / "table" / "manifest.json").exists():
+        folder = folder / "table"  # a run folder was named
+    table = RoutingTable.load(folder)
+    if table.responses is None:
+        raise InputError(f"{folder}: the routing table recorded no responses, needed by expert {spec.name!r}")
+    j = table.expert_index(spec.source.column or spec.name)
+    pos = {p: i for i, p in enumerate(table.prompt_ids)}
+    missing = [p for p in probe_ids if p not in pos]
+    if missing:
+        raise InputError(f"{folder}: probe prompt(s) {missing[:3]} not in the table of expert {spec.name!r}")
+    return [table.responses[pos[p], j] for p in probe_ids]
+
+
+def _pool(size: int) -> Any:
+    """A fixed-size actor pool (one model load per actor)."""
+    import ray
+
+    return ray.data.ActorPoolStrategy(size=max(1, int(size)))
+
+
+def _resources(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    gpus = args.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return {"num_cpus": args.cpus_per_worker, "num_gpus": gpus or None}
+
+
+def run_fingerprint(pool: Pool, run_dir: str | os.PathLike[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Compute and store the pool's missing descriptors (Ray must be initialised)."""
+    import ray
+
+    run = RunPaths.of(run_dir)
+    store = DescriptorStore(run.descriptors)
+    probe_ids, probes, origin = load_probes(run, args.n_probes)
+    n = len(probe_ids)
+    kinds = {e.name: expert_kind(e, args.kind) for e in pool.experts}
+    logit_x = [e for e in pool.experts if kinds[e.name] == "logit"]
+    ppl_x = [e for e in pool.experts if kinds[e.name] == "perplexity"]
+    k = n if (logit_x and ppl_x) else args.basis_size
+    distinct = len({s for t in probes for s in pre_tokenize(t)})
+    if logit_x and distinct < k:
+        if logit_x and ppl_x:
+            raise InputError(f"mixed pool needs K = N = {n} basis strings, the probes hold {distinct}")
+        log(f"the {n} probes hold {distinct} distinct token strings: basis size {k} -> {distinct}")
+        k = distinct
+    basis = TokenBasis.from_texts(probes, k) if logit_x else None
+    scorer = args.scorer or DEFAULT_SCORER
+    basis_ids = {"logit": basis.basis_id if basis else "", "perplexity": perplexity_basis_id(probe_ids, scorer)}
+    log(f"{n} probes ({origin}); {len(logit_x)} logit, {len(ppl_x)} perplexity experts; "
+        f"basis {basis_ids['logit'] or '-'} / {basis_ids['perplexity'] if ppl_x else '-'}")
+
+    todo: dict[str, list[ExpertSpec]] = {"logit": [], "perplexity": []}
+    for kind, experts in (("logit", logit_x), ("perplexity", ppl_x)):
+        if not experts:
+            continue
+        old = {r: i for r, i in _stored(store, kind).items()}
+        stale = sorted(x for x, b in old.items() if b != basis_ids[kind])
+        if stale and not args.force:
+            raise InputError(f"{run.descriptors} holds {kind} descriptors of {stale} under another basis "
+                             f"(other probes, basis size or scorer): pass --force to recompute them")
+        for x in stale:
+            store.remove(name=x, kind=kind)
+        for e in experts:
+            if args.force or old.get(e.name) != basis_ids[kind]:
+                todo[kind].append(e)
+            else:
+                log(f"skip {e.name} ({kind}): already in the store (--force recomputes)")
+    res = _resources(args)
+    rows = [{"probe_idx": i, "probe_id": p, "text": t} for i, (p, t) in enumerate(zip(probe_ids, probes, strict=True))]
+    t0 = time.perf_counter()
+    done: list[str] = []
+    if todo["logit"]:
+        dss = []
+        for e in todo["logit"]:
+            dss.append(ray.data.from_items(rows, override_num_blocks=max(1, min(n, 4 * args.workers))).map_batches(
+                LogitFootprintUDF, batch_size=args.batch_size, batch_format="numpy", compute=_pool(args.workers),
+                fn_constructor_kwargs={"expert": e.name, "model": e.source.model, "basis": list(basis.strings),  # type: ignore[union-attr]
+                                       "steps": args.steps, "backend": args.backend or e.backend,
+                                       "backend_kwargs": {"max_prompt_tokens": args.max_prompt_tokens}},
+                **res))
+        ds = dss[0].union(*dss[1:]) if len(dss) > 1 else dss[0]
+        _collect(ds, "logit", n, len(todo["logit"]), store, basis_ids["logit"], done, t0,
+                 lambda rows_: footprint_from_rows(np.stack([r["step_mean"] for r in rows_])),
+                 lambda name: f"logit T={args.steps} K={basis.size} {pool.get(name).source.model}")  # type: ignore[union-attr]
+    if todo["perplexity"]:
+        dss = []
+        for e in todo["perplexity"]:
+            if e.kind == "recorded":
+                answers = recorded_answers(e, run, probe_ids)
+                items = [{**r, "expert": e.name, "answer": a} for r, a in zip(rows, answers, strict=True)]
+                dss.append(ray.data.from_items(items))
+            else:
+                kw = udf_args(e, args.max_new_tokens, {"max_prompt_tokens": args.max_prompt_tokens}
+                              if e.kind == "open-weights" else None)
+                kw["out_columns"] = ["probe_idx", "probe_id", "text", "expert", "answer"]
+                if args.backend and e.kind == "open-weights":
+                    kw["backend"] = args.backend
+                gen = ray.data.from_items(rows).map_batches(
+                    GenerateUDF, batch_size=args.batch_size, batch_format="numpy", fn_constructor_kwargs=kw,
+                    compute=_pool(args.workers if e.kind == "open-weights" else 1),
+                    **(res if e.kind == "open-weights" else {"num_cpus": min(0.25, args.cpus_per_worker)}))
+                dss.append(gen)
+        ds = dss[0].union(*dss[1:]) if len(dss) > 1 else dss[0]
+        ds = ds.map_batches(ScoreUDF, batch_size=args.batch_size, batch_format="numpy", compute=_pool(args.workers),
+                            fn_constructor_kwargs={"scorer": scorer, "max_answer_tokens": args.max_answer_tokens,
+                                                   "max_prompt_tokens": args.max_prompt_tokens,
+                                                   "batch_size": args.batch_size}, **res)
+        _collect(ds, "perplexity", n, len(todo["perplexity"]),
+                 store, basis_ids["perplexity"], done, t0,
+                 lambda rows_: perplexity_descriptor(np.array([r["nll"] for r in rows_], dtype=float)),
+                 lambda name: f"perplexity scorer={scorer} N={n} {pool.get(name).kind}")
+    return {"probes": n, "done": done, "skipped": [e.name for e in pool.experts if e.name not in done],
+            "seconds": time.perf_counter() - t0, "basis": basis_ids}
+
+
+def _stored(store: DescriptorStore, kind: str) -> dict[str, str]:
+    if not store.path.exists():
+        return {}
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(store.path, columns=["expert", "kind", "basis_id"]).to_pylist()
+    return {r["expert"]: r["basis_id"] for r in t if r["kind"] == kind}
+
+
+def _collect(ds: Any, kind: str, n: int, m: int, store: DescriptorStore, basis_id: str, done: list[str],
+             t0: float, make: Any, source: Any) -> None:
+    """Stream rows back; write each expert's descriptor as soon as its N probes are in."""
+    got: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    finished = 0
+    for row in ds.iter_rows():
+        name = str(row["expert"])
+        got[name].append(row)
+        if len(got[name]) == n:
+            rows_ = sorted(got.pop(name), key=lambda r: int(r["probe_idx"]))
+            store.write(name, kind, make(rows_), basis_id=basis_id, source=source(name))
+            finished += 1
+            done.append(name)
+            log(f"{kind} {finished}/{m}: {name} written ({time.perf_counter() - t0:.1f}s)")
+    if got:
+        raise RuntimeError(f"{kind}: incomplete results for {sorted(got)} ({ {k: len(v) for k, v in got.items()} } of {n})")
+
+
+def fingerprint_local(pool: Pool, run_dir: str | os.PathLike[str], args: argparse.Namespace) -> dict[str, Any]:
+    """``run_fingerprint`` on an embedded local cluster (started and stopped here unless Ray is up)."""
+    started = init_ray(None, getattr(args, "num_cpus", None))
+    try:
+        return run_fingerprint(pool, run_dir, args)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def smoke_pool(folder: Path) -> Pool:
+    """Two tiny random GPT-2s (a real causal LM each, built in seconds): logit + perplexity."""
+    from cscr.models import tiny_random_lm
+
+    a, b = tiny_random_lm(folder / "tiny-a", seed=0), tiny_random_lm(folder / "tiny-b", seed=1)
+    return pool_from_dict({"name": "smoke", "experts": [
+        {"name": "tiny-a", "kind": "open-weights", "source": {"model": str(a)}, "cost": {"n_params": 0.0001}},
+        {"name": "tiny-b", "kind": "open-weights", "source": {"model": str(b)}, "cost": {"n_params": 0.0002}},
+    ]})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local cluster")
+    p.add_argument("--smoke-test", action="store_true", help="tiny models and sizes, seconds")
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pool", help="pool YAML (examples/pools/*.yaml)")
+    p.add_argument("--run", help="run folder (descriptors.parquet is written there)")
+    p.add_argument("--kind", choices=["auto", "logit", "perplexity"], default="auto")
+    p.add_argument("--n-probes", type=int, default=192, help="N: probe prompts")
+    p.add_argument("--steps", type=int, default=10, help="T: greedy steps per probe (logit)")
+    p.add_argument("--basis-size", type=int, default=256, help="K: token-basis size (logit)")
+    p.add_argument("--scorer", default=None, help=f"scorer LM for perplexity (default {DEFAULT_SCORER}; path or Hub id)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length of live perplexity experts")
+    p.add_argument("--max-answer-tokens", type=int, default=128, help="answer tokens scored")
+    p.add_argument("--max-prompt-tokens", type=int, default=256, help="prompt tokens kept (the end of the prompt)")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default=None, help="override the pool's backends")
+    p.add_argument("--workers", type=int, default=1, help="actors per open-weights expert and for the scorer")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5)
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 on clusters with GPUs, else 0")
+    p.add_argument("--batch-size", type=int, default=8, help="probes per actor call")
+    p.add_argument("--force", action="store_true", help="recompute experts already in the store")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tmp = None
+    if args.smoke_test:
+        tmp = tempfile.TemporaryDirectory(prefix="cscr-fp-smoke-")
+        pool = load_pool(args.pool) if args.pool else smoke_pool(Path(tmp.name))
+        args.run = args.run or str(Path(tmp.name) / "run")
+        args.n_probes, args.steps, args.basis_size = min(args.n_probes, 8), min(args.steps, 2), min(args.basis_size, 8)
+        args.max_new_tokens, args.max_answer_tokens = min(args.max_new_tokens, 8), min(args.max_answer_tokens, 8)
+        if not args.pool:
+            args.scorer = args.scorer or pool.experts[0].source.model
+    else:
+        if not args.pool or not args.run:
+            print("fingerprint: error: --pool and --run are required (or --smoke-test)", file=sys.stderr)
+            return 2
+        pool = load_pool(args.pool)
+    started = init_ray(args.address, args.num_cpus)
+    try:
+        out = run_fingerprint(pool, args.run, args)
+        if args.smoke_test and not args.pool:
+            got = DescriptorStore(RunPaths.of(args.run).descriptors).read("logit")
+            assert set(got) == {"tiny-a", "tiny-b"}, f"smoke test: descriptors {sorted(got)}"
+            assert all(abs(float(np.linalg.norm(v)) - 1) < 1e-4 for v in got.values()), "smoke test: not unit vectors"
+            print(f"smoke test ok: {len(got)} logit footprints of dimension {len(next(iter(got.values())))} "
+                  f"in {out['seconds']:.1f}s")
+        else:
+            print(f"fingerprinted {len(out['done'])} expert(s), skipped {len(out['skipped'])}, "
+                  f"{out['probes']} probes, {out['seconds']:.1f}s -> {RunPaths.of(args.run).descriptors}")
+    except (InputError, ConfigError, TableError, DescriptorError) as exc:
+        print(f"fingerprint: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
