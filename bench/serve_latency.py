@@ -1,0 +1,301 @@
+"""Serving speed and reliability (issue 6, item 5), loopback only, bounded in time.
+
+A real Serve app (Router + one Expert per pool entry + ingress) on a fresh local Ray cluster,
+serving a trained CSCR run: ``--run`` or, by default, a run trained here in seconds on a slice of
+RouterBench (three experts, the shortest prompts). The experts are tiny random GPT-2 models
+saved from a config (deployment mechanics, not answer quality). Measured, each against a
+reference taken in the same process, same machine, same moment:
+
+1. route decision latency: p50 / p99 of POST /v1/route (HTTP + proxy + ingress + router with
+   its batched MiniLM forward + FAISS + the cost knob) against a bare MiniLM forward of the same
+   prompt in this process (one torch thread, as in the router replica);
+2. throughput under concurrency: /v1/route requests/s with C concurrent clients against bare
+   batched MiniLM throughput (batches of the router's max batch size, one torch thread); the
+   router's mean encoder batch size is printed;
+3. a load run: C clients send chat completions for D seconds; meanwhile one expert is removed
+   (DELETE /v1/experts) and re-added (POST /v1/experts, its descriptor from the run): failed
+   requests, and requests answered by the removed expert while it was out, are counted.
+
+    python bench/serve_latency.py [--run RUN] [--data-dir ../shared/data] [--requests 200]
+                                  [--concurrency 16] [--load-seconds 40] [--smoke-test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROMPTS = [
+    "Write a python function to find the first repeated character in a given string.",
+    "What is the capital of France?",
+    "The trophy doesn't fit into the brown suitcase because the _ is too large.",
+    "Which gas do plants absorb from the air? A) oxygen B) carbon dioxide C) nitrogen",
+    "Write a function to compute the n-th Fibonacci number.",
+    "Solve for x: 3x + 5 = 20.",
+    "Explain why the sky is blue in one sentence.",
+    "Sarah gave Maria a gift because _ was celebrating her birthday.",
+]
+EXPERTS = ["mistralai/mistral-7b-chat", "mistralai/mixtral-8x7b-chat", "gpt-4-1106-preview"]
+
+
+def log(msg: str) -> None:
+    print(f"[serve-bench] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(ms: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(ms), q))
+
+
+# ---- setup ----
+def train_slice_run(out: Path, data_dir: str, epochs: int) -> Path:
+    from cscr.config import DataConfig, IndexConfig, TrainConfig
+    from cscr.data import load_dataset
+    from cscr.encoder import Encoder, embed_table
+    from cscr.run import RunPaths
+    from cscr.train import train_run
+
+    table = load_dataset("routerbench", DataConfig(data_dir=data_dir, probe_size=16))
+    length = np.array([len(str(t)) for t in table.texts])
+    sizes = {"train": 120, "val": 30, "probe": 16, "test": 16}
+    rows = np.concatenate([idx[np.argsort(length[idx], kind="stable")[:k]]
+                           for s, k in sizes.items() for idx in [table.split_index(s)]])
+    sub = table.subset(np.sort(rows), EXPERTS)
+    paths = RunPaths.of(out)
+    sub.save(paths.table)
+    embed_table(sub, Encoder(), paths.embeddings, progress=None)
+    train_run(str(paths.root), "cscr", TrainConfig(epochs=epochs, batch_size=64, index=IndexConfig(top_k=3)),
+              log=None)
+    return paths.root
+
+
+def tiny_lm(out: Path, seed: int) -> Path:
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from cscr.models import local_model
+
+    tok = AutoTokenizer.from_pretrained(local_model("smollm2"))
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- measurements ----
+def route_latency(base: str, n: int) -> list[float]:
+    import httpx
+
+    out = []
+    with httpx.Client(base_url=base, timeout=60) as c:
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = c.post("/v1/route", json={"prompt": PROMPTS[i % len(PROMPTS)], "cost_weight": 0.1})
+            out.append((time.perf_counter() - t0) * 1e3)
+            r.raise_for_status()
+    return out
+
+
+def encoder_latency(encoder: Any, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        encoder.encode([PROMPTS[i % len(PROMPTS)]])
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+async def route_throughput(base: str, concurrency: int, total: int) -> tuple[float, int]:
+    import httpx
+
+    done, failed = 0, 0
+
+    async def worker(c: Any, k: int) -> None:
+        nonlocal done, failed
+        while done + failed < total:
+            i = done + failed
+            try:
+                r = await c.post("/v1/route", json={"prompt": PROMPTS[(i + k) % len(PROMPTS)]})
+                done += r.status_code == 200
+                failed += r.status_code != 200
+            except httpx.HTTPError:
+                failed += 1
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c, k) for k in range(concurrency)))
+        return done / (time.perf_counter() - t0), failed
+
+
+def encoder_throughput(encoder: Any, batch: int, total: int) -> float:
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    t0 = time.perf_counter()
+    n = 0
+    while n < total:
+        encoder.encode(texts)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+async def load_run(base: str, concurrency: int, seconds: float, victim: str, readd: dict[str, Any]) -> dict[str, Any]:
+    import httpx
+
+    stats: dict[str, Any] = {"ok": 0, "failed": 0, "errors": {}, "by_expert": {}, "victim_while_out": 0,
+                             "fallbacks": 0}
+    out_window = [float("inf"), float("inf")]  # victim removed at, re-added at (perf_counter)
+    stop = time.perf_counter() + seconds
+
+    async def client(c: Any, k: int) -> None:
+        i = k
+        while time.perf_counter() < stop:
+            i += concurrency
+            body = {"model": "cscr", "max_tokens": 4, "cost_weight": [0.0, 0.05, 1.0][i % 3],
+                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+            t_sent = time.perf_counter()
+            try:
+                r = await c.post("/v1/chat/completions", json=body)
+            except httpx.HTTPError as exc:
+                stats["failed"] += 1
+                stats["errors"][type(exc).__name__] = stats["errors"].get(type(exc).__name__, 0) + 1
+                continue
+            if r.status_code != 200:
+                stats["failed"] += 1
+                key = f"HTTP {r.status_code}"
+                stats["errors"][key] = stats["errors"].get(key, 0) + 1
+                continue
+            stats["ok"] += 1
+            who = r.headers.get("x-cscr-expert", "?")
+            stats["by_expert"][who] = stats["by_expert"].get(who, 0) + 1
+            stats["fallbacks"] += r.headers.get("x-cscr-fallback") == "true"
+            if who == victim and out_window[0] < t_sent and time.perf_counter() < out_window[1]:
+                stats["victim_while_out"] += 1  # sent after the removal, answered before the re-add
+
+    async def admin(c: Any) -> None:
+        await asyncio.sleep(seconds * 0.25)
+        r = await c.delete(f"/v1/experts/{victim}")
+        out_window[0] = time.perf_counter()
+        stats["remove_status"] = r.status_code
+        await asyncio.sleep(seconds * 0.15)
+        t0 = time.perf_counter()
+        r = await c.post("/v1/experts", json=readd, timeout=600)
+        out_window[1] = time.perf_counter()
+        stats["readd_status"], stats["readd_s"] = r.status_code, out_window[1] - t0
+
+    async with httpx.AsyncClient(base_url=base, timeout=300,
+                                 limits=httpx.Limits(max_connections=concurrency + 2)) as c:
+        await asyncio.gather(admin(c), *(client(c, k) for k in range(concurrency)))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=None, help="trained run whose experts are the three RouterBench ones below")
+    p.add_argument("--data-dir", default=os.environ.get("CSCR_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data")))
+    p.add_argument("--requests", type=int, default=200, help="sequential /v1/route requests (latency)")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--throughput-requests", type=int, default=400)
+    p.add_argument("--load-seconds", type=float, default=40.0)
+    p.add_argument("--smoke-test", action="store_true", help="tiny sizes")
+    args = p.parse_args(argv)
+    if args.smoke_test:
+        args.requests, args.concurrency, args.throughput_requests, args.load_seconds = 20, 4, 40, 12.0
+
+    import ray
+    import torch
+    import yaml
+    from ray import serve as ray_serve
+
+    from cscr.encoder import Encoder
+    from cscr.fingerprints.store import DescriptorStore
+    from cscr.run import RunPaths
+    from serve.app import build_app
+    from serve.service import load_router
+
+    tmp = Path(tempfile.mkdtemp(prefix="cscr-serve-bench-"))
+    run = Path(args.run) if args.run else None
+    if run is None:
+        log("training a run on a RouterBench slice ...")
+        run = train_slice_run(tmp / "run", args.data_dir, epochs=2)
+    router, _, meta = load_router(run)
+    names = list(router.expert_names)
+    descriptors = DescriptorStore(RunPaths.of(run).descriptors).read(meta["kind"], experts=names)
+    costs = dict(zip(names, router.costs.tolist(), strict=True))
+    lms = {n: tiny_lm(tmp / f"lm{i}", i + 1) for i, n in enumerate(names)}
+    pool = tmp / "pool.yaml"
+    pool.write_text(yaml.safe_dump({"name": "bench", "experts": [
+        {"name": n, "kind": "open-weights", "source": {"model": str(lms[n])}, "cost": {"n_params": 1.0}}
+        for n in names]}))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    app = build_app({"run": str(run), "pool": str(pool), "expert_num_cpus": 0.1, "expert_timeout_s": 60,
+                     "default_max_tokens": 4})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        ray_serve.run(app, name="cscr", route_prefix="/")
+        log(f"app up in {time.perf_counter() - t0:.1f}s; load average {os.getloadavg()}")
+        torch.set_num_threads(1)  # as in the router replica
+        encoder = Encoder()
+        encoder.encode(PROMPTS)  # warm
+        route_latency(base, 10)  # warm
+
+        enc_ms = encoder_latency(encoder, args.requests)
+        route_ms = route_latency(base, args.requests)
+        enc_ms += encoder_latency(encoder, args.requests)  # interleaved: both see the same load
+        rps, failed_tp = asyncio.run(route_throughput(base, args.concurrency, args.throughput_requests))
+        enc_ps = encoder_throughput(encoder, 32, args.throughput_requests)
+        batches = ray_serve.get_deployment_handle("Router", "cscr").batch_stats.remote().result()
+        victim = names[0]
+        readd = {"expert": {"name": victim, "model": str(lms[victim]), "num_cpus": 0.1}, "cost": costs[victim],
+                 "descriptor": [float(x) for x in descriptors[victim]]}
+        load = asyncio.run(load_run(base, args.concurrency, args.load_seconds, victim, readd))
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
+
+    print(f"\nserve latency bench (loopback; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    print("| measure | cscr serve | reference | ratio |")
+    print("| --- | --- | --- | --- |")
+    print(f"| route p50 (ms) | {pct(route_ms, 50):.2f} | MiniLM forward {pct(enc_ms, 50):.2f} | "
+          f"{pct(route_ms, 50) / pct(enc_ms, 50):.2f}x |")
+    print(f"| route p99 (ms) | {pct(route_ms, 99):.2f} | MiniLM forward {pct(enc_ms, 99):.2f} | "
+          f"{pct(route_ms, 99) / pct(enc_ms, 99):.2f}x |")
+    print(f"| throughput (req/s, {args.concurrency} clients) | {rps:.1f} | batched MiniLM {enc_ps:.1f} prompts/s | "
+          f"{rps / enc_ps:.2f}x |")
+    print(f"\nrouter encoder batches: {batches['batches']}, mean size "
+          f"{batches['prompts'] / max(batches['batches'], 1):.2f}, largest {batches['largest']}; "
+          f"failed route requests under concurrency: {failed_tp}")
+    print(f"load run ({args.load_seconds:.0f}s, {args.concurrency} clients, '{victim}' removed then re-added): "
+          f"{load['ok']} ok, {load['failed']} failed {load['errors'] or ''}, fallbacks {load['fallbacks']}, "
+          f"answered by the removed expert while out: {load['victim_while_out']}, "
+          f"remove HTTP {load.get('remove_status')}, re-add HTTP {load.get('readd_status')} "
+          f"in {load.get('readd_s', float('nan')):.1f}s; answers per expert {load['by_expert']}")
+    return 0 if load["failed"] == 0 and load["victim_while_out"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Serving metrics: Ray Serve's Prometheus metrics plus an in-process tally for /healthz.
+
+Exported (Prometheus names get Ray's ``ray_`` prefix; counters also a ``_total`` suffix):
+
+- ``cscr_routed_requests{expert, mode}``: requests answered per expert; mode is ``routed``
+  (the router chose) or ``direct`` (the client named the expert);
+- ``cscr_fallbacks{expert}``: answers that came from a fallback expert;
+- ``cscr_expert_failures{expert}``: expert calls that failed or timed out;
+- ``cscr_cost_best_expert{unit}`` / ``cscr_cost_chosen{unit}``: estimated cost of the routed
+  answers if the best expert had answered each of them, and of the experts that did answer;
+- ``cscr_estimated_cost_saved{unit}`` (gauge): their difference, the estimated saving against
+  always using the best expert (the pool's best by mean train quality);
+- ``cscr_routing_ms`` (histogram): routing-decision time.
+
+Costs are per-request estimates: the chosen expert's mean train cost per prompt in the run's
+unit (USD or parameters), not the bill of the actual call.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as _Tally
+from dataclasses import dataclass, field
+from typing import Any
+
+_LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]
+
+
+@dataclass
+class Tally:
+    """The same figures kept in memory (GET /healthz shows them; tests read them)."""
+
+    routed: _Tally[str] = field(default_factory=_Tally)
+    direct: _Tally[str] = field(default_factory=_Tally)
+    fallbacks: int = 0
+    failures: _Tally[str] = field(default_factory=_Tally)
+    cost_best: float = 0.0
+    cost_chosen: float = 0.0
+
+    def as_dict(self, unit: str) -> dict[str, Any]:
+        return {"routed": dict(self.routed), "direct": dict(self.direct), "fallbacks": self.fallbacks,
+                "failures": dict(self.failures), "cost_unit": unit,
+                "estimated_cost_best_expert": self.cost_best, "estimated_cost_chosen": self.cost_chosen,
+                "estimated_cost_saved": self.cost_best - self.cost_chosen}
+
+
+class ServeMetrics:
+    """Counters and gauges of one ingress replica (create inside the replica)."""
+
+    def __init__(self, unit: str) -> None:
+        from ray.serve import metrics
+
+        self.unit = unit
+        self.tally = Tally()
+        self.routed = metrics.Counter("cscr_routed_requests", "requests answered, per expert",
+                                      tag_keys=("expert", "mode"))
+        self.fallbacks = metrics.Counter("cscr_fallbacks", "answers served by a fallback expert",
+                                         tag_keys=("expert",))
+        self.failures = metrics.Counter("cscr_expert_failures", "expert calls that failed or timed out",
+                                        tag_keys=("expert",))
+        self.cost_best = metrics.Counter("cscr_cost_best_expert",
+                                         "estimated cost had the best expert answered", tag_keys=("unit",))
+        self.cost_chosen = metrics.Counter("cscr_cost_chosen", "estimated cost of the answering experts",
+                                           tag_keys=("unit",))
+        self.saved = metrics.Gauge("cscr_estimated_cost_saved",
+                                   "estimated cost saved against always using the best expert",
+                                   tag_keys=("unit",))
+        self.routing_ms = metrics.Histogram("cscr_routing_ms", "routing decision time (ms)",
+                                            boundaries=_LATENCY_BOUNDARIES_MS)
+
+    def failure(self, expert: str) -> None:
+        self.tally.failures[expert] += 1
+        self.failures.inc(tags={"expert": expert})
+
+    def answered(self, expert: str, routed: bool, fallback: bool, best_cost: float, chosen_cost: float,
+                 routing_ms: float) -> None:
+        mode = "routed" if routed else "direct"
+        (self.tally.routed if routed else self.tally.direct)[expert] += 1
+        self.routed.inc(tags={"expert": expert, "mode": mode})
+        if fallback:
+            self.tally.fallbacks += 1
+            self.fallbacks.inc(tags={"expert": expert})
+        if routed:
+            self.tally.cost_best += best_cost
+            self.tally.cost_chosen += chosen_cost
+            tags = {"unit": self.unit}
+            if best_cost > 0:  # Ray counters take only positive increments
+                self.cost_best.inc(float(best_cost), tags=tags)
+            if chosen_cost > 0:
+                self.cost_chosen.inc(float(chosen_cost), tags=tags)
+            self.saved.set(self.tally.cost_best - self.tally.cost_chosen, tags=tags)
+            self.routing_ms.observe(float(routing_ms))

@@ -1,0 +1,353 @@
+"""The HTTP protocol: OpenAI's chat / completions / models shapes plus cscr's extensions.
+
+Pure pydantic (no Ray, no FastAPI). Requests accept unknown OpenAI fields (the official client
+sends some we do not use) and ignore them; cscr's own extensions are:
+
+- ``cost_weight`` (lambda >= 0): the per-request cost knob of SPEC.md section 5;
+- ``max_cost``: only experts whose normalised cost ``c_m`` (in [0, 1], 1 = the most expensive
+  expert of the trained pool) is at most this value;
+- ``candidates``: route among these expert names only.
+
+The model name selects the mode: ``"cscr"`` (the router chooses, lambda from ``cost_weight`` or
+the server default), ``"cscr:<lambda>"`` (RouteLLM style, e.g. ``cscr:0.3``), or an expert's own
+name (that expert, no routing).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ROUTER_MODEL = "cscr"
+
+
+class ProtocolError(ValueError):
+    """A request that cannot be served as sent; ``status`` and ``code`` go into the HTTP error."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request",
+                 param: str | None = None, type_: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.param = param
+        self.type = type_
+
+    def __reduce__(self) -> tuple:  # keep status and code across Ray's pickling
+        return (type(self), (self.message, self.status, self.code, self.param, self.type))
+
+
+# ---- errors (OpenAI's shape) ----
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+    @staticmethod
+    def of(exc: ProtocolError) -> ErrorResponse:
+        return ErrorResponse(error=ErrorDetail(message=exc.message, type=exc.type, param=exc.param,
+                                               code=exc.code))
+
+
+# ---- cscr extensions shared by every generation request ----
+class RoutingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    cost_weight: float | None = Field(None, description="lambda >= 0: the cost knob")
+    max_cost: float | None = Field(None, description="only experts with normalised cost <= this")
+    candidates: list[str] | None = Field(None, description="route among these experts only")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"] = "user"
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message text; content parts of type "text" are joined, other parts refused."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        out = []
+        for part in self.content:
+            if part.get("type") != "text":
+                raise ProtocolError(f"content part of type {part.get('type')!r} is not supported; "
+                                    "only text parts", param="messages")
+            out.append(str(part.get("text", "")))
+        return "\n".join(out)
+
+
+class GenerationParams(RoutingFields):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(GenerationParams):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def routing_text(self) -> str:
+        """What the router embeds: the last user message (the query being answered)."""
+        for m in reversed(self.messages):
+            if m.role == "user":
+                return m.text()
+        return ""
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(GenerationParams):
+    prompt: str | list[str]
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise ProtocolError("only one prompt per request is supported", param="prompt")
+            return self.prompt[0]
+        return self.prompt
+
+    def routing_text(self) -> str:
+        return self.prompt_text()
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+def parse_model(model: str, default_lambda: float, cost_weight: float | None) -> tuple[bool, float]:
+    """(route?, lambda) from a model name; ``cscr:<lambda>`` sets lambda in the name."""
+    if model == ROUTER_MODEL:
+        lam = default_lambda if cost_weight is None else cost_weight
+    elif model.startswith(ROUTER_MODEL + ":"):
+        raw = model[len(ROUTER_MODEL) + 1:]
+        try:
+            lam = float(raw)
+        except ValueError:
+            raise ProtocolError(f"bad cost weight {raw!r} in model name {model!r}; use cscr:<lambda>, "
+                                "e.g. cscr:0.3", param="model", code="invalid_cost_weight") from None
+        if cost_weight is not None and cost_weight != lam:
+            raise ProtocolError(f"model {model!r} sets lambda={lam} but cost_weight={cost_weight}",
+                                param="cost_weight", code="invalid_cost_weight")
+    else:
+        return False, default_lambda
+    check_lambda(lam)
+    return True, lam
+
+
+def check_lambda(lam: float) -> None:
+    if not math.isfinite(lam) or lam < 0:
+        raise ProtocolError(f"cost_weight (lambda) must be a finite number >= 0, got {lam}",
+                            param="cost_weight", code="invalid_cost_weight")
+
+
+# ---- route decision ----
+class RouteRequest(RoutingFields):
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    model: str = ROUTER_MODEL
+
+    def routing_text(self) -> str:
+        if self.prompt is not None:
+            return self.prompt
+        if self.messages:
+            return ChatCompletionRequest(model=self.model, messages=self.messages).routing_text()
+        return ""
+
+
+class RankedExpert(BaseModel):
+    name: str
+    score: float | None  # similarity - lambda * cost (what the router maximises); None: outside top-k
+    similarity: float | None  # the router's utility before the cost penalty
+    cost: float  # normalised expert cost c_m
+
+
+class RouteDecision(BaseModel):
+    chosen: str
+    cost_weight: float
+    ranked: list[RankedExpert]  # best first; the fallback order
+    routing_ms: float = 0.0
+
+
+# ---- admin ----
+class ExpertSpec(BaseModel):
+    """How to serve one expert: its backend and where its weights or endpoint are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._\-/]+$")
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    model: str = Field(..., min_length=1)  # packaged name / folder / GGUF / Hub id; upstream model name
+    base_url: str | None = None  # openai backend: the upstream API root, e.g. http://host:8000/v1
+    api_key_env: str | None = None  # openai backend: environment variable holding the key
+    timeout_s: float = Field(60.0, gt=0)  # one upstream call
+    retries: int = Field(2, ge=0, le=10)  # upstream retries on connection errors, 429 and 5xx
+    max_new_tokens: int = Field(256, ge=1)  # server-side cap on generated tokens
+    max_concurrency: int = Field(16, ge=1)  # requests in flight per replica
+    num_cpus: float = Field(0.25, ge=0)  # Ray resources of the expert's replica
+    num_gpus: float = Field(0.0, ge=0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # backend extras (vLLM engine args)
+
+
+class AddExpertRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expert: ExpertSpec
+    cost: float = Field(..., ge=0.0, description="normalised cost c_m (1 = the pool's most expensive)")
+    descriptor: list[float] | None = None  # unit or not; normalised by the server
+    fingerprint: bool = False  # compute the descriptor on the fly (logit footprint on the run's probes)
+
+
+class ExpertInfo(BaseModel):
+    name: str
+    cost: float
+    backend: str | None = None
+    routable: bool = True
+
+
+class ExpertList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ExpertInfo]
+
+
+# ---- responses ----
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CscrInfo(BaseModel):
+    """cscr's extension field on every response: what the router did."""
+
+    expert: str
+    routed: bool
+    cost_weight: float | None = None
+    routing_ms: float = 0.0
+    fallback: bool = False
+    failed: list[str] = Field(default_factory=list)  # experts tried first that failed or timed out
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatChoiceMessage
+    finish_reason: str | None = "stop"
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage = Field(default_factory=Usage)
+    cscr: CscrInfo | None = None
+
+
+class ChatDelta(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    cscr: CscrInfo | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = "stop"
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage = Field(default_factory=Usage)
+    cscr: CscrInfo | None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    cscr: CscrInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "cscr"
+    cost: float | None = None  # normalised expert cost; None for the router itself
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- what an expert backend receives and returns (ingress <-> expert deployments) ----
+class GenerationRequest(BaseModel):
+    """One generation, independent of the HTTP shape it came in."""
+
+    kind: Literal["chat", "completion"]
+    messages: list[dict[str, str]] | None = None  # chat: [{"role", "content"}]
+    prompt: str | None = None  # completion
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = Field(default_factory=list)
+
+
+class GenerationResult(BaseModel):
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"

@@ -1,0 +1,67 @@
+"""build_app and `cscr serve` refuse what cannot be served, before Ray starts; pool -> specs."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from cscr.cli import main
+from serve.app import ServeArgs, build_app, expert_specs
+from serve.pool import specs_from_pool
+from serve.service import ServiceError
+
+RUN_EXPERTS = ["mistralai/mistral-7b-chat", "mistralai/mixtral-8x7b-chat", "gpt-4-1106-preview"]
+
+
+def write_pool(path, names, black_box=()):
+    experts = []
+    for n in names:
+        if n in black_box:
+            experts.append({"name": n, "kind": "black-box", "cost": {"input_price": 1.0},
+                            "source": {"base_url": "http://127.0.0.1:9/v1", "model": "up-" + n,
+                                       "api_key_env": "UPSTREAM_KEY"}, "timeout_s": 7, "max_retries": 4})
+        else:
+            experts.append({"name": n, "kind": "open-weights", "source": {"model": "smollm2"},
+                            "backend": "transformers", "cost": {"n_params": 0.1}})
+    path.write_text(yaml.safe_dump({"name": "t", "experts": experts}))
+    return path
+
+
+def test_pool_entries_become_serving_specs(tmp_path):
+    pool = write_pool(tmp_path / "p.yaml", ["a", "b"], black_box=("b",))
+    a, b = specs_from_pool(pool)
+    assert (a.name, a.backend, a.model) == ("a", "transformers", "smollm2")
+    assert (b.backend, b.model, b.base_url, b.api_key_env, b.timeout_s, b.retries) == (
+        "openai", "up-b", "http://127.0.0.1:9/v1", "UPSTREAM_KEY", 7, 4)
+    specs = expert_specs(ServeArgs(pool=str(pool), expert_num_cpus=0.05, expert_num_gpus=1))
+    assert [(s.num_cpus, s.num_gpus) for s in specs] == [(0.05, 1), (0.05, 0)]  # no GPU for an API
+
+
+def test_recorded_pools_are_refused(tmp_path):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"experts": [
+        {"name": "claude-v2", "kind": "recorded", "source": {}, "cost": {"input_price": 8}}]}))
+    with pytest.raises(ValueError, match=r"recorded expert\(s\) \['claude-v2'\] cannot answer live prompts"):
+        specs_from_pool(tmp_path / "r.yaml")
+
+
+def test_an_index_that_does_not_match_the_pool_is_refused(trained_run, tmp_path):
+    pool = write_pool(tmp_path / "p.yaml", RUN_EXPERTS[:2] + ["smollm2-135m"])
+    with pytest.raises(ServiceError, match=r"no descriptor in the run's index|no descriptor in the index") as err:
+        build_app({"run": str(trained_run), "pool": str(pool)})
+    assert "['smollm2-135m']" in str(err.value) and "['gpt-4-1106-preview']" in str(err.value)
+    # the matching pool builds an application (nothing is started until serve.run)
+    from ray.serve.deployment import Application
+
+    ok = write_pool(tmp_path / "ok.yaml", RUN_EXPERTS)
+    assert isinstance(build_app({"run": str(trained_run), "pool": str(ok)}), Application)
+
+
+def test_cscr_serve_reports_bad_input_in_one_line(trained_run, tmp_path, capsys):
+    pool = write_pool(tmp_path / "p.yaml", ["smollm2-135m"])
+    assert main(["serve", "--run", str(trained_run), "--pool", str(pool)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cscr: error: the expert index of") and "does not match the pool" in err
+    assert main(["serve", "--run", str(tmp_path / "nope"), "--pool", str(pool)]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+    assert main(["serve", "--run", str(trained_run), "--pool", str(tmp_path / "missing.yaml")]) == 2
+    assert "pool file not found" in capsys.readouterr().err

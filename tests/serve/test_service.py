@@ -1,0 +1,125 @@
+"""RouterService without Ray: real MiniLM, a CSCR router from parts and from a trained run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cscr.config import HeadConfig
+from cscr.head import Head
+from cscr.routers.cscr import CSCRRouter
+from serve.protocol import ProtocolError
+from serve.service import RouterService, ServiceError, check_encoder, load_router, pool_mismatch
+
+PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a list.",
+           "Solve 12 * 7 + 3.", "Translate 'good morning' into German."]
+
+
+@pytest.fixture(scope="module")
+def service(encoder) -> RouterService:
+    torch.manual_seed(0)
+    head = Head(HeadConfig(in_dim=384, hidden=64, out_dim=16))
+    rng = np.random.default_rng(0)
+    names = ["cheap", "mid", "pricey"]
+    desc = {n: rng.standard_normal(16) for n in names}
+    router = CSCRRouter.from_parts(head, desc, {"cheap": 0.05, "mid": 0.3, "pricey": 1.0}, top_k=3)
+    return RouterService(encoder, router, default_lambda=0.0, max_prompt_chars=200)
+
+
+def test_decision_ranks_by_similarity_minus_lambda_cost(service):
+    emb = service.embed(PROMPTS)
+    q = service.router.queries(emb)  # (n, D')
+    for lam in (0.0, 0.2, 5.0):
+        for i, d in enumerate(service.decide(emb, lam)):
+            scores = [r.score for r in d.ranked]
+            assert scores == sorted(scores, reverse=True) and d.chosen == d.ranked[0].name
+            for r in d.ranked:  # score = q . d_m - lambda * c_m, with the index's own descriptors
+                j = service.router.expert_names.index(r.name)
+                sim = float(q[i] @ service.router.index.vectors()[j])
+                assert r.similarity == pytest.approx(sim, abs=1e-5)
+                assert r.score == pytest.approx(sim - lam * r.cost, abs=1e-5)
+    # a large lambda always picks the cheapest expert, lambda = 0 the most similar
+    assert {d.chosen for d in service.decide(emb, 50.0)} == {"cheap"}
+    sims = q @ service.router.index.vectors().T
+    assert [d.chosen for d in service.decide(emb, 0.0)] == [service.router.expert_names[j] for j in sims.argmax(1)]
+
+
+def test_candidates_and_max_cost_restrict_the_choice(service):
+    d = service.route(PROMPTS[:1], 0.0, candidates=["mid", "pricey"])[0]
+    assert {r.name for r in d.ranked} == {"mid", "pricey"} and d.routing_ms > 0
+    d = service.route(PROMPTS[:1], 0.0, max_cost=0.3)[0]
+    assert {r.name for r in d.ranked} == {"cheap", "mid"}
+    with pytest.raises(ProtocolError, match=r"unknown expert\(s\) in candidates: \['gpt-9'\]"):
+        service.route(PROMPTS[:1], 0.0, candidates=["gpt-9"])
+    with pytest.raises(ProtocolError, match="no candidate expert costs at most max_cost=0.01"):
+        service.route(PROMPTS[:1], 0.0, max_cost=0.01)
+    with pytest.raises(ProtocolError, match="max_cost must be a finite number >= 0"):
+        service.route(PROMPTS[:1], 0.0, max_cost=-1)
+
+
+def test_bad_prompts_and_knobs(service):
+    with pytest.raises(ProtocolError, match="the prompt is empty"):
+        service.route(["   "])
+    with pytest.raises(ProtocolError, match="201 characters; the limit is 200") as err:
+        service.route(["x" * 201])
+    assert err.value.code == "prompt_too_long"
+    with pytest.raises(ProtocolError, match="lambda"):
+        service.route(PROMPTS[:1], -1.0)
+    with pytest.raises(ProtocolError, match="lambda"):
+        service.route(PROMPTS[:1], float("nan"))
+
+
+def test_live_add_is_chosen_near_its_descriptor_and_remove_is_never_chosen(service):
+    emb = service.embed(PROMPTS)
+    q = service.router.queries(emb[2:3])[0]
+    service.add_expert("newcomer", 0.5, (q * 3.0).tolist())  # any scale: normalised
+    try:
+        assert service.decide(emb[2:3], 0.0)[0].chosen == "newcomer"
+        assert service.expert_costs()["newcomer"] == 0.5
+        with pytest.raises(ProtocolError, match="already in the pool"):
+            service.add_expert("newcomer", 0.1, q.tolist())
+        with pytest.raises(ProtocolError, match="dimension 3; the router's index takes 16"):
+            service.add_expert("bad", 0.1, [1.0, 0.0, 0.0])
+        with pytest.raises(ProtocolError, match="zero or not finite"):
+            service.add_expert("bad", 0.1, [0.0] * 16)
+    finally:
+        service.remove_expert("newcomer")
+    for lam in (0.0, 0.3, 10.0):
+        assert all(r.name != "newcomer" for d in service.decide(emb, lam) for r in d.ranked)
+    with pytest.raises(ProtocolError, match="unknown expert 'newcomer'") as err:
+        service.remove_expert("newcomer")
+    assert err.value.status == 404
+
+
+def test_pool_check_names_the_differences(service):
+    service.check_pool(["pricey", "cheap", "mid"])
+    with pytest.raises(ServiceError, match=r"no descriptor in the index: \['extra'\].*missing from the pool: \['mid'\]"):
+        service.check_pool(["cheap", "pricey", "extra"])
+    assert pool_mismatch(["a"], ["a"]) is None
+
+
+def test_from_run_loads_the_trained_router(trained_run, encoder):
+    svc = RouterService.from_run(trained_run, encoder=encoder)
+    router, table, meta = load_router(trained_run)
+    assert svc.expert_names == table.expert_names and meta["kind"] == "probe-outcome"
+    # c_m from the train split, the best expert by train quality, raw USD scale
+    np.testing.assert_allclose(list(svc.expert_costs().values()), table.expert_costs(table.split_index("train")))
+    assert svc.reference.best_expert == "gpt-4-1106-preview" and svc.reference.unit == "usd"
+    d = svc.route(["Write a function to add two numbers."], 100.0)[0]
+    assert d.chosen == min(svc.expert_costs(), key=svc.expert_costs().get)
+    with pytest.raises(ProtocolError, match="probe-outcome descriptors, which cannot be computed"):
+        svc.fingerprint_plan()
+
+
+def test_an_encoder_other_than_the_runs_is_refused(trained_run, encoder):
+    check_encoder(trained_run, encoder)
+
+    class Other:
+        encoder_id = "some-other-encoder"
+
+        def encode(self, texts):
+            return np.zeros((len(texts), 384), dtype=np.float32)
+
+    with pytest.raises(ServiceError, match="embedded with encoder all-MiniLM-L6-v2-.*loaded some-other-encoder"):
+        RouterService.from_run(trained_run, encoder=Other())
