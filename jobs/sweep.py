@@ -27,8 +27,14 @@ from typing import Any
 import numpy as np
 
 from cscr.config import EvalConfig, TrainConfig, asdict
-from cscr.sweep import Grid, available_descriptor_values, get_grid, grid_names, mixed_descriptors, mixed_pair
-
+from cscr.sweep import (
+    Grid,
+    available_descriptor_values,
+    get_grid,
+    grid_names,
+    mixed_descriptors,
+    mixed_pair,
+)
 
 # ---------------------------------------------------------------- one trial (runs on a Ray worker)
 

@@ -24,7 +24,7 @@ def test_vllm_and_transformers_footprints_agree_on_smollm2(smollm2, probe_texts,
     from cscr.tasks import builtin_tasks
 
     texts = probe_texts[:6]
-    basis = TokenBasis.from_texts([t.prompt for t in builtin_tasks(300)], 160)  # > 128 ids: two vLLM requests
+    basis = TokenBasis.from_texts([t.prompt for t in builtin_tasks(300)], 144)  # > 128 ids: two vLLM requests
     spec = {"model": str(smollm2), "texts": texts, "basis": list(basis.strings), "steps": 10,
             "max_prompt_tokens": 256, "out": str(tmp_path / "vllm.npy")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
@@ -35,7 +35,7 @@ def test_vllm_and_transformers_footprints_agree_on_smollm2(smollm2, probe_texts,
     p_vllm = np.load(tmp_path / "vllm.npy")
     hf = HFBackend(str(smollm2), max_prompt_tokens=256)
     p_hf = hf.next_token_distributions(texts, 10, basis.token_ids(hf.tokenizer))
-    assert p_vllm.shape == p_hf.shape == (6, 10, 160)
+    assert p_vllm.shape == p_hf.shape == (6, 10, 144)
     np.testing.assert_allclose(p_vllm, p_hf, atol=1e-4)
     f_vllm, f_hf = footprint_from_probs(p_vllm), footprint_from_probs(p_hf)
     np.testing.assert_allclose(f_vllm, f_hf, atol=1e-5)

@@ -306,7 +306,17 @@ def test_fallback_when_an_experts_replica_is_killed(app):
 
     victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                   if re.search(r"#Expert_mistralai_mistral-7b-chat#", a["name"]))
-    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
+    handle = ray.get_actor(victim["name"], namespace=victim["namespace"])
+    ray.kill(handle)
+    # ray.kill is asynchronous: route only once the replica is really gone (Serve replaces it
+    # on a later health check), or the request can still reach it.
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            break
+        time.sleep(0.1)
     t0 = time.perf_counter()
     headers, resp = chat(app, PROMPTS[4], model="cscr:1000", candidates=[MISTRAL, MIXTRAL])
     assert resp.model == MIXTRAL and headers["x-cscr-fallback"] == "true"
