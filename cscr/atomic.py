@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,3 +33,17 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def swap_in_dir(tmp: str | os.PathLike[str], folder: str | os.PathLike[str]) -> Path:
+    """Move the finished folder ``tmp`` onto ``folder`` (a sibling): a reader sees the old folder
+    or the new one, never a mix. An existing ``folder`` is set aside, replaced, then removed."""
+    tmp, folder = Path(tmp), Path(folder)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old.{os.getpid()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(folder)
+    return folder

@@ -27,6 +27,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from cscr.atomic import swap_in_dir
+
 
 class ExpertIndexError(ValueError):
     """Bad use of the expert index (unknown or duplicate expert, wrong dimension, mismatched pool)."""
@@ -196,13 +198,7 @@ class ExpertIndex:
                 cpu.add(self._vecs)
             faiss.write_index(cpu, str(tmp / "index.faiss"))
             (tmp / "manifest.json").write_text(json.dumps(self.manifest(), indent=2))
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old.{os.getpid()}")
-                folder.rename(old)
-                tmp.rename(folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(folder)
+            swap_in_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cscr.atomic import atomic_write_text
+from cscr.atomic import atomic_write_text, swap_in_dir
 from cscr.errors import InputError
 from cscr.experiments.report import markdown_table, significance_lines, tables_markdown
 from cscr.sweep import GRIDS, Grid
@@ -348,14 +348,6 @@ def report_markdown(runs: Sequence[RunInfo], figs: Figures, runs_dir: str) -> st
 
 # ---------------------------------------------------------------- writing
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old.{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def build_report(runs_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
@@ -372,7 +364,7 @@ def build_report(runs_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
         figs = Figures(tmp)
         md = report_markdown(runs, figs, str(runs_dir).rstrip("/"))
         atomic_write_text(tmp / "report.md", md)
-        _swap_in(tmp, out)
+        swap_in_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cscr.atomic import swap_in_dir
 from cscr.config import HeadConfig, TrainConfig, from_dict
 from cscr.data.table import RoutingTable
 from cscr.fingerprints.probe_outcome import KIND as PROBE_OUTCOME
@@ -50,14 +51,6 @@ class TrainedHead:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _swap_in(tmp: Path, folder: Path) -> None:
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old.{os.getpid()}")
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(folder)
 
 
 def save_trained(run_dir: str | os.PathLike[str] | None, result: TrainResult,
@@ -84,7 +77,7 @@ def save_trained(run_dir: str | os.PathLike[str] | None, result: TrainResult,
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         (tmp / "history.json").write_text(json.dumps(result.history, indent=2, default=str))
-        _swap_in(tmp, folder)
+        swap_in_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cscr.atomic import swap_in_dir
+
 SPLITS = ("train", "val", "probe", "test")
 EXPERT_KINDS = ("open-weights", "black-box", "recorded")
 COST_UNITS = ("usd", "params")
@@ -207,13 +209,7 @@ class RoutingTable:
                 "meta": self.meta,
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old.{os.getpid()}")
-                folder.rename(old)
-                tmp.rename(folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(folder)
+            swap_in_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
