@@ -81,6 +81,18 @@ def save_trained(run_dir: str | os.PathLike[str] | None, result: TrainResult,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    kind = config["descriptor_kind"]
+    if out_dir is None and kind and "@" not in result.variant:
+        # models/<variant>@<kind> keeps this head beside heads trained with other descriptor
+        # kinds, so that `cscr evaluate --routers cscr@perplexity,cscr@logit` compares them
+        tagged = RunPaths.of(run_dir).model(f"{result.variant}@{kind}")  # type: ignore[arg-type]
+        tmp = Path(tempfile.mkdtemp(prefix=f".{tagged.name}.", dir=folder.parent))
+        try:
+            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+            swap_in_dir(tmp, tagged)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder
 
 
@@ -108,8 +120,10 @@ def load_trained(run_dir: str | os.PathLike[str], variant: str = "cscr") -> Trai
     """The trained head of ``variant`` in a run folder (clear error when it was never trained)."""
     folder = RunPaths.of(run_dir).model(variant)
     if not (folder / "head.pt").exists():
+        base, _, kind = variant.partition("@")
+        how = f"--variant {base}" + (f" --descriptor-kind {kind}" if kind else "")
         raise FileNotFoundError(f"no trained {variant!r} head in {folder}: run "
-                                f"`cscr train --run {RunPaths.of(run_dir).root} --variant {variant}` first")
+                                f"`cscr train --run {RunPaths.of(run_dir).root} {how}` first")
     return load_trained_from(folder)
 
 

@@ -115,3 +115,30 @@ def test_end_to_end_on_a_small_real_routerbench_table(shared_data, tmp_path, cap
     assert r["oracle"]["qnc"] is not None and r["oracle"]["qnc_ratio"] < 1
     assert r["knn"]["n_distinct_points"] > 5  # a real knob sweep
     assert "gpt-4-1106-preview" in out and "knn vs " in out
+
+
+def test_heads_of_two_descriptor_kinds_are_evaluated_side_by_side(tmp_path, capsys):
+    """`cscr train --descriptor-kind K` keeps models/cscr@K; `cscr evaluate` compares the kinds."""
+    from cscr.fingerprints.store import DescriptorStore
+    from cscr.trained import load_trained
+
+    table, emb, _ = synthetic_table(n=400, n_experts=4, dim=32, seed=1, probe_size=20)
+    run = write_synthetic_run(tmp_path / "syn", table, emb)
+    rng = np.random.default_rng(3)  # a second kind: 16-d random unit vectors, one per expert
+    DescriptorStore(RunPaths.of(run).descriptors).write_many(
+        {e: (v := rng.normal(size=16)) / np.linalg.norm(v) for e in table.expert_names}, kind="random16")
+    for kind in ("probe-outcome", "random16"):
+        assert main(["train", "--run", str(run), "--plain", "--variant", "cscr", "--epochs", "2",
+                     "--descriptor-kind", kind]) == 0
+    assert load_trained(run, "cscr").descriptor_kind == "random16"  # models/cscr: the latest
+    assert load_trained(run, "cscr@probe-outcome").head.cfg.out_dim != load_trained(run, "cscr@random16").head.cfg.out_dim
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--routers", "cscr@probe-outcome,cscr@random16,oracle",
+                 "--bootstrap", "100", "--lambdas", "40"]) == 0
+    data = json.loads((RunPaths.of(run).eval / "metrics.json").read_text())
+    assert {"cscr@probe-outcome", "cscr@random16", "oracle"} <= set(data["routers"])
+    assert data["routers"]["cscr@probe-outcome"]["audc"] != data["routers"]["cscr@random16"]["audc"]
+    assert main(["evaluate", "--run", str(run), "--routers", "cscr@logit"]) == 2
+    assert "--variant cscr --descriptor-kind logit" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(run), "--routers", "knn@logit"]) == 2
+    assert "'@KIND' goes with cscr or vanilla" in capsys.readouterr().err

@@ -4,7 +4,9 @@
     cscr evaluate --run runs/routerbench --routers cscr,vanilla,knn,pareto-random,oracle --compare cscr
 
 Router names: any registered router (``cscr evaluate --list``); ``single`` expands to one
-router per expert (each a single point), ``single:NAME`` is one expert. Prints AUDC / QNC /
+router per expert (each a single point), ``single:NAME`` is one expert; ``cscr@KIND`` (or
+``vanilla@KIND``) is the head trained with descriptor kind KIND (``cscr train --descriptor-kind
+KIND`` keeps one per kind), so descriptor kinds are compared on the same run. Prints AUDC / QNC /
 peak per router and writes report.md, metrics.json, metrics.csv and deferral.png into
 ``<run>/eval`` (or ``--out``). ``--compare NAME`` adds the paired bootstrap (delta AUDC, 95%
 interval, one-sided p) and McNemar's exact test at a matched budget of NAME against the
@@ -24,6 +26,7 @@ from cscr.errors import InputError
 from cscr.run import RunPaths
 
 DEFAULT_ROUTERS = "oracle,random,pareto-random,knn,single"
+TRAINED_HEADS = ("cscr", "vanilla")  # routers that load models/<variant>[@<kind>]
 
 
 def register(subparsers: Any) -> None:
@@ -58,7 +61,11 @@ def parse_routers(spec: str, expert_names: list[str], available: list[str]) -> l
     out: list[tuple[str, str, dict[str, Any]]] = []
     for name in names:
         base, _, arg = name.partition(":")
-        if base not in available:
+        head_of, at, kind = base.partition("@")  # cscr@KIND: the head trained with that kind
+        if at and (head_of not in TRAINED_HEADS or not kind):
+            raise RouterError(f"{name!r}: '@KIND' goes with {' or '.join(TRAINED_HEADS)} "
+                              "(e.g. cscr@perplexity: the head trained with perplexity descriptors)")
+        if head_of not in available:
             raise RouterError(f"unknown router {base!r}; available: {', '.join(available)}")
         if base == "single":
             experts = [arg] if arg else expert_names
@@ -68,6 +75,8 @@ def parse_routers(spec: str, expert_names: list[str], available: list[str]) -> l
                 out.append((f"single:{e}", "single", {"expert": e}))
         elif arg:
             raise RouterError(f"router {base!r} takes no ':' argument (got {name!r})")
+        elif "@" in base:
+            out.append((base, base.partition("@")[0], {"variant": base}))
         else:
             out.append((base, base, {}))
     displays = [d for d, _, _ in out]
