@@ -37,6 +37,7 @@ import numpy as np
 from cscr.config import ConfigError
 from cscr.data.table import RoutingTable, TableError
 from cscr.errors import InputError
+from cscr.fingerprints.backends import SCORER_CONTEXTS
 from cscr.fingerprints.basis import TokenBasis, pre_tokenize
 from cscr.fingerprints.logit import LogitFootprintUDF, footprint_from_rows
 from cscr.fingerprints.perplexity import (
@@ -144,7 +145,7 @@ def run_fingerprint(pool: Pool, run_dir: str | os.PathLike[str], args: argparse.
         k = distinct
     basis = TokenBasis.from_texts(probes, k) if logit_x else None
     scorer = args.scorer or DEFAULT_SCORER
-    basis_ids = {"logit": basis.basis_id if basis else "", "perplexity": perplexity_basis_id(probe_ids, scorer)}
+    basis_ids = {"logit": basis.basis_id if basis else "", "perplexity": perplexity_basis_id(probe_ids, scorer, args.scorer_context)}
     log(f"{n} probes ({origin}); {len(logit_x)} logit, {len(ppl_x)} perplexity experts; "
         f"basis {basis_ids['logit'] or '-'} / {basis_ids['perplexity'] if ppl_x else '-'}")
 
@@ -202,6 +203,7 @@ def run_fingerprint(pool: Pool, run_dir: str | os.PathLike[str], args: argparse.
         ds = dss[0].union(*dss[1:]) if len(dss) > 1 else dss[0]
         ds = ds.map_batches(ScoreUDF, batch_size=args.batch_size, batch_format="numpy", compute=_pool(args.workers),
                             fn_constructor_kwargs={"scorer": scorer, "max_answer_tokens": args.max_answer_tokens,
+                                                   "context": args.scorer_context,
                                                    "max_prompt_tokens": args.max_prompt_tokens,
                                                    "batch_size": args.batch_size}, **res)
         _collect(ds, "perplexity", n, len(todo["perplexity"]),
@@ -279,6 +281,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="T: greedy steps per probe (logit)")
     p.add_argument("--basis-size", type=int, default=256, help="K: token-basis size (logit)")
     p.add_argument("--scorer", default=None, help=f"scorer LM for perplexity (default {DEFAULT_SCORER}; path or Hub id)")
+    p.add_argument("--scorer-context", choices=list(SCORER_CONTEXTS), default="none",
+                   help="score answers on their own (none: SPEC.md) or given their prompt (slower)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length of live perplexity experts")
     p.add_argument("--max-answer-tokens", type=int, default=128, help="answer tokens scored")
     p.add_argument("--max-prompt-tokens", type=int, default=256, help="prompt tokens kept (the end of the prompt)")

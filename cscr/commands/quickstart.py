@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--descriptor", choices=["perplexity", "probe-outcome"], default="perplexity",
                    help="expert descriptors to train with")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers and scorer-LM actors")
     p.add_argument("--routers", default=DEFAULT_ROUTERS, help="routers to evaluate")
     p.set_defaults(func=run)
 
@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         prepare += ["--data-dir", data_dir]
     steps.append(("prepare", prepare))
     if args.descriptor == "perplexity":
-        steps.append(("descriptors", ["fingerprint", "--pool", str(_pool_file()), "--run", args.out]))
+        steps.append(("descriptors", ["fingerprint", "--pool", str(_pool_file()), "--run", args.out,
+                                      "--workers", str(args.workers)]))
     steps.append(("train", ["train", "--run", args.out, "--variant", "cscr,vanilla", "--workers", str(args.workers),
                             "--epochs", str(args.epochs), "--descriptor-kind", args.descriptor]))
     steps.append(("evaluate", ["evaluate", "--run", args.out, "--routers", args.routers, "--compare", "cscr"]))

@@ -1,13 +1,15 @@
 """Perplexity fingerprints (SPEC.md section 2), for any expert whose answers can be read.
 
-    l_h(x) = - 1/|y| * sum_j log p_scorer(y_j | x, y_<j)
+    l_h(x) = - 1/|y| * sum_j log p_scorer(y_j | y_<j)
     d_ppl(h) = normalize(standardize([l_h(x_i)]_i))
 
 Answers come from (a) a routing table's recorded responses, (b) live greedy generation by an
 open-weights expert (any backend), or (c) an OpenAI-compatible endpoint. One fixed scorer LM
 scores every expert's answers: the packaged SmolLM2 by default (offline), or any causal LM by
-path or Hub id (GPT-2 in the write-up). The answer is scored given the prompt, formatted as
-the scorer's own generation prompt (``prompt_token_ids``).
+path or Hub id (GPT-2 in the write-up). The answer is scored on its own, as the spec writes it
+(``context="none"``); ``context="prompt"`` (beyond the spec, labelled as such) scores it given the
+prompt formatted as the scorer's own generation prompt (``prompt_token_ids``): slower (the prompt
+goes through the scorer too) and a different descriptor, so the context is part of the basis id.
 
 Missing answers (no recorded response, a failed API call) are NaN: standardisation uses the
 mean and deviation of the answers that exist, and a missing probe then sits at 0 (the mean).
@@ -24,15 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from cscr.fingerprints.backends import make_backend
+from cscr.fingerprints.backends import SCORER_CONTEXTS, make_backend
 from cscr.fingerprints.logit import l2_normalize
 
 DEFAULT_SCORER = "smollm2"
 MAX_MISSING_FRACTION = 0.5  # refuse a fingerprint with more probes missing than this
 
 
-def perplexity_basis_id(probe_ids: Sequence[str], scorer: str) -> str:
-    digest = hashlib.sha256(json.dumps([list(map(str, probe_ids)), scorer]).encode()).hexdigest()
+def perplexity_basis_id(probe_ids: Sequence[str], scorer: str, context: str = "none") -> str:
+    key = [list(map(str, probe_ids)), scorer] + ([] if context == "none" else [context])
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
     return f"ppl{len(probe_ids)}-{digest[:16]}"
 
 
@@ -56,14 +59,18 @@ class Scorer:
     """The fixed scorer LM (transformers backend)."""
 
     def __init__(self, model: str | None = None, max_answer_tokens: int = 128,
-                 max_prompt_tokens: int = 256, batch_size: int = 8, **backend_kwargs: Any) -> None:
+                 max_prompt_tokens: int = 256, batch_size: int = 8, context: str = "none",
+                 **backend_kwargs: Any) -> None:
+        if context not in SCORER_CONTEXTS:
+            raise ValueError(f"scorer context must be one of {SCORER_CONTEXTS}, got {context!r}")
         self.model = model or DEFAULT_SCORER
         self.max_answer_tokens = max_answer_tokens
+        self.context = context
         self.backend = make_backend("transformers", self.model, max_prompt_tokens=max_prompt_tokens,
                                     batch_size=batch_size, **backend_kwargs)
 
     def nll(self, prompts: Sequence[str], answers: Sequence[str | None]) -> np.ndarray:
-        return self.backend.answer_nll(prompts, answers, self.max_answer_tokens)
+        return self.backend.answer_nll(prompts, answers, self.max_answer_tokens, self.context)
 
 
 def perplexity_fingerprint(scorer: Scorer, probes: Sequence[str], answers: Sequence[str | None],
@@ -83,8 +90,8 @@ class ScoreUDF:
     """Ray Data UDF: batch {"probe_idx", "expert", "text", "answer", ...} -> {"probe_idx", "expert", "nll"}."""
 
     def __init__(self, scorer: str | None = None, max_answer_tokens: int = 128,
-                 max_prompt_tokens: int = 256, batch_size: int = 8) -> None:
-        self.scorer = Scorer(scorer, max_answer_tokens, max_prompt_tokens, batch_size)
+                 max_prompt_tokens: int = 256, batch_size: int = 8, context: str = "none") -> None:
+        self.scorer = Scorer(scorer, max_answer_tokens, max_prompt_tokens, batch_size, context)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch["text"]]

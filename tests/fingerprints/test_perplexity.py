@@ -34,22 +34,27 @@ def test_missing_answers_sit_at_the_mean_and_too_many_are_refused():
         perplexity_descriptor(np.array([2.0, 2.0, 2.0]))
 
 
-def test_basis_id_depends_on_probes_and_scorer():
+def test_basis_id_depends_on_probes_scorer_and_context():
     a = perplexity_basis_id(["p1", "p2"], "smollm2")
     assert a == perplexity_basis_id(["p1", "p2"], "smollm2") and a.startswith("ppl2-")
     assert a != perplexity_basis_id(["p2", "p1"], "smollm2")
     assert a != perplexity_basis_id(["p1", "p2"], "gpt2")
+    assert a != perplexity_basis_id(["p1", "p2"], "smollm2", "prompt")
 
 
-def test_answer_nll_matches_a_per_example_brute_force(tiny_lm_b):
-    scorer = Scorer(str(tiny_lm_b), max_answer_tokens=50, batch_size=3)
+@pytest.mark.parametrize("context", ["none", "prompt"])
+def test_answer_nll_matches_a_per_example_brute_force(tiny_lm_b, context):
+    scorer = Scorer(str(tiny_lm_b), max_answer_tokens=50, batch_size=3, context=context)
     prompts = ["What is 2 + 2?", "Is 7 a prime number? Answer yes or no.", "Name a colour.", "x"]
     answers = ["4", "yes, it is prime", None, "  "]
     got = scorer.nll(prompts, answers)
     assert np.isnan(got[2]) and np.isnan(got[3])  # no answer: missing, not 0
+    if context == "none":  # the answer alone: the prompt makes no difference
+        np.testing.assert_array_equal(got[:2], scorer.nll(["other", "prompts"], answers[:2]))
     tok, model = scorer.backend.tokenizer, scorer.backend.model
     for i in (0, 1):
-        ctx = prompt_token_ids(tok, prompts[i], 256)
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        ctx = [start] if context == "none" else prompt_token_ids(tok, prompts[i], 256)
         ans = tok.encode(answers[i], add_special_tokens=False)
         with torch.inference_mode():
             logp = torch.log_softmax(model(torch.tensor([ctx + ans])).logits[0].double(), -1)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 BACKENDS = ("transformers", "vllm")
+#: what a perplexity scorer conditions an answer on: nothing (SPEC.md section 2) or the prompt
+SCORER_CONTEXTS = ("none", "prompt")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cscr.fingerprints.backends import Generation, prompt_token_ids
+from cscr.fingerprints.backends import SCORER_CONTEXTS, Generation, prompt_token_ids
 
 
 def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
@@ -141,12 +141,20 @@ class HFBackend:
                 res.append(Generation(text.strip(), len(prompt), int(n_out), dt))
         return res
 
-    def answer_nll(self, prompts: Sequence[str], answers: Sequence[str | None], max_answer_tokens: int = 128) -> np.ndarray:
-        """(B,) mean token negative log-likelihood of each answer given its prompt (NaN: no answer).
+    def answer_nll(self, prompts: Sequence[str], answers: Sequence[str | None], max_answer_tokens: int = 128,
+                   context: str = "none") -> np.ndarray:
+        """(B,) mean token negative log-likelihood of each answer (NaN: no answer).
 
-        The context is the prompt formatted as for generation (``prompt_token_ids``); the answer
-        is tokenized without special tokens and cut to ``max_answer_tokens``.
+        ``context="none"`` (SPEC.md section 2: ``p(y_j | y_<j)``): the answer alone, after one start
+        token (the tokenizer's BOS, else its EOS). ``context="prompt"``: given the prompt formatted
+        as for generation (``prompt_token_ids``). The answer is tokenized without special tokens
+        and cut to ``max_answer_tokens``.
         """
+        if context not in SCORER_CONTEXTS:
+            raise ValueError(f"scorer context must be one of {SCORER_CONTEXTS}, got {context!r}")
+        start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        if context == "none" and start is None:
+            raise ValueError(f"{self.source}: the tokenizer has neither a BOS nor an EOS token to start an answer")
         import torch
 
         nll = np.full(len(prompts), np.nan, dtype=np.float64)
@@ -156,7 +164,8 @@ class HFBackend:
                 continue
             ans = self.tokenizer.encode(str(a), add_special_tokens=False)[:max_answer_tokens]
             if ans:
-                items.append((i, prompt_token_ids(self.tokenizer, p, self.max_prompt_tokens), ans))
+                ctx = [start] if context == "none" else prompt_token_ids(self.tokenizer, p, self.max_prompt_tokens)
+                items.append((i, ctx, ans))
         for s in range(0, len(items), self.batch_size):
             chunk = items[s:s + self.batch_size]
             L = max(len(c) + len(a) for _, c, a in chunk)
