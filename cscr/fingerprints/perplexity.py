@@ -34,7 +34,7 @@ MAX_MISSING_FRACTION = 0.5  # refuse a fingerprint with more probes missing than
 
 
 def perplexity_basis_id(probe_ids: Sequence[str], scorer: str, context: str = "none") -> str:
-    key = [list(map(str, probe_ids)), scorer] + ([] if context == "none" else [context])
+    key = [list(map(str, probe_ids)), scorer, context]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
     return f"ppl{len(probe_ids)}-{digest[:16]}"
 
