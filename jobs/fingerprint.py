@@ -69,7 +69,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or min(os.cpu_count() or 2, 8), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus or min(os.cpu_count() or 2, 8), include_dashboard=False,
+                 log_to_driver=False)  # always a fresh cluster, even beside a `ray start` one
     return True
 
 

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         if address:
             ray.init(address=address)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
     n_gpus = int(ray.cluster_resources().get("GPU", 0))
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if n_gpus else 0.0)
     concurrency = args.concurrency or (max(n_gpus, 1) if gpus else 4)
