@@ -97,6 +97,11 @@ def run_label(pool: Pool, tasks: list[Task], out: str | os.PathLike[str], args: 
     calls = run.root / "label" / "calls.parquet"
     frame = records.assign(answer=records["answer"].astype(object).where(records["answer"].notna(), None))
     atomic_write(calls, lambda p: frame.to_parquet(p, index=False))
+    if not getattr(args, "no_embed", False):  # what `cscr prepare` does: the run is ready to train
+        from cscr.config import EncoderConfig
+        from cscr.encoder import embed_table, get_encoder
+
+        embed_table(table, get_encoder(EncoderConfig(model=getattr(args, "encoder", None))), run.embeddings)
     return {"table": table, "seconds": time.perf_counter() - t0, "calls": calls}
 
 
@@ -127,6 +132,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 on clusters with GPUs, else 0")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--encoder", default=None, help="prompt encoder (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--no-embed", action="store_true", help="write the table only (no prompt embeddings)")
 
 
 def main(argv: list[str] | None = None) -> int:
