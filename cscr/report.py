@@ -179,10 +179,10 @@ def overview_section(runs: Sequence[RunInfo]) -> list[str]:
         return [f"No main table has been computed yet ({NOT_RUN}).", ""]
     names: list[str] = []
     for r in done:
-        names += [n for n in r.eval.data["routers"] if not n.startswith("single:") and n not in names]  # type: ignore[union-attr]
+        names += [n for n in r.eval.data["routers"] if not n.startswith("single:") and n not in names]  # type: ignore[union-attr,index]
 
     def audc(r: RunInfo, n: str) -> float | None:
-        x = r.eval.data["routers"].get(n)  # type: ignore[union-attr]
+        x = r.eval.data["routers"].get(n)  # type: ignore[union-attr,index]
         return None if x is None else float(x["audc"])
 
     names.sort(key=lambda n: -max((a for a in (audc(r, n) for r in done) if a is not None), default=-1.0))

@@ -53,7 +53,7 @@ def trial_inputs(run_dir: str, kind: str, tolerance: float) -> tuple[Any, Any, n
     if kind == "mixed":
         store = DescriptorStore(paths.descriptors)
         kinds = store.kinds()
-        pair = mixed_pair(kinds, {k: int(store.info(k)["dimension"]) for k in kinds})
+        pair = mixed_pair(kinds, {k: int(store.info(k)["dimension"]) for k in kinds})  # type: ignore[call-overload]
         if pair is None:
             raise ValueError(f"no two descriptor kinds of one dimension to mix in {paths.descriptors}")
         by_kind = {k: store.read(k) for k in pair}
@@ -132,7 +132,7 @@ def grid_values(grid: Grid, run_dir: str) -> list[Any]:
 
     store = DescriptorStore(RunPaths.of(run_dir).descriptors)
     kinds = set(store.kinds()) | {"probe-outcome"}  # probe-outcome is computed on demand
-    dims = {k: int(store.info(k)["dimension"]) for k in store.kinds()}
+    dims = {k: int(store.info(k)["dimension"]) for k in store.kinds()}  # type: ignore[call-overload]
     return available_descriptor_values(sorted(kinds), dims) if dims else ["probe-outcome"]
 
 
@@ -168,7 +168,7 @@ def sweep_grid(run_dir: str, grid_name: str, train: TrainConfig, concurrency: in
         f"{concurrency} at a time, {cpus_per_trial} CPU each")
     results = tuner.fit()
     trials = []
-    for r in results:
+    for r in (results[i] for i in range(len(results))):
         m = r.metrics or {}
         value = (r.config or {}).get("value")
         trials.append({**{k: m.get(k) for k in ("val_audc", "test_audc", "test_peak", "test_qnc_ratio",

@@ -58,8 +58,8 @@ class RouterDeployment:
         torch.set_num_threads(torch_threads)
         self.service = make_service(source)
         self.service.check_pool(pool)
-        self.embed_batch.set_max_batch_size(max_batch_size)
-        self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.embed_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]  # @serve.batch
+        self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.stats = {"batches": 0, "prompts": 0, "largest": 0}  # encoder batching
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
@@ -135,7 +135,7 @@ def deployment_name(expert: str) -> str:
 
 
 def expert_application(spec: ExpertSpec, torch_threads: int = 1) -> Any:
-    return ExpertDeployment.options(
+    return ExpertDeployment.options(  # type: ignore[attr-defined]  # a @serve.deployment class
         name=deployment_name(spec.name), max_ongoing_requests=spec.max_concurrency,
         ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
     ).bind(spec.model_dump(), torch_threads)
@@ -151,9 +151,9 @@ def build_graph(source: dict[str, Any], specs: list[ExpertSpec], settings: Any,
     if router_factory is not None:
         source = {**source, "router_factory": router_factory}
     pool = [s.name for s in specs]
-    router = RouterDeployment.options(**(router_options or {})).bind(
+    router = RouterDeployment.options(**(router_options or {})).bind(  # type: ignore[attr-defined]
         source, pool, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s,
         torch_threads=torch_threads)
     experts = {s.name: expert_application(s, torch_threads) for s in specs}
-    ingress = Ingress.options(ray_actor_options={"num_cpus": ingress_num_cpus})
+    ingress = Ingress.options(ray_actor_options={"num_cpus": ingress_num_cpus})  # type: ignore[attr-defined]
     return ingress.bind(router, experts, {s.name: s.model_dump() for s in specs}, settings.model_dump())

@@ -87,7 +87,8 @@ class TransformersExpert:
         self.path = resolve_model(spec.model)
         self.device = spec.engine_kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).to(self.device).eval()
+        lm: Any = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
+        self.model = lm.to(self.device).eval()
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self._lock = threading.Lock()
@@ -120,7 +121,7 @@ class TransformersExpert:
         with self._lock, torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
         new = out[0, n_prompt:].tolist()
-        text, stopped = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), req.stop)
+        text, stopped = cut_at_stop(str(self.tokenizer.decode(new, skip_special_tokens=True)), req.stop)
         eos = self.tokenizer.eos_token_id
         finish = "stop" if stopped or (new and new[-1] == eos) or len(new) < kw["max_new_tokens"] else "length"
         return GenerationResult(text=text, prompt_tokens=n_prompt, completion_tokens=len(new),
@@ -258,7 +259,7 @@ class OpenAIUpstreamExpert:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.spec = spec
         self.backoff_s = backoff_s
-        self._client_args = {"base_url": spec.base_url.rstrip("/") + "/", "headers": headers,
+        self._client_args: dict[str, Any] = {"base_url": spec.base_url.rstrip("/") + "/", "headers": headers,
                              "timeout": httpx.Timeout(spec.timeout_s, connect=min(spec.timeout_s, 10.0))}
         self._client: Any = None
 

@@ -230,7 +230,7 @@ class Ingress:
     async def _serve(self, req: ChatCompletionRequest | CompletionRequest) -> Any:
         chat = isinstance(req, ChatCompletionRequest)
         if chat:
-            total = sum(len(m.text()) for m in req.messages)  # type: ignore[union-attr]
+            total = sum(len(m.text()) for m in req.messages)  # type: ignore[union-attr,misc]
             self._size_check(total, "messages")
         text = req.routing_text()
         if not chat:

@@ -22,7 +22,7 @@ from collections import Counter as _Tally
 from dataclasses import dataclass, field
 from typing import Any
 
-_LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]
+_LATENCY_BOUNDARIES_MS = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0]
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ServeMetrics:
         self.unit = unit
         self.tally = Tally()
         self.routed = metrics.Counter("cscr_routed_requests", "requests answered, per expert",
-                                      tag_keys=("expert", "mode"))
+                                      tag_keys=("expert", "mode"))  # type: ignore[arg-type]  # Ray's stub says tuple[str]
         self.fallbacks = metrics.Counter("cscr_fallbacks", "answers served by a fallback expert",
                                          tag_keys=("expert",))
         self.failures = metrics.Counter("cscr_expert_failures", "expert calls that failed or timed out",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from serve.protocol import ExpertSpec
@@ -49,7 +50,7 @@ def check_run_matches_pool(run_dir: str | os.PathLike[str], variant: str, pool: 
     """Load the run's router (no encoder) and refuse it when its experts differ from the pool."""
     from serve.service import ServiceError, load_router, pool_mismatch
 
-    router, _, _ = load_router(run_dir, variant)
+    router, _, _ = load_router(Path(run_dir), variant)
     problem = pool_mismatch(router.expert_names, pool)
     if problem:
         raise ServiceError(f"the expert index of {run_dir} does not match the pool: {problem}")
