@@ -119,18 +119,28 @@ def run_local(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, num_cp
             ray.init(address=address)
         else:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)  # a fresh cluster
-    ray_serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-    handle = ray_serve.run(app, name="cscr", route_prefix="/", blocking=False)
-    if blocking:
-        print(f"cscr: serving on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
-        try:
-            import time
+    if not blocking:
+        ray_serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        return ray_serve.run(app, name="cscr", route_prefix="/", blocking=False)
+    import signal
+    import time
 
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            ray_serve.shutdown()
-            ray.shutdown()
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    handle: Any = None
+    # SIGTERM (a process manager, `kill`) stops the server like Ctrl-C does, also during start-up
+    # (this replaces the handler ray.init installed, which exits without shutting Serve down)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        ray_serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        handle = ray_serve.run(app, name="cscr", route_prefix="/", blocking=False)
+        print(f"cscr: serving on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+        while True:
+            time.sleep(3600)
+    except (KeyboardInterrupt, SystemExit):
+        print("cscr: stopping", flush=True)
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
     return handle
