@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary sibling, then rename into place."""
+"""Atomic writes of files and folders: write to a temporary sibling, then rename into place."""
 
 from __future__ import annotations
 
@@ -35,15 +35,27 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
-def swap_in_dir(tmp: str | os.PathLike[str], folder: str | os.PathLike[str]) -> Path:
-    """Move the finished folder ``tmp`` onto ``folder`` (a sibling): a reader sees the old folder
-    or the new one, never a mix. An existing ``folder`` is set aside, replaced, then removed."""
-    tmp, folder = Path(tmp), Path(folder)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old.{os.getpid()}")
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(folder)
+
+def atomic_dir(folder: str | os.PathLike[str], write: Callable[[Path], object], mode: int | None = None) -> Path:
+    """Call ``write(tmp)`` on a new temporary sibling folder, then move it onto ``folder``: a reader
+    sees the old folder or the new one, never a mix, and a failed write leaves ``folder`` as it was.
+    An existing ``folder`` is set aside, replaced, then removed. ``mode``: the new folder's
+    permissions (a temporary folder starts as 0o700)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old.{os.getpid()}")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return folder

@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from cscr.atomic import swap_in_dir
+from cscr.atomic import atomic_dir
 
 
 class ExpertIndexError(ValueError):
@@ -189,20 +187,14 @@ class ExpertIndex:
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``index.faiss`` + ``manifest.json`` into ``folder`` atomically (folder swap)."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        def write(tmp: Path) -> None:
             cpu = faiss.IndexFlatIP(self.dim)
             if len(self._vecs):
                 cpu.add(self._vecs)
             faiss.write_index(cpu, str(tmp / "index.faiss"))
             (tmp / "manifest.json").write_text(json.dumps(self.manifest(), indent=2))
-            swap_in_dir(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+
+        return atomic_dir(folder, write)
 
     @staticmethod
     def load(folder: str | os.PathLike[str], pool: Sequence[str] | None = None, dim: int | None = None,

@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cscr.atomic import atomic_dir
 from cscr.errors import InputError
 
 _CONVERTER = "cscr-gguf-convert v2"  # bump to invalidate cached conversions
@@ -117,10 +118,7 @@ def convert_gguf(gguf: str | os.PathLike[str], out_dir: str | os.PathLike[str]) 
     gguf = Path(gguf)
     if not gguf.is_file():
         raise InputError(f"GGUF file not found: {gguf}")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    def write(tmp: Path) -> None:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         if _gguf_flag(gguf, "tokenizer.ggml.add_bos_token") and tok.encode("a")[:1] != [tok.bos_token_id]:
             tok.add_bos_token = True  # type: ignore[misc]  # e.g. Gemma: without its BOS the model produces garbage
@@ -133,14 +131,8 @@ def convert_gguf(gguf: str | os.PathLike[str], out_dir: str | os.PathLike[str]) 
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{_CONVERTER}: {gguf.name} (sha256 prefix {_sha_prefix(gguf)})\n")
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return atomic_dir(out_dir, write, mode=0o755)
 
 
 def _gguf_flag(gguf: Path, key: str) -> bool:
@@ -228,16 +220,13 @@ def tiny_random_lm(out_dir: str | os.PathLike[str], seed: int = 0, chat_template
     cfg = GPT2Config(vocab_size=len(fast), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
                      bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
     model = GPT2LMHeadModel(cfg).eval()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    model.save_pretrained(tmp)
-    fast.save_pretrained(tmp)
-    (tmp / "TINY").write_text(f"tiny random GPT-2, seed {seed}\n")
-    os.chmod(tmp, 0o755)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        fast.save_pretrained(tmp)
+        (tmp / "TINY").write_text(f"tiny random GPT-2, seed {seed}\n")
+
+    return atomic_dir(out_dir, write, mode=0o755)
 
 
 def _is_tiny(folder: Path) -> bool:

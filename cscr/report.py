@@ -19,14 +19,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cscr.atomic import atomic_write_text, swap_in_dir
+from cscr.atomic import atomic_dir, atomic_write_text
 from cscr.errors import InputError
 from cscr.experiments.report import markdown_table, significance_lines, tables_markdown
 from cscr.sweep import GRIDS, Grid
@@ -358,14 +357,9 @@ def build_report(runs_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").exists())):
         raise InputError(f"--out {out} exists and is not an earlier cscr report: choose a new or empty folder")
     runs = find_runs(runs_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        figs = Figures(tmp)
-        md = report_markdown(runs, figs, str(runs_dir).rstrip("/"))
-        atomic_write_text(tmp / "report.md", md)
-        swap_in_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def write(tmp: Path) -> None:
+        atomic_write_text(tmp / "report.md", report_markdown(runs, Figures(tmp), str(runs_dir).rstrip("/")))
+
+    atomic_dir(out, write)
     return out / "report.md"

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cscr.atomic import swap_in_dir
+from cscr.atomic import atomic_dir
 from cscr.config import HeadConfig, TrainConfig, from_dict
 from cscr.data.table import RoutingTable
 from cscr.fingerprints.probe_outcome import KIND as PROBE_OUTCOME
@@ -59,40 +57,30 @@ def save_trained(run_dir: str | os.PathLike[str] | None, result: TrainResult,
     if out_dir is None and run_dir is None:
         raise ValueError("save_trained needs a run folder or an output folder")
     folder = Path(out_dir) if out_dir is not None else RunPaths.of(run_dir).model(result.variant)  # type: ignore[arg-type]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        state = {k: v.detach().cpu() for k, v in result.head.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in result.head.state_dict().items()}
+    kind = result.meta.get("descriptor_kind", "")
+    config = {
+        "variant": result.variant,
+        "train": asdict(result.config),
+        "descriptor_kind": kind,
+        "basis_id": result.meta.get("basis_id", ""),
+        "experts": result.meta.get("experts", []),
+        "best_epoch": result.best_epoch,
+        "best_val_audc": result.best_val_audc,
+        "meta": {k: v for k, v in result.meta.items() if k not in ("experts",)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+    def write(tmp: Path) -> None:
         torch.save({"state_dict": state, "head_config": asdict(result.head.cfg)}, tmp / "head.pt")
-        config = {
-            "variant": result.variant,
-            "train": asdict(result.config),
-            "descriptor_kind": result.meta.get("descriptor_kind", ""),
-            "basis_id": result.meta.get("basis_id", ""),
-            "experts": result.meta.get("experts", []),
-            "best_epoch": result.best_epoch,
-            "best_val_audc": result.best_val_audc,
-            "meta": {k: v for k, v in result.meta.items() if k not in ("experts",)},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         (tmp / "history.json").write_text(json.dumps(result.history, indent=2, default=str))
-        swap_in_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    kind = config["descriptor_kind"]
+
+    atomic_dir(folder, write)
     if out_dir is None and kind and "@" not in result.variant:
         # models/<variant>@<kind> keeps this head beside heads trained with other descriptor
         # kinds, so that `cscr evaluate --routers cscr@perplexity,cscr@logit` compares them
-        tagged = RunPaths.of(run_dir).model(f"{result.variant}@{kind}")  # type: ignore[arg-type]
-        tmp = Path(tempfile.mkdtemp(prefix=f".{tagged.name}.", dir=folder.parent))
-        try:
-            shutil.copytree(folder, tmp, dirs_exist_ok=True)
-            swap_in_dir(tmp, tagged)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        atomic_dir(RunPaths.of(run_dir).model(f"{result.variant}@{kind}"), write)  # type: ignore[arg-type]
     return folder
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cscr.atomic import swap_in_dir
+from cscr.atomic import atomic_dir
 
 SPLITS = ("train", "val", "probe", "test")
 EXPERT_KINDS = ("open-weights", "black-box", "recorded")
@@ -176,10 +174,7 @@ class RoutingTable:
 
     # ---- persistence ----
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        def write(tmp: Path) -> None:
             cols: dict[str, Any] = {
                 "prompt_id": self.prompt_ids,
                 "text": self.texts.astype(str),
@@ -209,11 +204,8 @@ class RoutingTable:
                 "meta": self.meta,
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-            swap_in_dir(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+
+        return atomic_dir(folder, write)
 
     @staticmethod
     def load(folder: str | os.PathLike[str], verify: bool = True) -> RoutingTable:
