@@ -14,7 +14,6 @@ Without a data directory the three CSVs are downloaded from the Hub (train.csv i
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,7 @@ from cscr.data.io import (
     load_registry,
     param_costs,
     read_csv,
-    registries_dir,
+    registry_path,
     source_dir,
     token_costs,
 )
@@ -89,12 +88,9 @@ def load_embedllm(cfg: DataConfig, **options: Any) -> RoutingTable:
             raise FileNotFoundError(f"EmbedLLM file {path} does not exist")
     pdf, models, quality = pivot_long(frames, f"embedllm {folder}")
 
-    reg_path = Path(options["registry"]) if options.get("registry") else None
+    reg_path = registry_path(cfg, options, "registry-embedllm.json")
     if reg_path is None:
-        rd = registries_dir(cfg)
-        if rd is None or not (rd / "registry-embedllm.json").exists():
-            raise FileNotFoundError("embedllm needs the cost registry registries/registry-embedllm.json (or option registry=FILE)")
-        reg_path = rd / "registry-embedllm.json"
+        raise FileNotFoundError("embedllm needs the cost registry registries/registry-embedllm.json (or option registry=FILE)")
     experts = experts_from_registry(models, load_registry(reg_path), f"registry {reg_path}",
                                     need="n_params" if cfg.cost == "params" else "price")
     texts = pdf["prompt"].astype(str).tolist()

@@ -47,6 +47,15 @@ def registries_dir(cfg: DataConfig) -> Path | None:
     return None
 
 
+def registry_path(cfg: DataConfig, options: dict[str, Any], filename: str) -> Path | None:
+    """The cost registry a loader reads: option ``registry=FILE``, else ``<registries>/<filename>``
+    (``registries_dir``) when that file exists, else None (the loader says whether that is an error)."""
+    if options.get("registry"):
+        return Path(options["registry"])
+    rd = registries_dir(cfg)
+    return rd / filename if rd is not None and (rd / filename).exists() else None
+
+
 def check_options(loader: str, options: dict[str, Any], known: Iterable[str]) -> None:
     unknown = sorted(set(options) - set(known))
     if unknown:

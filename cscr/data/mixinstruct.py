@@ -41,7 +41,7 @@ from cscr.data.io import (
     load_registry,
     param_costs,
     read_records,
-    registries_dir,
+    registry_path,
     source_dir,
     token_costs,
 )
@@ -136,12 +136,9 @@ def load_mixinstruct(cfg: DataConfig, **options: Any) -> RoutingTable:
     meta: dict[str, Any] = {"metric": metric}
     quality = normalise(raw, metric, meta)
 
-    reg_path = Path(options["registry"]) if options.get("registry") else None
+    reg_path = registry_path(cfg, options, "registry-mix-instruct.json")
     if reg_path is None:
-        rd = registries_dir(cfg)
-        if rd is None or not (rd / "registry-mix-instruct.json").exists():
-            raise FileNotFoundError("mixinstruct needs the cost registry registries/registry-mix-instruct.json (or option registry=FILE)")
-        reg_path = rd / "registry-mix-instruct.json"
+        raise FileNotFoundError("mixinstruct needs the cost registry registries/registry-mix-instruct.json (or option registry=FILE)")
     experts = experts_from_registry(models, load_registry(reg_path), f"registry {reg_path}",
                                     need="n_params" if cfg.cost == "params" else "price")
     meta["registry"] = str(reg_path)

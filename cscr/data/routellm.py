@@ -37,7 +37,7 @@ from cscr.data.io import (
     param_costs,
     read_csv,
     read_price_table,
-    registries_dir,
+    registry_path,
     source_dir,
     to_quality,
     token_costs,
@@ -108,15 +108,12 @@ def load_routellm(cfg: DataConfig, **options: Any) -> RoutingTable:
         if cfg.cost == "params":
             raise TableError("routellm: a price table gives prices, not parameter counts; use cost='usd'")
     else:
-        reg_path = Path(options["registry"]) if options.get("registry") else None
+        reg_path = registry_path(cfg, options, "registry.json")
         if reg_path is None:
-            rd = registries_dir(cfg)
-            if rd is None or not (rd / "registry.json").exists():
-                raise FileNotFoundError(
-                    "routellm has no costs in its files: put the cost registries in <data_dir>/registries "
-                    "or give a price table (option prices=FILE)"
-                )
-            reg_path = rd / "registry.json"
+            raise FileNotFoundError(
+                "routellm has no costs in its files: put the cost registries in <data_dir>/registries "
+                "or give a price table (option prices=FILE)"
+            )
         experts = experts_from_registry(MODELS, load_registry(reg_path), f"registry {reg_path}",
                                         need="n_params" if cfg.cost == "params" else "price")
         meta["cost_source"] = f"cost registry {reg_path} ({'n_params' if cfg.cost == 'params' else 'cost_usd_per_1k_tokens'})"

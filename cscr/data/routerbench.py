@@ -36,7 +36,7 @@ from cscr.data.io import (
     experts_from_registry,
     load_registry,
     param_costs,
-    registries_dir,
+    registry_path,
     require_columns,
     source_dir,
     text_of,
@@ -125,9 +125,7 @@ def load_routerbench(cfg: DataConfig, **options: Any) -> RoutingTable:
     texts = [text_of(v, f"{target}: prompt") or "" for v in df["prompt"]]
     quality = to_quality(df[models], str(target))
 
-    reg_path = Path(options["registry"]) if options.get("registry") else None
-    if reg_path is None and (rd := registries_dir(cfg)) is not None and (rd / "registry-routerbench.json").exists():
-        reg_path = rd / "registry-routerbench.json"
+    reg_path = registry_path(cfg, options, "registry-routerbench.json")
     registry = load_registry(reg_path) if reg_path else None
     meta["registry"] = str(reg_path) if reg_path else None
     experts = experts_from_registry(models, registry, "routerbench registry")
