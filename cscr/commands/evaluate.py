@@ -75,8 +75,8 @@ def parse_routers(spec: str, expert_names: list[str], available: list[str]) -> l
                 out.append((f"single:{e}", "single", {"expert": e}))
         elif arg:
             raise RouterError(f"router {base!r} takes no ':' argument (got {name!r})")
-        elif "@" in base:
-            out.append((base, base.partition("@")[0], {"variant": base}))
+        elif at:
+            out.append((base, head_of, {"variant": base}))
         else:
             out.append((base, base, {}))
     displays = [d for d, _, _ in out]
