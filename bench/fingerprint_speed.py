@@ -79,9 +79,9 @@ def bench_vllm_vs_hf(model: str, texts: list[str], basis: Any, steps: int, devic
 
 def bench_ray_workers(model: str, n_probes: int, steps: int, basis_size: int, batch: int) -> dict:
     import ray
+    from cscr.jobs.fingerprint import build_parser, init_ray, run_fingerprint
 
     from cscr.pool import pool_from_dict
-    from jobs.fingerprint import build_parser, init_ray, run_fingerprint
 
     pool = pool_from_dict({"experts": [{"name": "m", "kind": "open-weights", "source": {"model": model},
                                         "cost": {"n_params": 1}}]})

@@ -226,13 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
     import yaml
+    from cscr.serve.app import build_app
+    from cscr.serve.service import load_router
     from ray import serve as ray_serve
 
     from cscr.encoder import Encoder
     from cscr.fingerprints.store import DescriptorStore
     from cscr.run import RunPaths
-    from serve.app import build_app
-    from serve.service import load_router
 
     tmp = Path(tempfile.mkdtemp(prefix="cscr-serve-bench-"))
     run = Path(args.run) if args.run else None

@@ -38,9 +38,9 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+    import cscr.jobs.train as job
     import torch
 
-    import jobs.train as job
     from cscr.config import TrainConfig
     from cscr.synthetic import synthetic_table, write_synthetic_run
     from cscr.train import fit_head

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from cscr.jobs.fingerprint import _pool, _resources, init_ray, smoke_pool
 
 from cscr.atomic import atomic_write
 from cscr.config import ConfigError
@@ -33,7 +34,6 @@ from cscr.label import DEFAULT_MAX_NEW_TOKENS, LabelUDF, build_table, task_rows,
 from cscr.pool import Pool, load_pool
 from cscr.run import RunPaths
 from cscr.tasks import Task, builtin_tasks, read_jsonl
-from jobs.fingerprint import _pool, _resources, init_ray, smoke_pool
 
 
 def log(msg: str) -> None:

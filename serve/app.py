@@ -1,6 +1,6 @@
 """The Serve application: ``build_app(args) -> Application`` and a local runner for ``cscr serve``.
 
-    serve run serve.app:build_app run=runs/local pool=examples/pools/local-small.yaml
+    serve run cscr.serve.app:build_app run=runs/local pool=examples/pools/local-small.yaml
     cscr serve --run runs/local --pool examples/pools/local-small.yaml --port 8000
 
 ``build_app`` checks what it can before anything starts (the run's expert index against the
@@ -15,9 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cscr.serve.protocol import ExpertSpec
 from pydantic import BaseModel, ConfigDict, Field
-
-from serve.protocol import ExpertSpec
 
 
 class ServeArgs(BaseModel):
@@ -53,7 +52,7 @@ def expert_specs(args: ServeArgs) -> list[ExpertSpec]:
     if args.experts is not None:
         specs = list(args.experts)
     elif args.pool is not None:
-        from serve.pool import specs_from_pool
+        from cscr.serve.pool import specs_from_pool
 
         specs = specs_from_pool(args.pool)
     else:
@@ -81,11 +80,11 @@ def build_app(args: dict[str, Any] | ServeArgs) -> Any:
         raise FileNotFoundError(f"run folder not found: {a.run}")
     specs = expert_specs(a)
     if a.run is not None and a.router_factory is None and a.check_pool:
-        from serve.pool import check_run_matches_pool
+        from cscr.serve.pool import check_run_matches_pool
 
         check_run_matches_pool(a.run, a.variant, [s.name for s in specs])
-    from serve.deployments import build_graph
-    from serve.ingress import IngressSettings
+    from cscr.serve.deployments import build_graph
+    from cscr.serve.ingress import IngressSettings
 
     settings = IngressSettings(
         api_key=a.api_key or os.environ.get("CSCR_API_KEY") or None,

@@ -19,10 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
-from ray import serve
-
-from serve.experts import build_backend
-from serve.protocol import (
+from cscr.serve.experts import build_backend
+from cscr.serve.protocol import (
     ExpertSpec,
     GenerationRequest,
     GenerationResult,
@@ -30,7 +28,8 @@ from serve.protocol import (
     RouteDecision,
     check_lambda,
 )
-from serve.service import CostReference, RouterService
+from cscr.serve.service import CostReference, RouterService
+from ray import serve
 
 
 def make_service(source: dict[str, Any]) -> RouterService:
@@ -121,7 +120,7 @@ class ExpertDeployment:
 
     async def fingerprint(self, plan: Any) -> list[float]:
         """This expert's logit footprint under the router's plan (transformers, same weights)."""
-        from serve.fingerprint import logit_footprint_of
+        from cscr.serve.fingerprint import logit_footprint_of
 
         if self.spec.backend == "openai":
             raise ProtocolError(f"expert {self.spec.name!r} is black-box (no logits): send its descriptor",
@@ -146,7 +145,7 @@ def build_graph(source: dict[str, Any], specs: list[ExpertSpec], settings: Any,
                 router_factory: Callable[[], Any] | None = None, ingress_num_cpus: float = 0.1,
                 max_batch_size: int = 32, batch_wait_s: float = 0.002) -> Any:
     """Bind the deployments into one application (expert handles passed in by ``bind``)."""
-    from serve.ingress import Ingress
+    from cscr.serve.ingress import Ingress
 
     if router_factory is not None:
         source = {**source, "router_factory": router_factory}

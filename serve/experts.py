@@ -29,7 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from serve.protocol import ExpertSpec, GenerationRequest, GenerationResult
+from cscr.serve.protocol import ExpertSpec, GenerationRequest, GenerationResult
 
 
 class ExpertError(RuntimeError):

@@ -19,9 +19,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from cscr.serve.protocol import ProtocolError
 from pydantic import BaseModel
-
-from serve.protocol import ProtocolError
 
 DEFAULT_N_PROBES = 192  # jobs/fingerprint.py --n-probes default
 

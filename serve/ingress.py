@@ -16,14 +16,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
-from ray import serve
-
-from serve.deployments import deployment_name, expert_application
-from serve.protocol import (
+from cscr.serve.deployments import deployment_name, expert_application
+from cscr.serve.protocol import (
     ROUTER_MODEL,
     AddExpertRequest,
     ChatChoice,
@@ -52,7 +46,12 @@ from serve.protocol import (
     Usage,
     parse_model,
 )
-from serve.service import CostReference
+from cscr.serve.service import CostReference
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from ray import serve
 
 
 class IngressSettings(BaseModel):
@@ -107,7 +106,7 @@ def _sse(obj: BaseModel | dict[str, Any] | str) -> bytes:
 class Ingress:
     def __init__(self, router: Any, experts: dict[str, Any], specs: dict[str, dict[str, Any]],
                  settings: dict[str, Any]) -> None:
-        from serve.metrics import ServeMetrics
+        from cscr.serve.metrics import ServeMetrics
 
         self.router = router
         self.experts: dict[str, Any] = dict(experts)  # name -> DeploymentHandle

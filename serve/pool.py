@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from serve.protocol import ExpertSpec
+from cscr.serve.protocol import ExpertSpec
 
 
 def spec_from_pool_entry(entry: Any, num_cpus: float = 0.25, num_gpus: float = 0.0) -> ExpertSpec:
@@ -48,7 +48,7 @@ def specs_from_pool(path: str | os.PathLike[str], num_cpus: float = 0.25,
 
 def check_run_matches_pool(run_dir: str | os.PathLike[str], variant: str, pool: Sequence[str]) -> None:
     """Load the run's router (no encoder) and refuse it when its experts differ from the pool."""
-    from serve.service import ServiceError, load_router, pool_mismatch
+    from cscr.serve.service import ServiceError, load_router, pool_mismatch
 
     router, _, _ = load_router(Path(run_dir), variant)
     problem = pool_mismatch(router.expert_names, pool)

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-
-from serve.protocol import ProtocolError, RankedExpert, RouteDecision, check_lambda
+from cscr.serve.protocol import ProtocolError, RankedExpert, RouteDecision, check_lambda
 
 
 class ServiceError(ValueError):
@@ -59,7 +58,7 @@ class RouterService:
 
     def fingerprint_plan(self) -> Any:
         """What an on-the-fly fingerprint of a new expert must compute (serve.fingerprint)."""
-        from serve.fingerprint import fingerprint_plan
+        from cscr.serve.fingerprint import fingerprint_plan
 
         if self.run_dir is None:
             raise ProtocolError("this router was not loaded from a run: send the expert's descriptor",

@@ -9,8 +9,8 @@ import json
 
 import numpy as np
 import pytest
-
 from cscr.cli import main
+
 from cscr.run import RunPaths
 from cscr.synthetic import synthetic_table, write_synthetic_run
 

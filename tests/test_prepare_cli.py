@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from cscr.cli import main
+
 from cscr.data import RoutingTable
 from cscr.encoder import load_run_embeddings
 from cscr.run import RunPaths

@@ -7,8 +7,8 @@ import re
 import shutil
 
 import pytest
-
 from cscr.cli import main
+
 from cscr.config import TrainConfig
 from cscr.report import build_report
 from cscr.synthetic import synthetic_table, write_synthetic_run
@@ -19,10 +19,11 @@ ROUTERS = ["cscr", "knn", "oracle", "random"]
 
 def _sweep(run, values=(0.0, 0.2)):
     """Two trials of the gamma grid with the sweep job's own trial pieces, then its summary writer."""
+    from cscr.jobs.sweep import test_metrics, trial_inputs
+
     from cscr.run import RunPaths
     from cscr.sweep import apply_value, get_grid, summarize, write_sweep_report
     from cscr.train import fit_head
-    from jobs.sweep import test_metrics, trial_inputs
 
     grid, trials = get_grid("gamma"), []
     for v in values:

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from cscr.cli import main as cli
+
 from cscr.config import LossConfig, TrainConfig
 from cscr.fingerprints.probe_outcome import probe_outcome_descriptors
 from cscr.fingerprints.store import DescriptorStore

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-
 from cscr.cli import main
-from cscr.commands.experiment import ood_splits, resolve_split
+from cscr.cli.commands.experiment import ood_splits, resolve_split
+
 from cscr.errors import InputError
 from cscr.synthetic import synthetic_table, write_synthetic_run
 

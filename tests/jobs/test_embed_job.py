@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cscr.jobs.embed import EmbedBatch, embed_table_ray
 
 from cscr.data.table import Expert, RoutingTable
 from cscr.encoder import embed_table, load_run_embeddings, text_hash
 from cscr.run import RunPaths
-from jobs.embed import EmbedBatch, embed_table_ray
 
 TEXTS = [f"Prompt {i}: {w}" for i, w in enumerate(
     ["what is two plus two?", "name the largest ocean", "write a haiku about rain", "define entropy",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cscr.jobs.fingerprint import build_parser, run_fingerprint
 
 from cscr.data.table import Expert, RoutingTable
 from cscr.errors import InputError
@@ -15,7 +16,6 @@ from cscr.models import tiny_random_lm
 from cscr.pool import pool_from_dict
 from cscr.run import RunPaths
 from cscr.tasks import builtin_tasks
-from jobs.fingerprint import build_parser, run_fingerprint
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 import yaml
-
 from cscr.cli import main
+
 from cscr.data.table import RoutingTable
 from cscr.encoder import load_run_embeddings
 from cscr.fingerprints.store import DescriptorStore

@@ -40,7 +40,7 @@ def test_summary_chooses_on_validation_not_test():
 
 @pytest.mark.slow
 def test_sweep_runs_trials_on_ray_tune_and_resumes(tmp_path, ray_start_2_cpus):
-    from jobs.sweep import sweep_grid
+    from cscr.jobs.sweep import sweep_grid
 
     table, emb, _ = synthetic_table(n=300, seed=1)
     run = write_synthetic_run(tmp_path / "run", table, emb)

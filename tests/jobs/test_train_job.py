@@ -79,10 +79,9 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_training_on_a_simulated_two_node_cluster(tmp_path):
+    import cscr.jobs.train as job
     import ray
     from ray.cluster_utils import Cluster
-
-    import jobs.train as job
 
     table, emb, _ = synthetic_table(n=500, n_experts=4, seed=12, probe_size=40)
     run = write_synthetic_run(tmp_path / "run", table, emb)
@@ -115,7 +114,7 @@ def test_smoke_test_runs_end_to_end():
 
 def test_changed_config_refuses_to_resume(tmp_path):
     """An interrupted run's folder with another config is refused; --fresh discards it."""
-    import jobs.train as job
+    import cscr.jobs.train as job
 
     table, emb, _ = synthetic_table(n=200, n_experts=3, seed=13, probe_size=20)
     run = write_synthetic_run(tmp_path / "run", table, emb)
@@ -130,7 +129,7 @@ def test_changed_config_refuses_to_resume(tmp_path):
 
 
 def test_job_needs_a_run_or_smoke_test(capsys):
-    import jobs.train as job
+    import cscr.jobs.train as job
 
     assert job.main([]) == 2
     assert "--run is required" in capsys.readouterr().err

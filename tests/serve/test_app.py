@@ -20,10 +20,9 @@ import numpy as np
 import openai
 import pytest
 import yaml
+from cscr.serve.app import build_app
+from cscr.serve.service import RouterService
 from serve_helpers import HangingServer, free_port
-
-from serve.app import build_app
-from serve.service import RouterService
 
 pytestmark = pytest.mark.slow
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from cscr.cli import main
-from serve.app import ServeArgs, build_app, expert_specs
-from serve.pool import specs_from_pool
-from serve.service import ServiceError
+from cscr.serve.app import ServeArgs, build_app, expert_specs
+from cscr.serve.pool import specs_from_pool
+from cscr.serve.service import ServiceError
 
 RUN_EXPERTS = ["mistralai/mistral-7b-chat", "mistralai/mixtral-8x7b-chat", "gpt-4-1106-preview"]
 

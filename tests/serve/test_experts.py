@@ -7,10 +7,9 @@ import time
 
 import numpy as np
 import pytest
+from cscr.serve.experts import ExpertError, OpenAIUpstreamExpert, TransformersExpert, cut_at_stop
+from cscr.serve.protocol import ExpertSpec, GenerationRequest, ProtocolError
 from serve_helpers import HangingServer, free_port
-
-from serve.experts import ExpertError, OpenAIUpstreamExpert, TransformersExpert, cut_at_stop
-from serve.protocol import ExpertSpec, GenerationRequest, ProtocolError
 
 
 def _run(coro):
@@ -95,12 +94,13 @@ def test_on_the_fly_footprint_matches_the_fingerprint_jobs(tmp_path, trained_run
     rebuilt from the run gives the same footprint for the same model."""
     import shutil
 
+    from cscr.serve.fingerprint import fingerprint_plan, logit_footprint_of
+
     from cscr.data.table import RoutingTable
     from cscr.fingerprints.basis import TokenBasis
     from cscr.fingerprints.logit import LogitFootprintUDF, footprint_from_rows
     from cscr.fingerprints.store import DescriptorStore
     from cscr.run import RunPaths
-    from serve.fingerprint import fingerprint_plan, logit_footprint_of
 
     run = RunPaths.of(tmp_path / "run")
     shutil.copytree(RunPaths.of(trained_run).table, run.table)

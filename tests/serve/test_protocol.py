@@ -5,9 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from pydantic import ValidationError
-
-from serve.protocol import (
+from cscr.serve.protocol import (
     AddExpertRequest,
     ChatCompletionRequest,
     CompletionRequest,
@@ -16,6 +14,7 @@ from serve.protocol import (
     RouteRequest,
     parse_model,
 )
+from pydantic import ValidationError
 
 
 @pytest.mark.parametrize("model, cw, expect", [

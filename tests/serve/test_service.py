@@ -5,12 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cscr.serve.protocol import ProtocolError
+from cscr.serve.service import (
+    RouterService,
+    ServiceError,
+    check_encoder,
+    load_router,
+    pool_mismatch,
+)
 
 from cscr.config import HeadConfig
 from cscr.head import Head
 from cscr.routers.cscr import CSCRRouter
-from serve.protocol import ProtocolError
-from serve.service import RouterService, ServiceError, check_encoder, load_router, pool_mismatch
 
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a list.",
            "Solve 12 * 7 + 3.", "Translate 'good morning' into German."]

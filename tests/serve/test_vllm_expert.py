@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from serve.experts import TransformersExpert
-from serve.protocol import ExpertSpec, GenerationRequest
+from cscr.serve.experts import TransformersExpert
+from cscr.serve.protocol import ExpertSpec, GenerationRequest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")]

@@ -15,10 +15,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
+    from cscr.serve.deployments import expert_application
+    from cscr.serve.protocol import ExpertSpec, GenerationRequest
     from ray import serve as ray_serve
-
-    from serve.deployments import expert_application
-    from serve.protocol import ExpertSpec, GenerationRequest
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

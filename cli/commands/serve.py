@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from serve.app import ServeArgs, run_local
+    from cscr.serve.app import ServeArgs, run_local
 
     sargs = ServeArgs(
         run=args.run, pool=args.pool, variant=args.variant, api_key=args.api_key, admin_key=args.admin_key,

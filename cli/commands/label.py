@@ -19,7 +19,7 @@ from cscr.errors import InputError
 
 
 def register(subparsers: Any) -> None:
-    from jobs.label import add_arguments
+    from cscr.jobs.label import add_arguments
 
     p = subparsers.add_parser("label", help="run a live pool on prompts with answers and write a routing table",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.pool or not args.out:
         raise InputError("--pool and --out are required")
     pool = load_pool(args.pool)
-    from jobs.label import label_local, load_tasks, summary
+    from cscr.jobs.label import label_local, load_tasks, summary
 
     res = label_local(pool, load_tasks(args), args.out, args)
     print(summary(res["table"], res["seconds"]))

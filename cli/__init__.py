@@ -21,9 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         try:
-            mod = importlib.import_module(f"cscr.commands.{name}")
+            mod = importlib.import_module(f"cscr.cli.commands.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"cscr.commands.{name}":
+            if exc.name == f"cscr.cli.commands.{name}":
                 continue  # not built yet
             raise
         mod.register(sub)

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
     grid_names(args.grid)  # bad grid names fail before Ray starts
     RunPaths.of(args.run).require_table()
-    import jobs.sweep  # lazily: Ray lives in jobs/
+    import cscr.jobs.sweep  # lazily: Ray lives in jobs/
 
     argv = ["--run", args.run, "--grid", args.grid, "--cpus-per-trial", str(args.cpus_per_trial)]
     if args.epochs:
@@ -31,4 +31,4 @@ def run(args: argparse.Namespace) -> int:
         argv += ["--concurrency", str(args.concurrency)]
     if args.no_resume:
         argv.append("--no-resume")
-    return jobs.sweep.main(argv)
+    return cscr.jobs.sweep.main(argv)

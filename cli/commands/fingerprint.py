@@ -18,7 +18,7 @@ from cscr.errors import InputError
 
 
 def register(subparsers: Any) -> None:
-    from jobs.fingerprint import add_arguments
+    from cscr.jobs.fingerprint import add_arguments
 
     p = subparsers.add_parser("fingerprint", help="compute expert descriptors (logit / perplexity) for a pool",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.pool or not args.run:
         raise InputError("--pool and --run are required")
     pool = load_pool(args.pool)
-    from jobs.fingerprint import fingerprint_local
+    from cscr.jobs.fingerprint import fingerprint_local
 
     out = fingerprint_local(pool, args.run, args)
     print(f"fingerprinted {len(out['done'])} expert(s) ({', '.join(out['done']) or 'none'}), skipped "

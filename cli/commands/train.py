@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
         results = {v: train_run(args.run, v, cfg, args.descriptor_kind) for v in variants}
     else:
-        import jobs.train as job  # Ray lives in jobs/: imported only here
+        import cscr.jobs.train as job  # Ray lives in jobs/: imported only here
 
         started = job.connect(args.address)
         try:

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     enc_cfg = EncoderConfig(model=args.encoder, batch_size=args.batch_size)
     if args.ray:
-        from jobs.embed import embed_table_local_ray
+        from cscr.jobs.embed import embed_table_local_ray
 
         emb = embed_table_local_ray(table, paths.embeddings, enc_cfg, workers=args.workers)
     else:
