@@ -36,7 +36,7 @@ from cscr.encoder import (  # noqa: E402
     load_run_embeddings,
     text_hash,
 )
-from cscr.run import RunPaths  # noqa: E402
+from cscr.runs.paths import RunPaths  # noqa: E402
 
 
 def _texts(n: int, data_dir: str | None) -> tuple[list[str], str]:

@@ -38,7 +38,7 @@ def _footprint_run(backend: Any, texts: list[str], basis: Any, steps: int) -> tu
 
 
 def bench_experts(pool: Any, texts: list[str], basis: Any, steps: int, device: str, batch: int) -> list[dict]:
-    from cscr.fingerprints.backends.hf import HFBackend
+    from cscr.llm.hf import HFBackend
 
     rows = []
     for e in pool.of_kind("open-weights"):
@@ -56,8 +56,8 @@ def bench_experts(pool: Any, texts: list[str], basis: Any, steps: int, device: s
 
 
 def bench_vllm_vs_hf(model: str, texts: list[str], basis: Any, steps: int, device: str, batch: int) -> dict:
-    from cscr.fingerprints.backends.hf import HFBackend
-    from cscr.fingerprints.backends.vllm_backend import VLLMBackend
+    from cscr.llm.hf import HFBackend
+    from cscr.llm.vllm_engine import VLLMBackend
 
     hf = HFBackend(model, device=device, batch_size=batch)
     f_hf, s_hf, n_prompt = _footprint_run(hf, texts, basis, steps)
@@ -78,9 +78,11 @@ def bench_vllm_vs_hf(model: str, texts: list[str], basis: Any, steps: int, devic
 
 
 def bench_ray_workers(model: str, n_probes: int, steps: int, basis_size: int, batch: int) -> dict:
-    import ray
-    from cscr.jobs.fingerprint import build_parser, init_ray, run_fingerprint
+    from cscr.jobs.cluster import connect, disconnect
+    from cscr.jobs.data_options import FingerprintJob
+    from cscr.jobs.fingerprint import run_fingerprint
 
+    from cscr.config import FingerprintConfig
     from cscr.pool import pool_from_dict
 
     pool = pool_from_dict({"experts": [{"name": "m", "kind": "open-weights", "source": {"model": model},
@@ -88,16 +90,15 @@ def bench_ray_workers(model: str, n_probes: int, steps: int, basis_size: int, ba
     secs = {}
     for w in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:
-            init_ray(None, 2)
+            started = connect(None, 2)
             try:
-                args = build_parser().parse_args(["--n-probes", str(n_probes), "--steps", str(steps), "--basis-size",
-                                                  str(basis_size), "--workers", str(w), "--batch-size", str(batch),
-                                                  "--cpus-per-worker", "0.5"])
+                job = FingerprintJob(fingerprint=FingerprintConfig(n_probes=n_probes, steps=steps, basis_size=basis_size),
+                                     workers=w, batch_size=batch, cpus_per_worker=0.5)
                 t0 = time.perf_counter()
-                run_fingerprint(pool, Path(tmp) / "run", args)
+                run_fingerprint(pool, Path(tmp) / "run", job)
                 secs[w] = time.perf_counter() - t0
             finally:
-                ray.shutdown()
+                disconnect(started)
         print(f"  {w} Ray worker(s): {secs[w]:6.1f}s (actor start and model load included)", flush=True)
     out = {"model": model, "workers_1_s": secs[1], "workers_2_s": secs[2], "speedup_2_over_1": secs[1] / secs[2]}
     print(f"  2 workers = {out['speedup_2_over_1']:.2f}x 1 worker", flush=True)

@@ -64,8 +64,8 @@ def train_slice_run(out: Path, data_dir: str, epochs: int) -> Path:
     from cscr.config import DataConfig, IndexConfig, TrainConfig
     from cscr.data import load_dataset
     from cscr.encoder import Encoder, embed_table
-    from cscr.run import RunPaths
-    from cscr.train import train_run
+    from cscr.runs.paths import RunPaths
+    from cscr.training.plain import train_run
 
     table = load_dataset("routerbench", DataConfig(data_dir=data_dir, probe_size=16))
     length = np.array([len(str(t)) for t in table.texts])
@@ -82,18 +82,9 @@ def train_slice_run(out: Path, data_dir: str, epochs: int) -> Path:
 
 
 def tiny_lm(out: Path, seed: int) -> Path:
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from cscr.models import tiny_random_lm
 
-    from cscr.models import local_model
-
-    tok = AutoTokenizer.from_pretrained(local_model("smollm2"))
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
-                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return tiny_random_lm(out, seed, tokenizer="smollm2")
 
 
 def free_port() -> int:
@@ -160,6 +151,10 @@ def encoder_throughput(encoder: Any, batch: int, total: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+ADMIN_KEY = "bench-admin-key"  # the admin API is disabled without one
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
 async def load_run(base: str, concurrency: int, seconds: float, victim: str, readd: dict[str, Any]) -> dict[str, Any]:
     import httpx
 
@@ -195,12 +190,12 @@ async def load_run(base: str, concurrency: int, seconds: float, victim: str, rea
 
     async def admin(c: Any) -> None:
         await asyncio.sleep(seconds * 0.25)
-        r = await c.delete(f"/v1/experts/{victim}")
+        r = await c.delete(f"/v1/experts/{victim}", headers=ADMIN_HEADERS)
         out_window[0] = time.perf_counter()
         stats["remove_status"] = r.status_code
         await asyncio.sleep(seconds * 0.15)
         t0 = time.perf_counter()
-        r = await c.post("/v1/experts", json=readd, timeout=600)
+        r = await c.post("/v1/experts", json=readd, timeout=600, headers=ADMIN_HEADERS)
         out_window[1] = time.perf_counter()
         stats["readd_status"], stats["readd_s"] = r.status_code, out_window[1] - t0
 
@@ -227,21 +222,22 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import yaml
     from cscr.serve.app import build_app
-    from cscr.serve.service import load_router
     from ray import serve as ray_serve
 
     from cscr.encoder import Encoder
     from cscr.fingerprints.store import DescriptorStore
-    from cscr.run import RunPaths
+    from cscr.runs.loader import load_router
+    from cscr.runs.paths import RunPaths
 
     tmp = Path(tempfile.mkdtemp(prefix="cscr-serve-bench-"))
     run = Path(args.run) if args.run else None
     if run is None:
         log("training a run on a RouterBench slice ...")
         run = train_slice_run(tmp / "run", args.data_dir, epochs=2)
-    router, _, meta = load_router(run)
+    router = load_router(run)
     names = list(router.expert_names)
-    descriptors = DescriptorStore(RunPaths.of(run).descriptors).read(meta["kind"], experts=names)
+    assert router.descriptor_basis is not None
+    descriptors = DescriptorStore(RunPaths.of(run).descriptors).read(router.descriptor_basis.kind, experts=names)
     costs = dict(zip(names, router.costs.tolist(), strict=True))
     lms = {n: tiny_lm(tmp / f"lm{i}", i + 1) for i, n in enumerate(names)}
     pool = tmp / "pool.yaml"
@@ -251,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     app = build_app({"run": str(run), "pool": str(pool), "expert_num_cpus": 0.1, "expert_timeout_s": 60,
-                     "default_max_tokens": 4})
+                     "default_max_tokens": 4, "admin_key": ADMIN_KEY})
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
@@ -278,14 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     print(f"\nserve latency bench (loopback; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
-    print("| measure | cscr serve | reference | ratio |")
-    print("| --- | --- | --- | --- |")
-    print(f"| route p50 (ms) | {pct(route_ms, 50):.2f} | MiniLM forward {pct(enc_ms, 50):.2f} | "
-          f"{pct(route_ms, 50) / pct(enc_ms, 50):.2f}x |")
-    print(f"| route p99 (ms) | {pct(route_ms, 99):.2f} | MiniLM forward {pct(enc_ms, 99):.2f} | "
-          f"{pct(route_ms, 99) / pct(enc_ms, 99):.2f}x |")
-    print(f"| throughput (req/s, {args.concurrency} clients) | {rps:.1f} | batched MiniLM {enc_ps:.1f} prompts/s | "
-          f"{rps / enc_ps:.2f}x |")
+    from cscr.markdown import markdown_table, num
+
+    print(markdown_table(["measure", "cscr serve", "reference", "ratio"], [
+        *[[f"route p{q} (ms)", num(pct(route_ms, q), ".2f"), f"MiniLM forward {num(pct(enc_ms, q), '.2f')}",
+           f"{num(pct(route_ms, q) / pct(enc_ms, q), '.2f')}x"] for q in (50, 99)],
+        [f"throughput (req/s, {args.concurrency} clients)", num(rps, ".1f"), f"batched MiniLM {num(enc_ps, '.1f')} prompts/s",
+         f"{num(rps / enc_ps, '.2f')}x"]], "llll"))
     print(f"\nrouter encoder batches: {batches['batches']}, mean size "
           f"{batches['prompts'] / max(batches['batches'], 1):.2f}, largest {batches['largest']}; "
           f"failed route requests under concurrency: {failed_tp}")

@@ -3,7 +3,7 @@
 A generated run of 36k cached prompt embeddings (384-d, random topics; a speed figure needs no
 real texts) x 11 experts with probe-outcome descriptors (D' = 192). The same epochs are run by
 
-* the plain single-process loop (cscr/train.py ``fit_head``), and
+* the plain single-process loop (cscr/training ``fit_head``), and
 * jobs/train.py's TorchTrainer with ``--workers`` data-parallel workers on a local Ray cluster.
 
 The plain loop runs twice: with torch's default intra-op threads and with one thread (what each
@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,20 +40,31 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-    import cscr.jobs.train as job
-    import torch
-
-    from cscr.config import TrainConfig
-    from cscr.synthetic import synthetic_table, write_synthetic_run
-    from cscr.train import fit_head
-    from cscr.trained import load_training_arrays
+    from cscr.synthetic import synthetic_table
 
     n = int(args.prompts / 0.7)  # assign_splits: 20% test, then val 10% of the rest, probe 192
     t0 = time.perf_counter()
     table, emb, _ = synthetic_table(n=n, n_experts=args.experts, dim=384, n_clusters=16, seed=0, probe_size=192)
     tmp = tempfile.mkdtemp(prefix="cscr-bench-train-")
-    run = write_synthetic_run(Path(tmp) / "run", table, emb)
-    arrays = load_training_arrays(run, log=None)
+    try:
+        _bench(args, Path(tmp), table, emb, t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the generated run (36k embeddings, heads, Ray Train folder)
+
+
+def _bench(args: argparse.Namespace, tmp: Path, table: Any, emb: np.ndarray, t0: float) -> None:
+    import cscr.jobs.train as job
+    import torch
+    from cscr.jobs.cluster import connect, disconnect
+
+    from cscr.config import TrainConfig
+    from cscr.runs.descriptors import prepare_descriptors
+    from cscr.runs.inputs import load_training_arrays
+    from cscr.synthetic import write_synthetic_run
+    from cscr.training import fit_head
+
+    run = write_synthetic_run(tmp / "run", table, emb)
+    arrays = load_training_arrays(run, kind=prepare_descriptors(run))
     print(f"data: {table.n} prompts ({arrays.meta['n_train']} train, {arrays.n} with a positive expert), "
           f"{args.experts} experts, D' = {arrays.descriptors.shape[1]}; generated in {time.perf_counter() - t0:.1f}s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
@@ -70,12 +83,11 @@ def main() -> None:
 
     # ---- Ray Train
     t0 = time.perf_counter()
-    started = job.connect(None, num_cpus=args.cpus)
+    started = connect(None, num_cpus=args.cpus)
     try:
         ray_res = job.run_training(run, ["cscr"], cfg, workers=args.workers, fresh=True, log=lambda s: None)["cscr"]
     finally:
-        if started:
-            job.disconnect()
+        disconnect(started)
     ray_wall = time.perf_counter() - t0
 
     def figures(hist: list[dict], wall: float) -> dict[str, float]:

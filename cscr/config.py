@@ -56,29 +56,44 @@ class EncoderConfig:
     model: str | None = None  # sentence-transformers path or Hub id; None: the packaged all-MiniLM-L6-v2
     batch_size: int = 64  # prompts per encoder forward
     device: str = "cpu"  # torch device
-    max_seq_length: int = 256  # tokens kept per prompt
+    max_seq_length: int = 256  # tokens the encoder sees per window (its special tokens included)
+    # prompts longer than the window (cscr.encoder.LONG_PROMPT_MODES): head (first window only),
+    # tail (last window), head+tail (mean of both), windows (mean over up to max_windows windows)
+    long_prompt: str = "windows"  # chosen on RouterBench validation (issue 10)
+    max_windows: int = 8  # windows mode: at most this many windows (evenly spaced, first and last kept)
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _check(self.max_seq_length > 0, f"max_seq_length must be > 0, got {self.max_seq_length}")
+        modes = ("head", "tail", "head+tail", "windows")
+        _check(self.long_prompt in modes, f"long_prompt must be one of {modes}, got {self.long_prompt!r}")
+        _check(self.max_windows >= 2, f"max_windows must be >= 2, got {self.max_windows}")
 
 
 @dataclass(frozen=True)
 class FingerprintConfig:
-    kind: Literal["logit", "perplexity", "probe-outcome"] = "probe-outcome"  # descriptor kind
+    """How expert descriptors are computed (jobs/fingerprint.py; SPEC.md section 2)."""
+
+    kind: Literal["auto", "logit", "perplexity"] = "auto"  # auto: logit for open weights, else perplexity
     n_probes: int = 192  # N: probe prompts
     steps: int = 10  # T: greedy steps per probe (logit footprint)
-    basis_size: int = 256  # K: shared token-string basis size
+    basis_size: int = 256  # K: shared token-string basis size (logit)
     scorer: str | None = None  # scorer LM for perplexity fingerprints; None: packaged SmolLM2
-    max_new_tokens: int = 64  # answer length for live perplexity fingerprints
-    backend: Literal["transformers", "vllm"] = "transformers"  # inference backend
+    scorer_context: Literal["none", "prompt"] = "none"  # score answers alone (SPEC) or after their prompt
+    max_new_tokens: int = 64  # answer length of live perplexity experts
+    max_answer_tokens: int = 128  # answer tokens scored
+    max_prompt_tokens: int = 256  # prompt tokens kept (the end of the prompt)
+    backend: Literal["transformers", "vllm"] | None = None  # None: each expert's own backend
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("logit", "perplexity", "probe-outcome"), f"unknown descriptor kind {self.kind!r}")
+        _check(self.kind in ("auto", "logit", "perplexity"), f"unknown fingerprint kind {self.kind!r}")
         _check(self.n_probes > 1, f"n_probes must be > 1, got {self.n_probes}")
         _check(self.steps > 0, f"steps must be > 0, got {self.steps}")
         _check(self.basis_size > 1, f"basis_size must be > 1, got {self.basis_size}")
-        _check(self.backend in ("transformers", "vllm"), f"unknown backend {self.backend!r}")
+        _check(self.scorer_context in ("none", "prompt"), f"unknown scorer context {self.scorer_context!r}")
+        _check(min(self.max_new_tokens, self.max_answer_tokens, self.max_prompt_tokens) > 0,
+               "max_new_tokens, max_answer_tokens and max_prompt_tokens must be > 0")
+        _check(self.backend in (None, "transformers", "vllm"), f"unknown backend {self.backend!r}")
 
 
 @dataclass(frozen=True)
@@ -110,18 +125,14 @@ class LossConfig:
         _check(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
         _check(0 <= self.tolerance <= 1, f"tolerance must be in [0, 1], got {self.tolerance}")
 
-    @staticmethod
-    def vanilla() -> LossConfig:
-        return LossConfig(bands=1, gamma=0.0, alpha=0.0)
-
 
 @dataclass(frozen=True)
 class IndexConfig:
-    top_k: int = 4  # k: experts retrieved before the cost penalty
+    top_k: int = 0  # k: experts retrieved before the cost penalty; 0: every expert (k = M, SPEC 5; k < M: ablation)
     use_gpu: bool | None = None  # None: the GPU index when faiss-gpu and CUDA are present
 
     def __post_init__(self) -> None:
-        _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        _check(self.top_k >= 0, f"top_k must be >= 1 (or 0: every expert), got {self.top_k}")
 
 
 @dataclass(frozen=True)
@@ -151,7 +162,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    n_lambdas: int = 200  # knob values in the sweep
+    n_lambdas: int = 1000  # at most this many knob values per sweep (exact breakpoints; rank-spaced beyond)
     bootstrap: int = 5000  # paired bootstrap resamples
     seed: int = 0  # seed for random routers and the bootstrap
     binarize_at: float = 0.5  # correctness threshold for McNemar on graded quality

@@ -64,16 +64,16 @@ class LabelUDF(GenerateUDF):
 
 
 def call_cost(spec: ExpertSpec, unit: str, prompt_tokens: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
-    c = spec.cost
+    c = spec.prices
     if unit == "params":
         return float(c.n_params or 0.0) * (prompt_tokens + output_tokens) / 1000.0
     return ((c.input_price or 0.0) * prompt_tokens + (c.output_price or 0.0) * output_tokens) / 1e6
 
 
 def cost_unit(pool: Pool, experts: Sequence[ExpertSpec]) -> str:
-    if all(e.cost.n_params is not None for e in experts):
+    if all(e.prices.n_params is not None for e in experts):
         return "params"
-    if all(e.cost.input_price is not None or e.cost.output_price is not None for e in experts):
+    if all(e.prices.input_price is not None or e.prices.output_price is not None for e in experts):
         return "usd"
     raise InputError(f"pool {pool.name!r}: give every expert n_params, or every expert prices, "
                      "so that their costs share a unit")

@@ -16,7 +16,7 @@ Notation: N queries in a batch, M experts, D' descriptor width, B cost bands.
   carries a (zero) gradient, never NaN. With B = 1 and gamma = 0 this is multi-positive InfoNCE
   (the "vanilla" ablation).
 
-No I/O, no framework: the training loops (cscr/train.py, jobs/train.py) call these.
+No I/O, no framework: the training loop (cscr/training/loop.py) calls these.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-
-from cscr.config import LossConfig
 
 #: floor on a band temperature, so that tau_min = 0 with a zero-cost band stays finite
 TAU_FLOOR = 1e-4
@@ -126,12 +124,6 @@ def cost_spectrum_infonce(q: Tensor, e: Tensor, positives: Tensor, costs: Tensor
     if n_keep == 0:
         return (s * 0.0).sum()  # () zero, with a gradient path
     return (loss_i * keep).sum() / n_keep  # ()
-
-
-def loss_from_config(q: Tensor, e: Tensor, positives: Tensor, costs: Tensor, bands: Tensor,
-                     cfg: LossConfig, mask: Tensor | None = None) -> Tensor:
-    """``cost_spectrum_infonce`` with tau_min, alpha, gamma from a LossConfig (bands precomputed)."""
-    return cost_spectrum_infonce(q, e, positives, costs, bands, cfg.tau_min, cfg.alpha, cfg.gamma, mask)
 
 
 def vanilla_infonce(q: Tensor, e: Tensor, positives: Tensor, tau: float = 0.05,

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cscr.atomic import atomic_dir
 from cscr.errors import InputError
@@ -191,19 +192,48 @@ def resolve_model(source: str) -> str:
     return source  # a Hub id: from_pretrained resolves it (offline: from the local HF cache)
 
 
-def tiny_random_lm(out_dir: str | os.PathLike[str], seed: int = 0, chat_template: bool = False) -> Path:
-    """A tiny random GPT-2 (2 layers, width 32) with a byte-level BPE tokenizer trained here on
-    the built-in task texts: a real causal LM for smoke tests and unit tests, built in seconds
-    with no download. ``chat_template``: give the tokenizer a simple chat template."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+def tiny_random_lm(out_dir: str | os.PathLike[str], seed: int = 0, chat_template: bool = False,
+                   tokenizer: str | None = None) -> Path:
+    """A tiny random GPT-2 (2 layers, width 32, 1024 positions) saved as a Hugging Face folder: a
+    real causal LM for smoke tests, unit tests and benchmarks, built in seconds with no download
+    (the one tiny-LM builder of the project).
 
-    from cscr.tasks import builtin_tasks
+    Its tokenizer is a byte-level BPE trained here on the built-in task texts (``chat_template``:
+    give it a simple "role: content" chat template), or, with ``tokenizer``, the tokenizer (and
+    chat template) of that model source, e.g. ``"smollm2"``. A folder built before is reused."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     out_dir = Path(out_dir)
     if _is_tiny(out_dir):
         return out_dir
+    if tokenizer is not None:
+        if chat_template:
+            raise ValueError("chat_template applies to the trained tokenizer; a borrowed one keeps its own")
+        tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
+    else:
+        tok = _tiny_tokenizer(chat_template)
+    torch.manual_seed(seed)
+    eos = tok.eos_token_id
+    bos = tok.bos_token_id if tok.bos_token_id is not None else eos
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=bos, eos_token_id=eos)
+    model = GPT2LMHeadModel(cfg).eval()
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "TINY").write_text(f"tiny random GPT-2, seed {seed}, tokenizer {tokenizer or 'trained'}\n")
+
+    return atomic_dir(out_dir, write, mode=0o755)
+
+
+def _tiny_tokenizer(chat_template: bool) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from cscr.tasks import builtin_tasks
+
     corpus = [t.prompt + " " + t.answer for t in builtin_tasks(400, seed=123)]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -216,17 +246,7 @@ def tiny_random_lm(out_dir: str | os.PathLike[str], seed: int = 0, chat_template
     if chat_template:
         fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                               "{% if add_generation_prompt %}assistant:{% endif %}")
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(fast), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
-    model = GPT2LMHeadModel(cfg).eval()
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        fast.save_pretrained(tmp)
-        (tmp / "TINY").write_text(f"tiny random GPT-2, seed {seed}\n")
-
-    return atomic_dir(out_dir, write, mode=0o755)
+    return fast
 
 
 def _is_tiny(folder: Path) -> bool:

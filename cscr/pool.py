@@ -8,7 +8,7 @@ the file and the field)::
       - name: smollm2
         kind: open-weights            # open-weights | black-box | recorded
         source: {model: smollm2}      # packaged name, HF folder, .gguf file or Hub id
-        backend: transformers         # transformers | vllm (open weights only)
+        backend: transformers         # transformers | vllm (open weights); black-box: openai
         cost: {n_params: 0.135}       # billions of parameters, and/or prices (USD per 1M tokens)
       - name: gpt-4o-mini
         kind: black-box
@@ -21,13 +21,17 @@ the file and the field)::
 
 Relative paths in ``source.model`` / ``source.table`` are resolved against the YAML's folder
 when they exist there, else against the working directory.
+
+``ExpertSpec`` is the one expert spec type: labelling and fingerprints read it, and serving
+deploys it (``max_new_tokens``, ``num_cpus``, ``num_gpus``, ``engine_kwargs``; ``cscr.llm`` builds
+its backend). Black-box experts have ``backend: openai`` (set for them).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -63,14 +67,44 @@ class Source(_Strict):
 
 
 class ExpertSpec(_Strict):
-    name: str = Field(min_length=1)
+    """One expert: the pool's entry, what labelling and fingerprints run, and what serving deploys
+    (the one expert spec type; ``cscr.data.table.Expert`` is a routing table's column record).
+
+    The admin API's short form ``{"name", "model", "backend", "base_url", "api_key_env",
+    "retries", ...}`` is accepted too: ``base_url`` or ``backend: openai`` makes a black-box expert,
+    anything else an open-weights one.
+    """
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-/]+$")
     kind: Literal["open-weights", "black-box", "recorded"]
     source: Source
-    cost: Cost
-    backend: Literal["transformers", "vllm"] = "transformers"
+    cost: Cost | None = None  # every pool entry has one (Pool checks); the admin API sends c_m apart
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"  # openai: black-box experts (set for them)
     timeout_s: float = Field(60.0, gt=0)  # black-box: per-request timeout
-    max_retries: int = Field(3, ge=0)  # black-box: retries after a failed request
-    max_concurrency: int = Field(8, ge=1)  # black-box: requests in flight
+    max_retries: int = Field(3, ge=0, le=10)  # black-box: retries after a failed request (the openai SDK's)
+    max_concurrency: int = Field(8, ge=1)  # requests in flight (labelling: black-box calls; serving: per replica)
+    max_new_tokens: int = Field(256, ge=1)  # serving: cap on the tokens generated for one request
+    num_cpus: float = Field(0.25, ge=0)  # serving: Ray resources of the expert's replica
+    num_gpus: float = Field(0.0, ge=0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # serving: backend extras (vLLM engine args)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "source" not in data and ("model" in data or "base_url" in data):
+            source = {k: data.pop(k) for k in ("model", "base_url", "api_key_env") if k in data}
+            data["source"] = source
+            if "kind" not in data:
+                black = data.get("backend") == "openai" or source.get("base_url") is not None
+                data["kind"] = "black-box" if black else "open-weights"
+            if "retries" in data:
+                data["max_retries"] = data.pop("retries")
+        if data.get("kind") == "black-box":
+            data.setdefault("backend", "openai")
+        return data
 
     @model_validator(mode="after")
     def _source_fits_kind(self) -> ExpertSpec:
@@ -78,22 +112,39 @@ class ExpertSpec(_Strict):
         if self.kind == "open-weights" and not s.model:
             raise ValueError(f"open-weights expert {self.name!r} needs source.model (a packaged name, "
                              "a model folder, a .gguf file or a Hub id)")
+        if self.kind == "open-weights" and self.backend == "openai":
+            raise ValueError(f"open-weights expert {self.name!r}: backend is transformers or vllm")
         if self.kind == "black-box" and not (s.base_url and s.model):
             raise ValueError(f"black-box expert {self.name!r} needs source.base_url and source.model")
+        if self.kind == "black-box" and self.backend != "openai":
+            raise ValueError(f"black-box expert {self.name!r} is called through its OpenAI-compatible API: "
+                             "backend openai (or no backend)")
         if self.kind == "recorded" and (s.model or s.base_url):
             raise ValueError(f"recorded expert {self.name!r} reads a routing table: give source.table "
                              "(or nothing: the run's table), not model/base_url")
         return self
 
+    @property
+    def model(self) -> str | None:
+        """The model source (open-weights) or the API's model name (black-box)."""
+        return self.source.model
+
+    @property
+    def prices(self) -> Cost:
+        """The cost of a pool entry (ValueError for a spec without one, e.g. the admin API's)."""
+        if self.cost is None:
+            raise ValueError(f"expert {self.name!r} has no cost")
+        return self.cost
+
     def to_expert(self) -> Expert:
         """The routing-table view of this expert."""
+        cost = self.prices
         hub = None
         if self.kind == "open-weights" and self.source.model:
             from cscr.models import PACKAGED
 
             hub = PACKAGED[self.source.model].hub_id if self.source.model in PACKAGED else None
-        return Expert(self.name, self.kind, self.cost.n_params, self.cost.input_price,
-                      self.cost.output_price, hub)
+        return Expert(self.name, self.kind, cost.n_params, cost.input_price, cost.output_price, hub)
 
 
 class Pool(_Strict):
@@ -107,6 +158,9 @@ class Pool(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate expert names {dup}")
+        free = [e.name for e in self.experts if e.cost is None]
+        if free:
+            raise ValueError(f"expert(s) {free} need a cost (n_params and/or input_price / output_price)")
         return self
 
     @property

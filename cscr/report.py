@@ -16,7 +16,6 @@ the report.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -27,11 +26,15 @@ from typing import Any
 
 from cscr.atomic import atomic_dir, atomic_write_text
 from cscr.errors import InputError
-from cscr.experiments.report import markdown_table, significance_lines, tables_markdown
+from cscr.experiments.report import significance_lines, tables_markdown
+from cscr.markdown import NOT_REACHED, markdown_table, num
 from cscr.sweep import GRIDS, Grid
 from cscr.sweep import markdown_table as sweep_table
 
 NOT_RUN = "not run"
+# the main table's metric columns: record key, column head, number format
+MAIN_METRICS = [("audc", "AUDC", ".4f"), ("audc_paper", "AUDC (write-up)", ".4f"), ("qnc", "QNC ({unit})", ".4g"),
+                ("qnc_ratio", "QNC / best", ".3f"), ("peak", "peak", ".4f"), ("cost_at_peak", "cost at peak ({unit})", ".4g")]
 EXPERIMENTS = ("unseen-experts", "ood")
 
 
@@ -119,11 +122,7 @@ def _image(link: str | None, alt: str) -> list[str]:
 # ---------------------------------------------------------------- sections
 
 def _f(v: Any, fmt: str = ".4f") -> str:
-    if v is None:
-        return "not reached"
-    if isinstance(v, float) and not math.isfinite(v):
-        return "—"
-    return format(v, fmt)
+    return num(v, fmt, NOT_REACHED)
 
 
 def expected_routers() -> list[str]:
@@ -150,22 +149,20 @@ def main_section(run: RunInfo, figs: Figures, expected: Sequence[str], runs_dir:
             ""]
     routers = [r for n, r in m["routers"].items() if not n.startswith("single:")]
     routers.sort(key=lambda r: -r["audc"])
-    rows = [[r["router"], _f(r["audc"]), _f(r["qnc"], ".4g"), _f(r["qnc_ratio"], ".3f"), _f(r["peak"]),
-             _f(r["cost_at_peak"], ".4g")] for r in routers]
-    out += [markdown_table(["router", "AUDC", f"QNC ({unit})", "QNC / best", "peak", f"cost at peak ({unit})"],
-                           rows), ""]
+    # every metric the records carry (older records lack the later ones), in this order
+    cols = [(k, head, fmt) for k, head, fmt in MAIN_METRICS if any(k in r for r in routers)]
+    rows = [[r["router"], *[_f(r.get(k), fmt) if k in r else "—" for k, _, fmt in cols]] for r in routers]
+    out += [markdown_table(["router", *[head.format(unit=unit) for _, head, _ in cols]], rows), ""]
     missing = [n for n in expected if n not in m["routers"]]
     if missing:
         out += [f"Routers {NOT_RUN} on this data set: {', '.join(missing)}.", ""]
-    singles = m["routers"]
     erows = []
     for name, e in sorted(m.get("experts", {}).items(), key=lambda kv: kv[1]["cost"]):
-        s = singles.get(f"single:{name}")
-        erows.append([name + (" (best)" if name == best.get("name") else ""), _f(e["quality"]),
-                      _f(e["cost"], ".4g"), _f(s["audc"]) if s else "—"])
+        erows.append([name + (" (best)" if name == best.get("name") else ""), _f(e["quality"]), _f(e["cost"], ".4g")])
     if erows:
-        out += ["Single experts (mean test quality and cost; AUDC of the expert alone as one point):", "",
-                markdown_table(["expert", "quality", f"cost ({unit})", "AUDC"], erows), ""]
+        out += ["Single experts, cheapest first (mean test quality and mean cost; each is one operating point, "
+                "drawn as a labelled point in the figure, so it has no curve and no AUDC of its own):", "",
+                markdown_table(["expert", "quality", f"cost ({unit})"], erows), ""]
     out += _image(figs.add(run.name, run.eval.folder / "deferral.png", "main-deferral.png"),
                   f"deferral curves, {run.name}")
     return out

@@ -13,12 +13,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from cscr.atomic import atomic_write, atomic_write_json, atomic_write_text
 from cscr.config import ConfigError, TrainConfig
+from cscr.markdown import markdown_table as md_table
+from cscr.markdown import num
+
+if TYPE_CHECKING:  # numpy loads on use: `cscr sweep --help` lists the grids without it
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,8 @@ GRIDS: dict[str, Grid] = {
     g.name: g
     for g in (
         Grid("bands", "loss.bands", (1, 2, 5, 11, 15, 20), 5, "cost bands B"),
-        Grid("k", "index.top_k", (1, 2, 4, 8, 16), 4, "top-k experts retrieved"),
+        # 0 = every expert (k = M), IndexConfig's default (SPEC section 5); the others are the ablation
+        Grid("k", "index.top_k", (1, 2, 4, 8, 16, 0), 0, "top-k experts retrieved (0 = every expert)"),
         Grid("gamma", "loss.gamma", (0.0, 0.1, 0.2, 0.3, 0.5), 0.2, "cost penalty gamma"),
         Grid("alpha", "loss.alpha", (0.0, 0.1, 0.25, 0.4, 0.5), 0.25, "temperature slope alpha"),
         Grid("tau_min", "loss.tau_min", (0.0, 0.02, 0.05, 0.08), 0.05, "base temperature tau_min"),
@@ -100,6 +104,8 @@ def mixed_pair(kinds: Sequence[str], dims: Mapping[str, int]) -> tuple[str, str]
 def mixed_descriptors(by_kind: Mapping[str, Mapping[str, np.ndarray]], pair: tuple[str, str],
                       names: Sequence[str]) -> dict[str, np.ndarray]:
     """A mixed pool: experts alternate between the two kinds (even positions the first)."""
+    import numpy as np
+
     out = {}
     for i, name in enumerate(names):
         kind = pair[i % 2]
@@ -113,45 +119,60 @@ def mixed_descriptors(by_kind: Mapping[str, Mapping[str, np.ndarray]], pair: tup
 
 def summarize(grid: Grid, trials: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per value (in grid order): best validation AUDC, test AUDC, peak, QNC ratio,
-    seconds; ``chosen`` marks the value with the best validation AUDC."""
+    seconds, status (``ok`` / ``failed``) and, for a failed trial, ``error`` (why).
+
+    ``chosen`` marks the value with the best validation AUDC, and only in a complete grid: when
+    any trial failed no value is chosen (the best of a partial grid is not a choice)."""
     rows = []
     for t in trials:
         rows.append({
             "grid": grid.name, "value": t["value"], "default": t["value"] == grid.default,
             "val_audc": t.get("val_audc"), "test_audc": t.get("test_audc"), "test_peak": t.get("test_peak"),
             "test_qnc_ratio": t.get("test_qnc_ratio"), "best_epoch": t.get("best_epoch"),
-            "seconds": t.get("seconds"), "status": t.get("status", "ok"),
+            "seconds": t.get("seconds"), "status": t.get("status", "ok"), "error": t.get("error"),
         })
     order = {v: i for i, v in enumerate(grid.values)}
     rows.sort(key=lambda r: order.get(r["value"], len(order)))
+    complete = all(r["status"] == "ok" for r in rows)
     scored = [r for r in rows if isinstance(r["val_audc"], float) and math.isfinite(r["val_audc"])]
-    best = max(scored, key=lambda r: r["val_audc"]) if scored else None
+    best = max(scored, key=lambda r: r["val_audc"]) if scored and complete else None
     for r in rows:
         r["chosen"] = r is best
     return rows
 
 
+def failed_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in rows if r.get("status", "ok") != "ok"]
+
+
 def _fmt(v: Any) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
+    return num(v, ".4f") if isinstance(v, float) or v is None else str(v)
 
 
 def markdown_table(grid: Grid, rows: Sequence[Mapping[str, Any]]) -> str:
-    head = (f"### Grid `{grid.name}` ({grid.label})\n\n"
-            "| value | val AUDC | test AUDC | test peak | test QNC / best | best epoch | status |\n"
-            "| --- | --- | --- | --- | --- | --- | --- |\n")
-    body = ""
+    head = f"### Grid `{grid.name}` ({grid.label})\n\n"
+    cells = []
     for r in rows:
         mark = (" (default)" if r["default"] else "") + (" **chosen**" if r["chosen"] else "")
-        qnc = "not reached" if r["test_qnc_ratio"] is None and r["status"] == "ok" else _fmt(r["test_qnc_ratio"])
-        body += (f"| {r['value']}{mark} | {_fmt(r['val_audc'])} | {_fmt(r['test_audc'])} | {_fmt(r['test_peak'])} "
-                 f"| {qnc} | {_fmt(r['best_epoch'])} | {r['status']} |\n")
+        qnc = "not reached" if r.get("test_qnc_ratio") is None and r["status"] == "ok" else _fmt(r.get("test_qnc_ratio"))
+        cells.append([f"{r['value']}{mark}", _fmt(r["val_audc"]), _fmt(r["test_audc"]), _fmt(r["test_peak"]), qnc,
+                      _fmt(r["best_epoch"]), r["status"]])
+    body = md_table(["value", "val AUDC", "test AUDC", "test peak", "test QNC / best", "best epoch", "status"], cells,
+                 "lrrrrrl") + "\n"
     chosen = next((r for r in rows if r["chosen"]), None)
-    foot = (f"\nChosen on validation: **{chosen['value']}** (test AUDC {_fmt(chosen['test_audc'])}).\n"
-            if chosen else "\nNo trial finished.\n")
+    failed = failed_rows(rows)
+    if chosen:
+        foot = f"\nChosen on validation: **{chosen['value']}** (test AUDC {_fmt(chosen['test_audc'])}).\n"
+    elif len(failed) == len(rows):
+        foot = "\nNo trial finished: nothing is chosen.\n"
+    elif failed:
+        foot = (f"\nPartial grid: {len(failed)} of {len(rows)} trials failed, so no value is chosen "
+                "(the reasons are listed below).\n")
+    else:
+        foot = "\nNo trial reported a validation AUDC: nothing is chosen.\n"
+    if failed:
+        foot += "\nFailed trials:\n\n" + "".join(
+            f"- {r['value']}: {r.get('error') or 'no reason recorded'}\n" for r in failed)
     return head + body + foot
 
 
@@ -165,7 +186,7 @@ def plot_grid(grid: Grid, rows: Sequence[Mapping[str, Any]], path: Path) -> Path
     xs = list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for key, style in (("val_audc", "o-"), ("test_audc", "s--")):
-        ys = [np.nan if r[key] is None else r[key] for r in rows]
+        ys = [math.nan if r[key] is None else r[key] for r in rows]
         ax.plot(xs, ys, style, label=key.replace("_", " "))
     for i, r in enumerate(rows):
         if r["default"]:
@@ -191,7 +212,7 @@ def write_sweep_report(grid: Grid, rows: Sequence[Mapping[str, Any]], out_dir: P
     md = markdown_table(grid, rows)
     buf = io.StringIO()
     cols = ["grid", "value", "default", "chosen", "val_audc", "test_audc", "test_peak", "test_qnc_ratio",
-            "best_epoch", "seconds", "status"]
+            "best_epoch", "seconds", "status", "error"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)

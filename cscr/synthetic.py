@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cscr.data.table import Expert, RoutingTable, assign_splits
-from cscr.run import RunPaths
+from cscr.runs.paths import RunPaths
 
 
 def synthetic_table(n: int = 600, n_experts: int = 5, dim: int = 384, n_clusters: int = 4, seed: int = 0,

@@ -22,6 +22,7 @@ import numpy as np
 from cscr.atomic import atomic_write_text
 from cscr.errors import InputError
 from cscr.grading import GRADERS
+from cscr.jsonl import iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -176,15 +177,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Task]:
         raise InputError(f"prompts file not found: {path}")
     tasks: list[Task] = []
     ids: set[str] = set()
-    for ln, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{ln}: malformed JSON ({exc.msg})") from None
-        if not isinstance(d, dict):
-            raise InputError(f"{path}:{ln}: expected a JSON object")
+    for ln, d in iter_jsonl(path, InputError):
         missing = [k for k in ("prompt", "answer") if k not in d]
         if missing:
             raise InputError(f"{path}:{ln}: missing field(s) {missing}")

@@ -10,6 +10,9 @@ The prompts not yet in the run's cache are fanned out over an actor pool: each a
     ray job submit --working-dir . -- python jobs/embed.py --run runs/routerbench
     python jobs/embed.py --smoke-test
 
+In Python: ``run(EmbedJob(run=..., encoder=EncoderConfig(...)))``; the options (shared with
+``cscr prepare --ray``) and the config live in cscr.jobs.data_options.
+
 On a 2-core machine the actors need fractional CPUs (0.5) or Ray Data stalls; on a cluster give
 each actor one or more CPUs (or ``--gpus-per-worker 1``).
 """
@@ -21,15 +24,19 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cscr.jobs.cluster import add_logging_options, connect, disconnect, set_log_level
+from cscr.jobs.data_options import EmbedJob, add_embed_options, embed_config
 
-from cscr.config import EncoderConfig, asdict, from_dict
-from cscr.data.table import RoutingTable
+from cscr.config import ConfigError, EncoderConfig, asdict, from_dict
+from cscr.data.table import RoutingTable, TableError
 from cscr.encoder import EmbeddingCache, Encoder, encoder_id_for, text_hash, write_manifest
-from cscr.run import RunPaths
+from cscr.errors import InputError
+from cscr.runs.paths import RunPaths
 
 
 class EmbedBatch:
@@ -77,14 +84,15 @@ def embed_table_ray(
         df = pd.DataFrame({"prompt_id": [str(x) for x in table.prompt_ids[todo]],
                            "text": [str(x) for x in table.texts[todo]], "text_hash": hashes[todo]})
         bs = batch_size or encoder_cfg.batch_size
-        n_blocks = max(1, min(-(-len(todo) // bs), 4 * workers))  # enough blocks to keep every actor busy
+        # enough blocks to keep every actor busy, and no more actors than blocks
+        n_blocks = min(len(todo), max(workers, -(-len(todo) // bs)), 4 * workers)
         ds = ray.data.from_pandas(df).repartition(n_blocks)
         ds = ds.map_batches(
             EmbedBatch,
             fn_constructor_kwargs={"encoder": asdict(encoder_cfg), "threads": threads},
-            batch_size=bs,
+            batch_size=min(bs, -(-len(todo) // n_blocks)),  # one batch per block at least
             batch_format="numpy",
-            concurrency=workers,
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, n_blocks))),
             num_cpus=cpus_per_worker,
             num_gpus=gpus_per_worker or None,
         )
@@ -106,33 +114,50 @@ def embed_table_ray(
     return vecs
 
 
-def embed_table_local_ray(table: RoutingTable, cache_dir: str | os.PathLike[str],
-                          encoder_cfg: EncoderConfig | None = None, workers: int = 2, **kw: Any) -> np.ndarray:
-    """``embed_table_ray`` on an embedded local cluster (started and shut down here unless Ray
-    is already initialised). Used by ``cscr prepare --ray``."""
-    import ray
+@dataclass(frozen=True)
+class EmbedResult:
+    vectors: np.ndarray  # (prompts, dim), the table's row order
+    cache: Path  # the run's embeddings folder
+    seconds: float
 
-    started = not ray.is_initialized()
-    if started:
-        _init_ray(None, None)
+
+def run(job: EmbedJob, table: RoutingTable | None = None) -> EmbedResult:
+    """The job: embed ``table`` (default: the run's table) into the run's cache on Ray, joining
+    or starting a cluster (cscr.jobs.cluster) and leaving Ray as it was."""
+    if job.smoke_test:
+        return smoke_test(job)
+    if not job.run:
+        raise InputError("EmbedJob.run is required")
+    paths = RunPaths.of(job.run)
+    if table is None:
+        table = RoutingTable.load(paths.require_table())
+    t0 = time.perf_counter()
+    started = connect(job.address, job.num_cpus)
     try:
-        return embed_table_ray(table, cache_dir, encoder_cfg, workers=workers, **kw)
+        vecs = embed_table_ray(table, paths.embeddings, job.encoder, workers=job.workers,
+                               cpus_per_worker=job.cpus_per_worker, gpus_per_worker=job.gpus_per_worker,
+                               threads=job.threads)
     finally:
-        if started:
-            ray.shutdown()
+        disconnect(started)
+    return EmbedResult(vectors=vecs, cache=paths.embeddings, seconds=time.perf_counter() - t0)
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> None:
-    import ray
+def smoke_test(job: EmbedJob) -> EmbedResult:
+    """A 24-prompt table in a temp folder (removed after); checks the vectors are unit length."""
+    table = _smoke_table()
+    with tempfile.TemporaryDirectory(prefix="cscr-embed-smoke-") as tmp:
+        res = run(replace(job, smoke_test=False, run=tmp, workers=min(job.workers, 2)), table)
+    norms = np.linalg.norm(res.vectors, axis=1)
+    if res.vectors.shape[0] != table.n or not np.allclose(norms, 1, atol=1e-4):
+        raise RuntimeError(f"smoke test: bad vectors {res.vectors.shape}")
+    print(f"smoke test ok: {res.vectors.shape[0]} prompts x {res.vectors.shape[1]} dims in {res.seconds:.1f}s",
+          file=sys.stderr)
+    return res
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)  # an existing cluster (ray job submit sets RAY_ADDRESS)
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False,
-                 log_to_driver=False)
+
+def describe(res: EmbedResult) -> str:
+    return (f"embedded {res.vectors.shape[0]} prompts x {res.vectors.shape[1]} dims into {res.cache} "
+            f"in {res.seconds:.1f}s")
 
 
 def _smoke_table() -> RoutingTable:
@@ -152,41 +177,24 @@ def _smoke_table() -> RoutingTable:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", help="run folder with a routing table (cscr prepare --no-embed)")
-    p.add_argument("--encoder", default=None, help="sentence-transformers path or Hub id (default: packaged MiniLM)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-seq-length", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--cpus-per-worker", type=float, default=0.5)
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per actor")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local cluster (default 2)")
-    p.add_argument("--smoke-test", action="store_true", help="tiny table in a temp folder, seconds")
-    args = p.parse_args(argv)
+    add_embed_options(p)
+    add_logging_options(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python jobs/embed.py``: the options of ``cscr prepare``'s embedding step with --ray."""
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = EncoderConfig(model=args.encoder, batch_size=args.batch_size, max_seq_length=args.max_seq_length)
-    _init_ray(args.address, args.num_cpus)
-    t0 = time.perf_counter()
-    if args.smoke_test:
-        table = _smoke_table()
-        with tempfile.TemporaryDirectory() as tmp:
-            vecs = embed_table_ray(table, Path(tmp) / "embeddings", cfg, workers=min(args.workers, 2),
-                                   cpus_per_worker=args.cpus_per_worker, threads=args.threads)
-        norms = np.linalg.norm(vecs, axis=1)
-        assert vecs.shape[0] == table.n and np.allclose(norms, 1, atol=1e-4), "smoke test: bad vectors"
-        print(f"smoke test ok: {vecs.shape[0]} prompts x {vecs.shape[1]} dims in {time.perf_counter() - t0:.1f}s")
-        return 0
-    if not args.run:
-        p.error("--run is required (or --smoke-test)")
-    paths = RunPaths.of(args.run)
-    table = RoutingTable.load(paths.require_table())
-    vecs = embed_table_ray(table, paths.embeddings, cfg, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                           gpus_per_worker=args.gpus_per_worker, threads=args.threads)
-    print(f"embedded {vecs.shape[0]} prompts x {vecs.shape[1]} dims into {paths.embeddings} "
-          f"in {time.perf_counter() - t0:.1f}s")
+    try:
+        set_log_level(args.log_level, args.verbose)
+        res = run(embed_config(args))
+    except (InputError, ConfigError, TableError, FileNotFoundError) as exc:
+        print(f"embed: error: {exc}", file=sys.stderr)
+        return 2
+    print(describe(res))
     return 0
 
 

@@ -15,6 +15,9 @@ unless ``--force``.
     cscr fingerprint --pool examples/pools/routerbench.yaml --run runs/routerbench
     python jobs/fingerprint.py --smoke-test
 
+In Python: ``run(FingerprintJob(pool=..., run=..., fingerprint=FingerprintConfig(...)))``; the
+options (shared with ``cscr fingerprint``) and the config live in cscr.jobs.data_options.
+
 Probes: the run table's probe split (first N in table order); with no table in the run, N
 generated built-in tasks (cscr.tasks, seed 7). Kind ``auto``: logit footprints for
 open-weights experts, perplexity fingerprints for the others; when both occur, K is set to N
@@ -29,15 +32,17 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cscr.jobs.cluster import add_logging_options, connect, disconnect, set_log_level
+from cscr.jobs.data_options import FingerprintJob, add_fingerprint_options, fingerprint_config
 
 from cscr.config import ConfigError
 from cscr.data.table import RoutingTable, TableError
 from cscr.errors import InputError
-from cscr.fingerprints.backends import SCORER_CONTEXTS
 from cscr.fingerprints.basis import TokenBasis, pre_tokenize
 from cscr.fingerprints.logit import LogitFootprintUDF, footprint_from_rows
 from cscr.fingerprints.perplexity import (
@@ -47,10 +52,10 @@ from cscr.fingerprints.perplexity import (
     perplexity_basis_id,
     perplexity_descriptor,
 )
-from cscr.fingerprints.store import DescriptorError, DescriptorStore
+from cscr.fingerprints.store import DescriptorError, DescriptorStore, FingerprintSettings
 from cscr.label import udf_args
 from cscr.pool import ExpertSpec, Pool, load_pool, pool_from_dict
-from cscr.run import RunPaths
+from cscr.runs.paths import RunPaths
 from cscr.tasks import builtin_tasks
 
 
@@ -58,20 +63,14 @@ def log(msg: str) -> None:
     print(f"fingerprint: {msg}", file=sys.stderr, flush=True)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to a cluster (``--address`` / ``RAY_ADDRESS``, as under ``ray job submit``) or start
-    a local one. Returns True when this call started Ray (the caller shuts it down)."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=num_cpus or min(os.cpu_count() or 2, 8), include_dashboard=False,
-                 log_to_driver=False)  # always a fresh cluster, even beside a `ray start` one
-    return True
+@dataclass(frozen=True)
+class FingerprintResult:
+    probes: int  # N
+    done: list[str] = field(default_factory=list)  # experts computed now
+    skipped: list[str] = field(default_factory=list)  # experts already in the store
+    seconds: float = 0.0
+    basis: dict[str, str] = field(default_factory=dict)  # kind -> basis id
+    descriptors: str = ""  # the store's path
 
 
 def load_probes(run: RunPaths, n: int, seed: int = 7) -> tuple[list[str], list[str], str]:
@@ -117,27 +116,29 @@ def _pool(size: int) -> Any:
     return ray.data.ActorPoolStrategy(size=max(1, int(size)))
 
 
-def _resources(args: argparse.Namespace) -> dict[str, Any]:
+def _resources(cpus_per_worker: float, gpus_per_worker: float | None) -> dict[str, Any]:
+    """Ray resources of one actor; GPUs default to 1 on clusters that have them."""
     import ray
 
-    gpus = args.gpus_per_worker
+    gpus = gpus_per_worker
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    return {"num_cpus": args.cpus_per_worker, "num_gpus": gpus or None}
+    return {"num_cpus": cpus_per_worker, "num_gpus": gpus or None}
 
 
-def run_fingerprint(pool: Pool, run_dir: str | os.PathLike[str], args: argparse.Namespace) -> dict[str, Any]:
-    """Compute and store the pool's missing descriptors (Ray must be initialised)."""
+def run_fingerprint(pool: Pool, run_dir: str | os.PathLike[str], job: FingerprintJob) -> FingerprintResult:
+    """Compute and store the pool's missing descriptors (Ray must be initialised; ``run`` does it)."""
     import ray
 
+    cfg = job.fingerprint
     run = RunPaths.of(run_dir)
     store = DescriptorStore(run.descriptors)
-    probe_ids, probes, origin = load_probes(run, args.n_probes)
+    probe_ids, probes, origin = load_probes(run, cfg.n_probes)
     n = len(probe_ids)
-    kinds = {e.name: expert_kind(e, args.kind) for e in pool.experts}
+    kinds = {e.name: expert_kind(e, cfg.kind) for e in pool.experts}
     logit_x = [e for e in pool.experts if kinds[e.name] == "logit"]
     ppl_x = [e for e in pool.experts if kinds[e.name] == "perplexity"]
-    k = n if (logit_x and ppl_x) else args.basis_size
+    k = n if (logit_x and ppl_x) else cfg.basis_size
     distinct = len({s for t in probes for s in pre_tokenize(t)})
     if logit_x and distinct < k:
         if logit_x and ppl_x:
@@ -145,8 +146,12 @@ def run_fingerprint(pool: Pool, run_dir: str | os.PathLike[str], args: argparse.
         log(f"the {n} probes hold {distinct} distinct token strings: basis size {k} -> {distinct}")
         k = distinct
     basis = TokenBasis.from_texts(probes, k) if logit_x else None
-    scorer = args.scorer or DEFAULT_SCORER
-    basis_ids = {"logit": basis.basis_id if basis else "", "perplexity": perplexity_basis_id(probe_ids, scorer, args.scorer_context)}
+    scorer = cfg.scorer or DEFAULT_SCORER
+    basis_ids = {"logit": basis.basis_id if basis else "", "perplexity": perplexity_basis_id(probe_ids, scorer, cfg.scorer_context)}
+    settings = {"logit": FingerprintSettings(steps=cfg.steps, basis_size=k, n_probes=n,
+                                             max_prompt_tokens=cfg.max_prompt_tokens),
+                "perplexity": FingerprintSettings(n_probes=n, scorer=scorer, scorer_context=cfg.scorer_context,
+                                                  max_prompt_tokens=cfg.max_prompt_tokens)}
     log(f"{n} probes ({origin}); {len(logit_x)} logit, {len(ppl_x)} perplexity experts; "
         f"basis {basis_ids['logit'] or '-'} / {basis_ids['perplexity'] if ppl_x else '-'}")
 
@@ -156,33 +161,35 @@ def run_fingerprint(pool: Pool, run_dir: str | os.PathLike[str], args: argparse.
             continue
         old = {r: i for r, i in _stored(store, kind).items()}
         stale = sorted(x for x, b in old.items() if b != basis_ids[kind])
-        if stale and not args.force:
-            raise InputError(f"{run.descriptors} holds {kind} descriptors of {stale} under another basis "
-                             f"(other probes, basis size or scorer): pass --force to recompute them")
+        if old and store.settings(kind).conflicts(settings[kind]):
+            stale = sorted(old)  # computed with another T, prompt cut or scorer context
+        if stale and not job.force:
+            raise InputError(f"{run.descriptors} holds {kind} descriptors of {stale} under another basis or "
+                             f"settings (probes, basis size, T, prompt cut, scorer): pass --force to recompute them")
         for x in stale:
             store.remove(name=x, kind=kind)
         for e in experts:
-            if args.force or old.get(e.name) != basis_ids[kind]:
+            if job.force or old.get(e.name) != basis_ids[kind]:
                 todo[kind].append(e)
             else:
                 log(f"skip {e.name} ({kind}): already in the store (--force recomputes)")
-    res = _resources(args)
+    res = _resources(job.cpus_per_worker, job.gpus_per_worker)
     rows = [{"probe_idx": i, "probe_id": p, "text": t} for i, (p, t) in enumerate(zip(probe_ids, probes, strict=True))]
     t0 = time.perf_counter()
     done: list[str] = []
     if todo["logit"]:
         dss = []
         for e in todo["logit"]:
-            dss.append(ray.data.from_items(rows, override_num_blocks=max(1, min(n, 4 * args.workers))).map_batches(
-                LogitFootprintUDF, batch_size=args.batch_size, batch_format="numpy", compute=_pool(args.workers),
+            dss.append(ray.data.from_items(rows, override_num_blocks=max(1, min(n, 4 * job.workers))).map_batches(
+                LogitFootprintUDF, batch_size=job.batch_size, batch_format="numpy", compute=_pool(job.workers),
                 fn_constructor_kwargs={"expert": e.name, "model": e.source.model, "basis": list(basis.strings),  # type: ignore[union-attr]
-                                       "steps": args.steps, "backend": args.backend or e.backend,
-                                       "backend_kwargs": {"max_prompt_tokens": args.max_prompt_tokens}},
+                                       "steps": cfg.steps, "backend": cfg.backend or e.backend,
+                                       "backend_kwargs": {"max_prompt_tokens": cfg.max_prompt_tokens}},
                 **res))
         ds = dss[0].union(*dss[1:]) if len(dss) > 1 else dss[0]
         _collect(ds, "logit", n, len(todo["logit"]), store, basis_ids["logit"], done, t0,
                  lambda rows_: footprint_from_rows(np.stack([r["step_mean"] for r in rows_])),
-                 lambda name: f"logit T={args.steps} K={basis.size} {pool.get(name).source.model}")  # type: ignore[union-attr]
+                 lambda name: f"model {pool.get(name).source.model}", settings["logit"])
     if todo["perplexity"]:
         dss = []
         for e in todo["perplexity"]:
@@ -191,28 +198,28 @@ def run_fingerprint(pool: Pool, run_dir: str | os.PathLike[str], args: argparse.
                 items = [{**r, "expert": e.name, "answer": a} for r, a in zip(rows, answers, strict=True)]
                 dss.append(ray.data.from_items(items))
             else:
-                kw = udf_args(e, args.max_new_tokens, {"max_prompt_tokens": args.max_prompt_tokens}
+                kw = udf_args(e, cfg.max_new_tokens, {"max_prompt_tokens": cfg.max_prompt_tokens}
                               if e.kind == "open-weights" else None)
                 kw["out_columns"] = ["probe_idx", "probe_id", "text", "expert", "answer"]
-                if args.backend and e.kind == "open-weights":
-                    kw["backend"] = args.backend
+                if cfg.backend and e.kind == "open-weights":
+                    kw["backend"] = cfg.backend
                 gen = ray.data.from_items(rows).map_batches(
-                    GenerateUDF, batch_size=args.batch_size, batch_format="numpy", fn_constructor_kwargs=kw,
-                    compute=_pool(args.workers if e.kind == "open-weights" else 1),
-                    **(res if e.kind == "open-weights" else {"num_cpus": min(0.25, args.cpus_per_worker)}))
+                    GenerateUDF, batch_size=job.batch_size, batch_format="numpy", fn_constructor_kwargs=kw,
+                    compute=_pool(job.workers if e.kind == "open-weights" else 1),
+                    **(res if e.kind == "open-weights" else {"num_cpus": min(0.25, job.cpus_per_worker)}))
                 dss.append(gen)
         ds = dss[0].union(*dss[1:]) if len(dss) > 1 else dss[0]
-        ds = ds.map_batches(ScoreUDF, batch_size=args.batch_size, batch_format="numpy", compute=_pool(args.workers),
-                            fn_constructor_kwargs={"scorer": scorer, "max_answer_tokens": args.max_answer_tokens,
-                                                   "context": args.scorer_context,
-                                                   "max_prompt_tokens": args.max_prompt_tokens,
-                                                   "batch_size": args.batch_size}, **res)
+        ds = ds.map_batches(ScoreUDF, batch_size=job.batch_size, batch_format="numpy", compute=_pool(job.workers),
+                            fn_constructor_kwargs={"scorer": scorer, "max_answer_tokens": cfg.max_answer_tokens,
+                                                   "context": cfg.scorer_context,
+                                                   "max_prompt_tokens": cfg.max_prompt_tokens,
+                                                   "batch_size": job.batch_size}, **res)
         _collect(ds, "perplexity", n, len(todo["perplexity"]),
                  store, basis_ids["perplexity"], done, t0,
                  lambda rows_: perplexity_descriptor(np.array([r["nll"] for r in rows_], dtype=float)),
-                 lambda name: f"perplexity scorer={scorer} N={n} {pool.get(name).kind}")
-    return {"probes": n, "done": done, "skipped": [e.name for e in pool.experts if e.name not in done],
-            "seconds": time.perf_counter() - t0, "basis": basis_ids}
+                 lambda name: f"answers of a {pool.get(name).kind} expert", settings["perplexity"])
+    return FingerprintResult(probes=n, done=done, skipped=[e.name for e in pool.experts if e.name not in done],
+                             seconds=time.perf_counter() - t0, basis=basis_ids, descriptors=str(run.descriptors))
 
 
 def _stored(store: DescriptorStore, kind: str) -> dict[str, str]:
@@ -225,7 +232,7 @@ def _stored(store: DescriptorStore, kind: str) -> dict[str, str]:
 
 
 def _collect(ds: Any, kind: str, n: int, m: int, store: DescriptorStore, basis_id: str, done: list[str],
-             t0: float, make: Any, source: Any) -> None:
+             t0: float, make: Any, source: Any, settings: FingerprintSettings) -> None:
     """Stream rows back; write each expert's descriptor as soon as its N probes are in."""
     got: dict[str, list[dict[str, Any]]] = defaultdict(list)
     finished = 0
@@ -234,7 +241,7 @@ def _collect(ds: Any, kind: str, n: int, m: int, store: DescriptorStore, basis_i
         got[name].append(row)
         if len(got[name]) == n:
             rows_ = sorted(got.pop(name), key=lambda r: int(r["probe_idx"]))
-            store.write(name, kind, make(rows_), basis_id=basis_id, source=source(name))
+            store.write(name, kind, make(rows_), basis_id=basis_id, source=source(name), settings=settings)
             finished += 1
             done.append(name)
             log(f"{kind} {finished}/{m}: {name} written ({time.perf_counter() - t0:.1f}s)")
@@ -242,16 +249,48 @@ def _collect(ds: Any, kind: str, n: int, m: int, store: DescriptorStore, basis_i
         raise RuntimeError(f"{kind}: incomplete results for {sorted(got)} ({ {k: len(v) for k, v in got.items()} } of {n})")
 
 
-def fingerprint_local(pool: Pool, run_dir: str | os.PathLike[str], args: argparse.Namespace) -> dict[str, Any]:
-    """``run_fingerprint`` on an embedded local cluster (started and stopped here unless Ray is up)."""
-    started = init_ray(None, getattr(args, "num_cpus", None))
+def run(job: FingerprintJob, pool: Pool | None = None) -> FingerprintResult:
+    """The job: load the pool (``job.pool``, unless ``pool`` is given), join or start Ray
+    (cscr.jobs.cluster), compute the missing descriptors, leave Ray as it was."""
+    if job.smoke_test:
+        return smoke_test(job)
+    if pool is None:
+        if not job.pool:
+            raise InputError("FingerprintJob.pool is required (a pool YAML) unless a Pool is passed")
+        pool = load_pool(job.pool)
+    if not job.run:
+        raise InputError("FingerprintJob.run is required")
+    started = connect(job.address, job.num_cpus)
     try:
-        return run_fingerprint(pool, run_dir, args)
+        return run_fingerprint(pool, job.run, job)
     finally:
-        if started:
-            import ray
+        disconnect(started)
 
-            ray.shutdown()
+
+def smoke_test(job: FingerprintJob) -> FingerprintResult:
+    """Tiny sizes on two tiny random GPT-2s (or ``job.pool``) in a temp folder, removed after."""
+    with tempfile.TemporaryDirectory(prefix="cscr-fp-smoke-") as tmp:
+        pool = load_pool(job.pool) if job.pool else smoke_pool(Path(tmp))
+        fp = job.fingerprint
+        fp = replace(fp, n_probes=min(fp.n_probes, 8), steps=min(fp.steps, 2), basis_size=min(fp.basis_size, 8),
+                     max_new_tokens=min(fp.max_new_tokens, 8), max_answer_tokens=min(fp.max_answer_tokens, 8),
+                     scorer=fp.scorer or (None if job.pool else pool.experts[0].source.model))
+        small = replace(job, smoke_test=False, run=job.run or str(Path(tmp) / "run"), fingerprint=fp)
+        out = run(small, pool)
+        if not job.pool:
+            got = DescriptorStore(RunPaths.of(small.run or "").descriptors).read("logit")
+            if set(got) != {"tiny-a", "tiny-b"}:
+                raise RuntimeError(f"smoke test: descriptors {sorted(got)}")
+            if not all(abs(float(np.linalg.norm(v)) - 1) < 1e-4 for v in got.values()):
+                raise RuntimeError("smoke test: descriptors are not unit vectors")
+            log(f"smoke test ok: {len(got)} logit footprints of dimension {len(next(iter(got.values())))}")
+        return out
+
+
+def describe(out: FingerprintResult) -> str:
+    """One line about a finished job."""
+    return (f"fingerprinted {len(out.done)} expert(s) ({', '.join(out.done) or 'none'}), skipped "
+            f"{len(out.skipped)}, {out.probes} probes, {out.seconds:.1f}s -> {out.descriptors}")
 
 
 def smoke_pool(folder: Path) -> Pool:
@@ -267,73 +306,22 @@ def smoke_pool(folder: Path) -> Pool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(p)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local cluster")
-    p.add_argument("--smoke-test", action="store_true", help="tiny models and sizes, seconds")
+    add_fingerprint_options(p)
+    add_logging_options(p)
     return p
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pool", help="pool YAML (examples/pools/*.yaml)")
-    p.add_argument("--run", help="run folder (descriptors.parquet is written there)")
-    p.add_argument("--kind", choices=["auto", "logit", "perplexity"], default="auto")
-    p.add_argument("--n-probes", type=int, default=192, help="N: probe prompts")
-    p.add_argument("--steps", type=int, default=10, help="T: greedy steps per probe (logit)")
-    p.add_argument("--basis-size", type=int, default=256, help="K: token-basis size (logit)")
-    p.add_argument("--scorer", default=None, help=f"scorer LM for perplexity (default {DEFAULT_SCORER}; path or Hub id)")
-    p.add_argument("--scorer-context", choices=list(SCORER_CONTEXTS), default="none",
-                   help="score answers on their own (none: SPEC.md) or given their prompt (slower)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length of live perplexity experts")
-    p.add_argument("--max-answer-tokens", type=int, default=128, help="answer tokens scored")
-    p.add_argument("--max-prompt-tokens", type=int, default=256, help="prompt tokens kept (the end of the prompt)")
-    p.add_argument("--backend", choices=["transformers", "vllm"], default=None, help="override the pool's backends")
-    p.add_argument("--workers", type=int, default=1, help="actors per open-weights expert and for the scorer")
-    p.add_argument("--cpus-per-worker", type=float, default=0.5)
-    p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 on clusters with GPUs, else 0")
-    p.add_argument("--batch-size", type=int, default=8, help="probes per actor call")
-    p.add_argument("--force", action="store_true", help="recompute experts already in the store")
-
-
 def main(argv: list[str] | None = None) -> int:
+    """``python jobs/fingerprint.py``: the options of ``cscr fingerprint``."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tmp = None
-    if args.smoke_test:
-        tmp = tempfile.TemporaryDirectory(prefix="cscr-fp-smoke-")
-        pool = load_pool(args.pool) if args.pool else smoke_pool(Path(tmp.name))
-        args.run = args.run or str(Path(tmp.name) / "run")
-        args.n_probes, args.steps, args.basis_size = min(args.n_probes, 8), min(args.steps, 2), min(args.basis_size, 8)
-        args.max_new_tokens, args.max_answer_tokens = min(args.max_new_tokens, 8), min(args.max_answer_tokens, 8)
-        if not args.pool:
-            args.scorer = args.scorer or pool.experts[0].source.model
-    else:
-        if not args.pool or not args.run:
-            print("fingerprint: error: --pool and --run are required (or --smoke-test)", file=sys.stderr)
-            return 2
-        pool = load_pool(args.pool)
-    started = init_ray(args.address, args.num_cpus)
     try:
-        out = run_fingerprint(pool, args.run, args)
-        if args.smoke_test and not args.pool:
-            got = DescriptorStore(RunPaths.of(args.run).descriptors).read("logit")
-            assert set(got) == {"tiny-a", "tiny-b"}, f"smoke test: descriptors {sorted(got)}"
-            assert all(abs(float(np.linalg.norm(v)) - 1) < 1e-4 for v in got.values()), "smoke test: not unit vectors"
-            print(f"smoke test ok: {len(got)} logit footprints of dimension {len(next(iter(got.values())))} "
-                  f"in {out['seconds']:.1f}s")
-        else:
-            print(f"fingerprinted {len(out['done'])} expert(s), skipped {len(out['skipped'])}, "
-                  f"{out['probes']} probes, {out['seconds']:.1f}s -> {RunPaths.of(args.run).descriptors}")
-    except (InputError, ConfigError, TableError, DescriptorError) as exc:
+        set_log_level(args.log_level, args.verbose)
+        out = run(fingerprint_config(args))
+    except (InputError, ConfigError, TableError, DescriptorError, FileNotFoundError) as exc:
         print(f"fingerprint: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-        if tmp is not None:
-            tmp.cleanup()
+    print(describe(out))
     return 0
 
 

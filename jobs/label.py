@@ -10,6 +10,9 @@ with the per-call records beside it (``label/calls.parquet``: answer, grade, tok
     cscr label --pool my-pool.yaml --prompts prompts.jsonl --out runs/mine
     ray job submit --working-dir . -- python jobs/label.py --pool ... --tasks builtin --out runs/local
     python jobs/label.py --smoke-test
+
+In Python: ``run(LabelJob(pool=..., out=..., tasks="builtin"))``; the options (shared with
+``cscr label``) and the config live in cscr.jobs.data_options.
 """
 
 from __future__ import annotations
@@ -20,19 +23,22 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from cscr.jobs.fingerprint import _pool, _resources, init_ray, smoke_pool
+from cscr.jobs.cluster import add_logging_options, connect, disconnect, set_log_level
+from cscr.jobs.data_options import LabelJob, add_label_options, label_config
+from cscr.jobs.fingerprint import _pool, _resources, smoke_pool
 
 from cscr.atomic import atomic_write
 from cscr.config import ConfigError
-from cscr.data.table import TableError
+from cscr.data.table import RoutingTable, TableError
 from cscr.errors import InputError
 from cscr.label import DEFAULT_MAX_NEW_TOKENS, LabelUDF, build_table, task_rows, udf_args
 from cscr.pool import Pool, load_pool
-from cscr.run import RunPaths
+from cscr.runs.paths import RunPaths
 from cscr.tasks import Task, builtin_tasks, read_jsonl
 
 
@@ -40,7 +46,15 @@ def log(msg: str) -> None:
     print(f"label: {msg}", file=sys.stderr, flush=True)
 
 
-def label_ray(pool: Pool, tasks: list[Task], args: argparse.Namespace) -> pd.DataFrame:
+@dataclass(frozen=True)
+class LabelResult:
+    table: RoutingTable
+    seconds: float
+    calls: Path  # per-call records (OUT/label/calls.parquet)
+    table_path: Path  # OUT/table
+
+
+def label_ray(pool: Pool, tasks: list[Task], job: LabelJob) -> pd.DataFrame:
     """Per-call records of every live expert on every task (Ray must be initialised)."""
     import ray
 
@@ -48,17 +62,18 @@ def label_ray(pool: Pool, tasks: list[Task], args: argparse.Namespace) -> pd.Dat
     if not live:
         raise InputError(f"pool {pool.name!r} has no expert that can answer new prompts (all 'recorded')")
     rows = task_rows(tasks)
-    res = _resources(args)
+    max_new = job.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    res = _resources(job.cpus_per_worker, job.gpus_per_worker)
     dss = []
     for e in live:
-        kw = udf_args(e, args.max_new_tokens, {"max_prompt_tokens": args.max_prompt_tokens, "batch_size": args.batch_size}
+        kw = udf_args(e, max_new, {"max_prompt_tokens": job.max_prompt_tokens, "batch_size": job.batch_size}
                       if e.kind == "open-weights" else None)
-        if args.backend and e.kind == "open-weights":
-            kw["backend"] = args.backend
-        dss.append(ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // args.batch_size, 8))).map_batches(
-            LabelUDF, batch_size=args.batch_size, batch_format="numpy", fn_constructor_kwargs=kw,
-            compute=_pool(args.workers if e.kind == "open-weights" else 1),
-            **(res if e.kind == "open-weights" else {"num_cpus": min(0.25, args.cpus_per_worker)})))
+        if job.backend and e.kind == "open-weights":
+            kw["backend"] = job.backend
+        dss.append(ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // job.batch_size, 8))).map_batches(
+            LabelUDF, batch_size=job.batch_size, batch_format="numpy", fn_constructor_kwargs=kw,
+            compute=_pool(job.workers if e.kind == "open-weights" else 1),
+            **(res if e.kind == "open-weights" else {"num_cpus": min(0.25, job.cpus_per_worker)})))
     ds = dss[0].union(*dss[1:]) if len(dss) > 1 else dss[0]
     cols = ["expert", "prompt_idx", "answer", "quality", "prompt_tokens", "output_tokens", "latency_s", "error"]
     recs: list[dict[str, Any]] = []
@@ -76,106 +91,91 @@ def label_ray(pool: Pool, tasks: list[Task], args: argparse.Namespace) -> pd.Dat
     return pd.DataFrame(recs)
 
 
-def load_tasks(args: argparse.Namespace) -> list[Task]:
-    if args.prompts and args.tasks:
+def load_tasks(job: LabelJob) -> list[Task]:
+    if job.prompts and job.tasks:
         raise InputError("give --prompts FILE or --tasks builtin, not both")
-    if args.prompts:
-        return read_jsonl(args.prompts)
-    if args.tasks == "builtin":
-        return builtin_tasks(args.n, seed=args.seed)
+    if job.prompts:
+        return read_jsonl(job.prompts)
+    if job.tasks == "builtin":
+        return builtin_tasks(job.n, seed=job.seed)
     raise InputError("give --prompts FILE (JSONL with prompt, answer, grader) or --tasks builtin")
 
 
-def run_label(pool: Pool, tasks: list[Task], out: str | os.PathLike[str], args: argparse.Namespace) -> dict[str, Any]:
+def run_label(pool: Pool, tasks: list[Task], out: str | os.PathLike[str], job: LabelJob) -> LabelResult:
+    """Label, build and save the table (Ray must be initialised; ``run`` does it)."""
     t0 = time.perf_counter()
-    run = RunPaths.of(out)
-    records = label_ray(pool, tasks, args)
-    table = build_table(pool, tasks, records, seed=args.seed, probe_size=args.probe_size,
-                        source=f"label:{pool.name}:{args.prompts or 'builtin'}")
+    run_paths = RunPaths.of(out)
+    records = label_ray(pool, tasks, job)
+    table = build_table(pool, tasks, records, seed=job.seed, probe_size=job.probe_size,
+                        source=f"label:{pool.name}:{job.prompts or 'builtin'}")
     table.meta["label"]["seconds"] = time.perf_counter() - t0
-    table.save(run.table)
-    calls = run.root / "label" / "calls.parquet"
+    table.save(run_paths.table)
+    calls = run_paths.root / "label" / "calls.parquet"
     frame = records.assign(answer=records["answer"].astype(object).where(records["answer"].notna(), None))
     atomic_write(calls, lambda p: frame.to_parquet(p, index=False))
-    if not getattr(args, "no_embed", False):  # what `cscr prepare` does: the run is ready to train
+    if not job.no_embed:  # what `cscr prepare` does: the run is ready to train
         from cscr.config import EncoderConfig
         from cscr.encoder import embed_table, get_encoder
 
-        embed_table(table, get_encoder(EncoderConfig(model=getattr(args, "encoder", None))), run.embeddings)
-    return {"table": table, "seconds": time.perf_counter() - t0, "calls": calls}
+        embed_table(table, get_encoder(EncoderConfig(model=job.encoder)), run_paths.embeddings)
+    return LabelResult(table=table, seconds=time.perf_counter() - t0, calls=calls, table_path=run_paths.table)
 
 
-def label_local(pool: Pool, tasks: list[Task], out: str | os.PathLike[str], args: argparse.Namespace) -> dict[str, Any]:
-    """``run_label`` on an embedded local cluster (started and stopped here unless Ray is up)."""
-    started = init_ray(None, getattr(args, "num_cpus", None))
+def run(job: LabelJob, pool: Pool | None = None) -> LabelResult:
+    """The job: load the pool (``job.pool`` unless ``pool`` is given) and the tasks, join or
+    start Ray (cscr.jobs.cluster), label, write OUT/table, leave Ray as it was."""
+    if job.smoke_test:
+        return smoke_test(job)
+    if pool is None:
+        if not job.pool:
+            raise InputError("LabelJob.pool is required (a pool YAML) unless a Pool is passed")
+        pool = load_pool(job.pool)
+    if not job.out:
+        raise InputError("LabelJob.out is required")
+    tasks = load_tasks(job)
+    started = connect(job.address, job.num_cpus)
     try:
-        return run_label(pool, tasks, out, args)
+        return run_label(pool, tasks, job.out, job)
     finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+        disconnect(started)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pool", help="pool YAML")
-    p.add_argument("--prompts", default=None, help="JSONL: prompt, answer, grader (exact|mc|numeric), id, category, split")
-    p.add_argument("--tasks", choices=["builtin"], default=None, help="the generated built-in task set")
-    p.add_argument("--n", type=int, default=300, help="built-in tasks to generate")
-    p.add_argument("--out", help="run folder (the table goes to OUT/table)")
-    p.add_argument("--seed", type=int, default=0, help="task generation and split seed")
-    p.add_argument("--probe-size", type=int, default=192, help="probe prompts carved out of train")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--max-prompt-tokens", type=int, default=512)
-    p.add_argument("--backend", choices=["transformers", "vllm"], default=None, help="override the pool's backends")
-    p.add_argument("--workers", type=int, default=1, help="actors per open-weights expert")
-    p.add_argument("--cpus-per-worker", type=float, default=0.5)
-    p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 on clusters with GPUs, else 0")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--encoder", default=None, help="prompt encoder (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--no-embed", action="store_true", help="write the table only (no prompt embeddings)")
+def smoke_test(job: LabelJob) -> LabelResult:
+    """Two tiny random models (or ``job.pool``), 12 built-in tasks, in a temp folder removed after."""
+    with tempfile.TemporaryDirectory(prefix="cscr-label-smoke-") as tmp:
+        pool = load_pool(job.pool) if job.pool else smoke_pool(Path(tmp))
+        small = replace(job, smoke_test=False, out=job.out or str(Path(tmp) / "run"), tasks="builtin",
+                        prompts=None, n=12, max_new_tokens=4)
+        res = run(small, pool)
+        if res.table.n != 12 or res.table.quality.shape != (12, len(pool.experts)):
+            raise RuntimeError(f"smoke test: table of shape {res.table.quality.shape}")
+        log("smoke test ok")
+        return res
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_label_options(p)
+    add_logging_options(p)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(p)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
-    p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("--smoke-test", action="store_true", help="two tiny models, 12 built-in tasks, seconds")
-    args = p.parse_args(argv)
+    """``python jobs/label.py``: the options of ``cscr label``."""
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tmp = None
     try:
-        if args.smoke_test:
-            tmp = tempfile.TemporaryDirectory(prefix="cscr-label-smoke-")
-            pool = load_pool(args.pool) if args.pool else smoke_pool(Path(tmp.name))
-            args.out = args.out or str(Path(tmp.name) / "run")
-            args.tasks, args.prompts, args.n, args.max_new_tokens = "builtin", None, 12, 4
-        else:
-            if not args.pool or not args.out:
-                raise InputError("--pool and --out are required (or --smoke-test)")
-            pool = load_pool(args.pool)
-        tasks = load_tasks(args)
-        started = init_ray(args.address, args.num_cpus)
-        try:
-            res = run_label(pool, tasks, args.out, args)
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
-    except (InputError, ConfigError, TableError) as exc:
+        set_log_level(args.log_level, args.verbose)
+        res = run(label_config(args))
+    except (InputError, ConfigError, TableError, FileNotFoundError) as exc:
         print(f"label: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    table = res["table"]
-    print(summary(table, res["seconds"]))
-    if args.smoke_test:
-        assert table.n == 12 and table.quality.shape == (12, len(pool.experts)), "smoke test: bad table shape"
-        print("smoke test ok")
+    print(describe(res))
     return 0
+
+
+def describe(res: LabelResult) -> str:
+    return summary(res.table, res.seconds) + f"\ntable -> {res.table_path}; per-call records -> {res.calls}"
 
 
 def summary(table: Any, seconds: float) -> str:

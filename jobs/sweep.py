@@ -1,7 +1,7 @@
 """CSCR ablation sweeps on Ray Tune (SPEC.md section 8.4).
 
 Each grid varies one hyperparameter around the defaults (cscr/sweep.py). A trial trains a head
-with the plain loop of cscr/train.py, reports validation AUDC (and a checkpoint) after every
+with the plain loop of cscr/training (fit_head), reports validation AUDC (and a checkpoint) after every
 epoch, then reports test AUDC of its best epoch. The summary chooses on validation and reports
 on test: runs/<name>/sweeps/<grid>/summary.{md,csv,json} and <grid>.png.
 
@@ -9,31 +9,50 @@ Trials run in parallel within the cluster's resources (fractional CPUs here, a G
 present). An interrupted sweep resumes: finished trials are kept, unfinished ones restart from
 their last epoch checkpoint (Tuner.restore).
 
+A sweep tells the truth: when any trial failed its table says which and why, no value is chosen
+(the grid is partial) and the exit status is 1, unless ``--allow-failed-trials`` is given.
+
     python jobs/sweep.py --run runs/routerbench --grid bands
     ray job submit --working-dir . -- python jobs/sweep.py --run runs/routerbench --grid all
+    python jobs/sweep.py --smoke-test        # a generated run folder (removed afterwards), grid gamma
+
+``run(cfg)`` is the API (``cscr sweep`` calls it); the options are jobs/train_options.py's, shared with
+``cscr sweep``. Connecting: jobs/cluster.py (``--address``, else RAY_ADDRESS, else embedded).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
+import contextlib
+import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cscr.jobs.cluster import add_logging_options, connect, disconnect, set_log_level, train_verbose
+from cscr.jobs.train_options import (
+    SweepJobConfig,
+    add_sweep_options,
+    grids_epilog,
+    sweep_job_config,
+)
 
 from cscr.config import EvalConfig, TrainConfig, asdict
 from cscr.sweep import (
     Grid,
+    apply_value,
     available_descriptor_values,
+    failed_rows,
     get_grid,
-    grid_names,
     mixed_descriptors,
     mixed_pair,
+    summarize,
+    write_sweep_report,
 )
 
 # ---------------------------------------------------------------- one trial (runs on a Ray worker)
@@ -43,9 +62,9 @@ def trial_inputs(run_dir: str, kind: str, tolerance: float) -> tuple[Any, Any, n
     from cscr.data.table import RoutingTable
     from cscr.encoder import load_run_embeddings
     from cscr.fingerprints.store import DescriptorStore
-    from cscr.run import RunPaths
-    from cscr.train import prepare_arrays
-    from cscr.trained import ensure_descriptors
+    from cscr.runs.descriptors import prepare_descriptors, read_descriptors
+    from cscr.runs.paths import RunPaths
+    from cscr.training import prepare_arrays
 
     paths = RunPaths.of(run_dir)
     table = RoutingTable.load(paths.require_table())
@@ -60,7 +79,8 @@ def trial_inputs(run_dir: str, kind: str, tolerance: float) -> tuple[Any, Any, n
         desc = mixed_descriptors(by_kind, pair, table.expert_names)
         basis = f"mixed:{pair[0]}+{pair[1]}"
     else:
-        desc, kind, basis = ensure_descriptors(paths.root, table, kind)
+        kind = prepare_descriptors(paths, kind, table)  # the descriptor step (probe-outcome: computed)
+        desc, kind, basis = read_descriptors(paths, table.expert_names, kind)
     return prepare_arrays(table, emb, desc, tolerance, kind, basis), table, emb
 
 
@@ -82,15 +102,13 @@ def run_trial(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from cscr.train import TrainState, fit_head
+    from cscr.training import TrainState, fit_head, result_from_state
 
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     grid = get_grid(config["grid"])
     value = config["value"]
     cfg = TrainConfig.from_nested(config["train"])
-    from cscr.sweep import apply_value
-
     cfg = apply_value(cfg, grid, value)
     kind = value if grid.param == "descriptor" else config.get("descriptor_kind")
     arrays, table, emb = trial_inputs(config["run"], kind or "probe-outcome", cfg.loss.tolerance)
@@ -109,8 +127,6 @@ def run_trial(config: dict[str, Any]) -> None:
                          "done": False}, checkpoint=tune.Checkpoint.from_directory(d))
 
     if state is not None and state.epoch >= cfg.epochs:  # finished training before the interruption
-        from cscr.train import result_from_state
-
         result = result_from_state(state, arrays, cfg, "cscr")
     else:
         result = fit_head(arrays, cfg, "cscr", log=None, state=state, on_epoch=on_epoch)
@@ -128,7 +144,7 @@ def grid_values(grid: Grid, run_dir: str) -> list[Any]:
     if grid.param != "descriptor":
         return list(grid.values)
     from cscr.fingerprints.store import DescriptorStore
-    from cscr.run import RunPaths
+    from cscr.runs.paths import RunPaths
 
     store = DescriptorStore(RunPaths.of(run_dir).descriptors)
     kinds = set(store.kinds()) | {"probe-outcome"}  # probe-outcome is computed on demand
@@ -136,13 +152,24 @@ def grid_values(grid: Grid, run_dir: str) -> list[Any]:
     return available_descriptor_values(sorted(kinds), dims) if dims else ["probe-outcome"]
 
 
+def failure_reason(error: BaseException | None) -> str:
+    """Why a trial failed, in one line: the trial's own exception (not Ray's wrapper) and its message."""
+    if error is None:
+        return "the trial ended without its final report"
+    cause = getattr(error, "cause", None)  # RayTaskError / TuneError wrap the trial's exception
+    exc = cause if isinstance(cause, BaseException) else error
+    lines = [s for s in str(exc).strip().splitlines() if s.strip()]
+    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+
+
 def sweep_grid(run_dir: str, grid_name: str, train: TrainConfig, concurrency: int, cpus_per_trial: float,
-               gpus_per_trial: float, resume: bool = True, log=print) -> list[dict[str, Any]]:
-    """Run (or resume) one grid on the connected Ray cluster; write and return its summary rows."""
+               gpus_per_trial: float, resume: bool = True, log: Callable[[str], None] = print,
+               descriptor_kind: str | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) one grid on the connected Ray cluster; write and return its summary rows
+    (``descriptor_kind``: the trials' descriptors, but in the descriptor grid; None: probe-outcome)."""
     from ray import tune
 
-    from cscr.run import RunPaths
-    from cscr.sweep import summarize, write_sweep_report
+    from cscr.runs.paths import RunPaths
 
     grid = get_grid(grid_name)
     out = RunPaths.of(run_dir).sweep(grid.name)
@@ -150,8 +177,12 @@ def sweep_grid(run_dir: str, grid_name: str, train: TrainConfig, concurrency: in
     storage.mkdir(parents=True, exist_ok=True)
     values = grid_values(grid, run_dir)
     skipped = [v for v in grid.values if v not in values]
+    if grid.param != "descriptor" or "probe-outcome" in values:
+        from cscr.runs.descriptors import compute_probe_outcome
+
+        compute_probe_outcome(RunPaths.of(run_dir))  # once, here: the concurrent trials only read the store
     space = {"run": str(RunPaths.of(run_dir).root), "grid": grid.name, "value": tune.grid_search(values),
-             "train": asdict(train)}
+             "train": asdict(train), "descriptor_kind": descriptor_kind}
     trainable = tune.with_resources(run_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     exp = storage / grid.name
     if resume and tune.Tuner.can_restore(exp):
@@ -161,7 +192,7 @@ def sweep_grid(run_dir: str, grid_name: str, train: TrainConfig, concurrency: in
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=grid.name, storage_path=str(storage), verbose=1,
+            run_config=tune.RunConfig(name=grid.name, storage_path=str(storage), verbose=train_verbose(),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
     log(f"sweep[{grid.name}]: {len(values)} trials ({', '.join(map(str, values))}), "
@@ -171,29 +202,80 @@ def sweep_grid(run_dir: str, grid_name: str, train: TrainConfig, concurrency: in
     for r in (results[i] for i in range(len(results))):
         m = r.metrics or {}
         value = (r.config or {}).get("value")
+        ok = bool(m.get("done")) and r.error is None
         trials.append({**{k: m.get(k) for k in ("val_audc", "test_audc", "test_peak", "test_qnc_ratio",
                                                    "best_epoch", "seconds")},
-                       "value": value, "status": "ok" if m.get("done") and r.error is None else "failed"})
+                       "value": value, "status": "ok" if ok else "failed",
+                       "error": None if ok else failure_reason(r.error)})
     rows = summarize(grid, trials)
-    paths = write_sweep_report(grid, rows, out, meta={"skipped_values": skipped, "train": asdict(train)})
+    paths = write_sweep_report(grid, rows, out, meta={"skipped_values": skipped, "train": asdict(train),
+                                                      "descriptor_kind": descriptor_kind or "probe-outcome"})
     log(paths["md"].read_text())
     if skipped:
         log(f"sweep[{grid.name}]: skipped {skipped}: no such descriptors in the run's store")
     return rows
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=False, help="prepared run folder (cscr prepare)")
-    p.add_argument("--grid", default="all", help="grid name(s), comma-separated, or 'all'")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: TrainConfig's 10)")
-    p.add_argument("--concurrency", type=int, default=None, help="trials at a time (default: 4, or 1 per GPU)")
-    p.add_argument("--cpus-per-trial", type=float, default=0.5)
-    p.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 where GPUs exist, else 0")
-    p.add_argument("--no-resume", action="store_true", help="start over even if an earlier sweep exists")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or an embedded local Ray)")
-    p.add_argument("--smoke-test", action="store_true", help="tiny synthetic run, 2 epochs, grid 'gamma'")
-    return p.parse_args(argv)
+@dataclass(frozen=True)
+class SweepResult:
+    rows: dict[str, list[dict[str, Any]]]  # grid name -> its summary rows (cscr.sweep.summarize)
+
+    @property
+    def failed(self) -> list[tuple[str, Any, str]]:
+        """(grid, value, why) of every failed trial."""
+        return [(g, r["value"], r.get("error") or "") for g, rows in self.rows.items() for r in failed_rows(rows)]
+
+    @property
+    def n_trials(self) -> int:
+        return sum(len(rows) for rows in self.rows.values())
+
+
+def run(cfg: SweepJobConfig, log: Callable[[str], None] = print) -> SweepResult:
+    """Run (or resume) each grid of ``cfg`` on Ray Tune; the summaries are written per grid."""
+    import ray
+
+    from cscr.runs.paths import RunPaths
+
+    with _run_folder(cfg) as run_dir:
+        RunPaths.of(run_dir).require_table()
+        started = connect(cfg.address)
+        try:
+            n_gpus = int(ray.cluster_resources().get("GPU", 0))
+            gpus = cfg.gpus_per_trial if cfg.gpus_per_trial is not None else (1.0 if n_gpus else 0.0)
+            concurrency = cfg.concurrency or (max(n_gpus, 1) if gpus else 4)
+            rows = {g: sweep_grid(run_dir, g, cfg.train, concurrency, cfg.cpus_per_trial, gpus,
+                                  resume=cfg.resume, log=log, descriptor_kind=cfg.descriptor_kind) for g in cfg.grids}
+        finally:
+            disconnect(started)
+    return SweepResult(rows)
+
+
+def exit_status(result: SweepResult, cfg: SweepJobConfig, err: Callable[[str], None]) -> int:
+    """0 when every trial finished (or failures are allowed), else 1 with a line on why."""
+    failed = result.failed
+    if not failed:
+        return 0
+    what = "; ".join(f"{g}={v}: {why}" for g, v, why in failed)
+    if cfg.allow_failed_trials:
+        err(f"sweep: {len(failed)} of {result.n_trials} trials failed ({what}); "
+            "--allow-failed-trials: exiting 0 with a partial grid")
+        return 0
+    err(f"sweep: error: {len(failed)} of {result.n_trials} trials failed ({what}); the grid is partial and "
+        "no value is chosen (pass --allow-failed-trials to exit 0 anyway)")
+    return 1
+
+
+@contextlib.contextmanager
+def _run_folder(cfg: SweepJobConfig) -> Iterator[str]:
+    """``cfg.run``, or a generated smoke-test run folder removed afterwards."""
+    if cfg.run is not None:
+        yield cfg.run
+        return
+    tmp = tempfile.mkdtemp(prefix="cscr-sweep-smoke-")
+    try:
+        yield _smoke_run(Path(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _smoke_run(root: Path) -> str:
@@ -203,32 +285,34 @@ def _smoke_run(root: Path) -> str:
     return str(write_synthetic_run(root / "smoke", table, emb))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import ray
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
-    if args.smoke_test:
-        args.run = _smoke_run(Path(tempfile.mkdtemp(prefix="cscr-sweep-smoke-")))
-        args.grid, args.epochs = "gamma", 2
-    if not args.run:
-        print("sweep: error: --run is required", file=sys.stderr)
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jobs/sweep.py", description=__doc__.split("\n\n")[0],
+                                epilog=grids_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sweep_options(p)
+    add_logging_options(p)  # (global options of `cscr`)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cscr.errors import USER_ERRORS
+
+    args = parse_args(argv)
+    set_log_level(args.log_level, args.verbose)
+    try:
+        cfg = sweep_job_config(args)
+        result = run(cfg)
+    except USER_ERRORS as exc:
+        _stderr(f"jobs/sweep.py: error: {exc}")
         return 2
-    grids = grid_names(args.grid)
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
-    n_gpus = int(ray.cluster_resources().get("GPU", 0))
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if n_gpus else 0.0)
-    concurrency = args.concurrency or (max(n_gpus, 1) if gpus else 4)
-    train = TrainConfig()
-    if args.epochs:
-        train = dataclasses.replace(train, epochs=args.epochs)
-    for g in grids:
-        sweep_grid(args.run, g, train, concurrency, args.cpus_per_trial, gpus, resume=not args.no_resume)
-    return 0
+    return exit_status(result, cfg, _stderr)
 
 
 if __name__ == "__main__":

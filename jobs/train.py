@@ -5,8 +5,9 @@ checkpoints, resume after being killed.
     ray job submit --working-dir . -- python jobs/train.py --run /abs/path/runs/routerbench
     python jobs/train.py --smoke-test          # a generated run folder, 2 workers, 2 epochs
 
-The steps are cscr/train.py's (``init_training``, ``epoch_batches``, ``train_epoch``,
-``validation_audc``, ``record_epoch``): this file only wires them to Ray. The driver loads the
+The epoch loop is cscr/training's ``run_epochs``, the same loop ``fit_head`` runs in one process:
+this file only wires it to Ray (sharding by rank, a DDP model, the validator on rank 0 only, and
+an ``on_epoch`` hook that reports metrics and a checkpoint). The driver loads the
 run's table, embeddings and descriptors once and ships them to the workers through the object
 store (no shared file system needed for the inputs). Each worker trains on its shard of every
 epoch's permutation, DDP averages the gradients (gloo on CPU, NCCL on GPUs), rank 0 computes the
@@ -18,14 +19,16 @@ workers continue from the epoch after it. A finished run's folder is removed onc
 is saved to ``<run>/models/<variant>``, so the next ``cscr train`` starts afresh; ``--fresh``
 discards an interrupted run instead of resuming it (a changed config refuses to resume).
 
-Connecting: ``--address`` if given, else ``RAY_ADDRESS`` (set by ``ray job submit``), else an
-embedded local Ray started here and shut down at the end.
+Connecting (jobs/cluster.py): ``--address`` if given, else ``RAY_ADDRESS`` (set by ``ray job
+submit``), else an embedded local Ray started here and shut down at the end. ``--plain`` trains
+in this process without Ray. ``run(cfg)`` is the API (``cscr train`` calls it); the options are
+jobs/train_options.py's, shared with ``cscr train``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import json
 import os
 import shutil
@@ -33,26 +36,24 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from cscr.jobs.cluster import add_logging_options, connect, disconnect, set_log_level
+from cscr.jobs.train_options import TrainJobConfig, add_train_options, train_job_config
 
 from cscr.config import TrainConfig, asdict
-from cscr.run import RunPaths
-from cscr.train import (
+from cscr.runs.paths import RunPaths
+from cscr.training import (
     VARIANTS,
-    Tensors,
     TrainResult,
     TrainState,
-    epoch_batches,
-    epoch_line,
+    audc_validator,
     init_training,
-    record_epoch,
     result_from_state,
-    train_epoch,
-    validation_audc,
+    run_epochs,
     variant_config,
 )
 
@@ -95,24 +96,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     head, opt, state = init_training(arrays, cfg, state, device)
     model = ray.train.torch.prepare_model(head) if world > 1 else head
     nodes = _gather_nodes(world)
-    t = Tensors.of(arrays, cfg, device)
-    for epoch in range(state.epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        batches = epoch_batches(arrays.n, cfg.batch_size, cfg.seed, epoch, rank, world)
-        m: dict[str, Any] = train_epoch(model, opt, t, batches, cfg.loss)
-        m["prompts"] = m["prompts"] * world  # every worker trains an equal shard
-        m["val_audc"] = validation_audc(head, arrays, cfg.index.top_k) if rank == 0 else None
-        m["epoch_seconds"] = time.perf_counter() - t0
-        m.update(workers=world, nodes=len(nodes), attempt=config.get("attempt", ""))
-        state = record_epoch(state, head, opt, m)
-        metrics = {k: v for k, v in state.history[-1].items() if v is not None}
-        if rank == 0:
-            _say(epoch_line(variant, state.history[-1], cfg.epochs))
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(state.to_dict(), Path(tmp) / STATE_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
+
+    def report(st: TrainState) -> None:
+        metrics = {k: v for k, v in st.history[-1].items() if v is not None}
+        if rank != 0:
             ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(st.to_dict(), Path(tmp) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    run_epochs(arrays, cfg, head, opt, state, audc_validator(arrays, cfg.index.top_k) if rank == 0 else None,
+               variant=variant, model=model, rank=rank, world=world,
+               extra={"workers": world, "nodes": len(nodes), "attempt": config.get("attempt", "")},
+               on_epoch=report, log=_say if rank == 0 else None)
 
 
 def _gather_nodes(world: int) -> list[str]:
@@ -156,7 +153,9 @@ def run_training(run_dir: str | os.PathLike[str], variants: Sequence[str] = ("cs
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cscr.trained import load_training_arrays, save_trained
+    from cscr.runs.descriptors import prepare_descriptors
+    from cscr.runs.heads import save_trained
+    from cscr.runs.inputs import load_training_arrays
 
     cfg = cfg or TrainConfig()
     if workers < 1:
@@ -165,7 +164,8 @@ def run_training(run_dir: str | os.PathLike[str], variants: Sequence[str] = ("cs
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; expected one of {VARIANTS}")
     paths = RunPaths.of(run_dir)
-    arrays = load_training_arrays(paths.root, cfg.loss.tolerance, descriptor_kind, log=log)
+    kind = prepare_descriptors(paths, descriptor_kind, log=log)  # probe-outcome: computed and stored
+    arrays = load_training_arrays(paths, cfg.loss.tolerance, kind)
     kind = arrays.meta["descriptor_kind"]
     resources = ray.cluster_resources()
     gpu = (resources.get("GPU", 0) >= workers) if use_gpu is None else use_gpu
@@ -208,27 +208,6 @@ def run_training(run_dir: str | os.PathLike[str], variants: Sequence[str] = ("cs
     return results
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> bool:
-    """Connect to ``address`` / RAY_ADDRESS, or start an embedded local Ray. True if started here."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)
-        return False
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False,
-             configure_logging=False)
-    return True
-
-
-def disconnect() -> None:
-    import ray
-
-    ray.shutdown()
-
-
 def smoke_run(folder: str | os.PathLike[str]) -> Path:
     """A small generated run folder (600 prompts, 5 experts) for --smoke-test."""
     from cscr.synthetic import synthetic_table, write_synthetic_run
@@ -237,61 +216,75 @@ def smoke_run(folder: str | os.PathLike[str]) -> Path:
     return write_synthetic_run(folder, table, emb)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def run(cfg: TrainJobConfig, log: Any = _log) -> dict[str, TrainResult]:
+    """Train ``cfg.variants`` for ``cfg.run`` (Ray Train, or the plain loop) and save the best heads."""
+    with _run_folder(cfg) as run_dir:
+        RunPaths.of(run_dir).require_table()
+        if cfg.plain:
+            from cscr.training.plain import train_run
+
+            if cfg.threads is not None:
+                torch.set_num_threads(cfg.threads)
+            results = {v: train_run(run_dir, v, cfg.train, cfg.descriptor_kind, log=log) for v in cfg.variants}
+            return _recorded(run_dir, cfg, results)
+        # log_to_driver: the rank-0 worker's epoch lines are this job's progress
+        started = connect(cfg.address, log_to_driver=True)
+        try:
+            results = run_training(run_dir, cfg.variants, cfg.train, workers=cfg.workers,
+                                   descriptor_kind=cfg.descriptor_kind, use_gpu=cfg.use_gpu,
+                                   cpus_per_worker=cfg.cpus_per_worker, fresh=cfg.fresh, log=log)
+        finally:
+            disconnect(started)
+        return _recorded(run_dir, cfg, results)
+
+
+def _recorded(run_dir: str, cfg: TrainJobConfig, results: dict[str, TrainResult]) -> dict[str, TrainResult]:
+    """Record the descriptor kind and TrainConfig in the run's settings (cscr.runs.settings): the
+    defaults of the next `cscr train`, `cscr sweep` and `cscr experiment` on this run."""
+    from cscr.runs.settings import record_training
+
+    kind = next(iter(results.values())).meta.get("descriptor_kind", "") if results else ""
+    record_training(run_dir, kind, cfg.train, list(results), "plain" if cfg.plain else "ray-train")
+    return results
+
+
+@contextlib.contextmanager
+def _run_folder(cfg: TrainJobConfig) -> Iterator[str]:
+    """``cfg.run``, or a generated smoke-test run folder removed afterwards."""
+    if cfg.run is not None:
+        yield cfg.run
+        return
+    tmp = tempfile.mkdtemp(prefix="cscr-train-smoke-")
+    try:
+        yield str(smoke_run(Path(tmp) / "run"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", help="run folder prepared by `cscr prepare` (optional with --smoke-test)")
-    p.add_argument("--variant", default="cscr", help="comma-separated: cscr, vanilla (default: cscr)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
-    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per worker (default: fits the cluster)")
-    p.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto", help="one GPU per worker (auto: if present)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
-    p.add_argument("--descriptor-kind", default=None, help="descriptor kind from the run's store (default: probe-outcome)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default 10)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default 512)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-4)")
-    p.add_argument("--config", default=None, help="JSON file or string with a nested TrainConfig (head/loss/index)")
-    p.add_argument("--fresh", action="store_true", help="discard an interrupted run instead of resuming it")
-    p.add_argument("--smoke-test", action="store_true", help="tiny sizes: 2 epochs (a generated run if --run is absent)")
-    return p.parse_args(argv)
+    add_train_options(p)
+    add_logging_options(p)  # (global options of `cscr`)
+    return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    nested: dict[str, Any] = {}
-    if args.config:
-        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
-        nested = json.loads(text)
-    cfg = TrainConfig.from_nested(nested)
-    over = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
-    if args.smoke_test and args.epochs is None:
-        over["epochs"] = 2
-    return dataclasses.replace(cfg, **over) if over else cfg
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cscr.errors import USER_ERRORS
+
     args = parse_args(argv)
-    cfg = config_from_args(args)
-    variants = [v.strip() for v in args.variant.split(",") if v.strip()]
-    use_gpu = {"auto": None, "yes": True, "no": False}[args.use_gpu]
-    tmp = None
-    run = args.run
-    if run is None:
-        if not args.smoke_test:
-            print("jobs/train.py: error: --run is required (or --smoke-test)", file=sys.stderr)
-            return 2
-        tmp = tempfile.mkdtemp(prefix="cscr-train-smoke-")
-        run = str(smoke_run(Path(tmp) / "run"))
-    started = connect(args.address, num_cpus=None)
+    set_log_level(args.log_level, args.verbose)
     try:
-        results = run_training(run, variants, cfg, workers=args.workers, descriptor_kind=args.descriptor_kind,
-                               use_gpu=use_gpu, cpus_per_worker=args.cpus_per_worker, fresh=args.fresh)
-        for v, r in results.items():
-            print(f"{v}: best epoch {r.best_epoch}, val AUDC {r.best_val_audc}, "
-                  f"{len(r.history)} epochs, {r.meta.get('seconds', 0):.1f}s")
-    finally:
-        if started:
-            disconnect()
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        results = run(train_job_config(args))
+    except USER_ERRORS as exc:
+        print(f"jobs/train.py: error: {exc}", file=sys.stderr)
+        return 2
+    for v, r in results.items():
+        print(f"{v}: best epoch {r.best_epoch}, val AUDC {r.best_val_audc}, "
+              f"{len(r.history)} epochs, {r.meta.get('seconds', 0):.1f}s")
     return 0
 
 

@@ -4,19 +4,32 @@
     cscr serve --run runs/local --pool examples/pools/local-small.yaml --port 8000
 
 ``build_app`` checks what it can before anything starts (the run's expert index against the
-pool: a mismatch is refused with the names that differ), then binds one Router, one Expert per
-pool entry and the Ingress. Arguments arrive as strings from ``serve run``; pydantic converts.
+pool: a mismatch is refused with the names that differ), makes the first pool record (or
+loads the latest one from the state folder: ``serve.state``), then binds the PoolController,
+the Router (``router_replicas`` or autoscaling), the experts and the Ingress (``ingress_replicas``
+or autoscaling). This module is the only place deployments are bound: experts with their own
+application (every expert under ``cscr serve``, and experts added at run time) are bound by
+``ExpertLauncher``. Arguments arrive as strings from ``serve run``; pydantic converts.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cscr.serve.protocol import ExpertSpec
+from cscr.serve.protocol import ProtocolError
+from cscr.serve.state import PoolEntry, PoolRecord, PoolStore
 from pydantic import BaseModel, ConfigDict, Field
+
+from cscr.pool import ExpertSpec
+
+log = logging.getLogger("cscr.serve")
 
 
 class ServeArgs(BaseModel):
@@ -28,12 +41,16 @@ class ServeArgs(BaseModel):
     experts: list[ExpertSpec] | None = None  # expert specs given directly (instead of a pool)
     encoder: str | None = None  # sentence-transformers path; None: the packaged MiniLM
     api_key: str | None = None  # bearer key; None: $CSCR_API_KEY, else no key
-    admin_key: str | None = None  # key for /v1/experts; None: $CSCR_ADMIN_KEY, else the api key
+    admin_key: str | None = None  # key of the admin API; None: $CSCR_ADMIN_KEY, else admin disabled
+    enable_docs: bool = False  # serve /docs, /redoc and /openapi.json
     default_lambda: float = Field(0.0, ge=0)  # cost weight when a request names none
     expert_timeout_s: float = Field(120.0, gt=0)  # one expert call / first streamed token
     max_attempts: int = Field(3, ge=1)  # experts tried per request (first + fallbacks)
     default_max_tokens: int = Field(128, ge=1)
     max_prompt_chars: int = Field(32_000, ge=1)
+    max_messages: int = Field(256, ge=1)  # chat messages per request
+    max_stop: int = Field(4, ge=0)  # stop strings per request
+    max_stop_chars: int = Field(64, ge=1)  # characters per stop string
     router_num_cpus: float = Field(0.25, ge=0)
     ingress_num_cpus: float = Field(0.1, ge=0)
     expert_num_cpus: float | None = Field(None, ge=0)  # overrides every expert's num_cpus
@@ -42,6 +59,15 @@ class ServeArgs(BaseModel):
     max_batch_size: int = Field(32, ge=1)  # encoder calls batched per forward
     batch_wait_ms: float = Field(2.0, ge=0)  # how long the router waits to fill a batch
     check_pool: bool = True  # refuse a run whose index does not match the pool
+    state_dir: str | None = None  # durable pool record (None: in memory only; cscr serve: RUN/serve-state)
+    router_replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(1, ge=1)
+    min_replicas: int | None = Field(None, ge=0)  # autoscaling of Router and Ingress (with max_replicas)
+    max_replicas: int | None = Field(None, ge=1)  # set: Router and Ingress autoscale in [min, max]
+    target_ongoing_requests: float = Field(8.0, gt=0)  # per replica, what autoscaling aims at
+    expert_apps: bool = False  # every expert in its own application (cscr serve: DELETE frees replicas)
+    expert_deploy_timeout_s: float = Field(600.0, gt=0)  # an added expert must serve within this
+    converge_timeout_s: float = Field(30.0, gt=0)  # admin calls wait this long for every replica
     # programmatic use and tests: build the router / encoder inside the replica
     router_factory: Callable[[], Any] | None = None
     encoder_factory: Callable[[], Any] | None = None
@@ -71,8 +97,47 @@ def expert_specs(args: ServeArgs) -> list[ExpertSpec]:
     return specs
 
 
+def replica_options(a: ServeArgs, replicas: int) -> dict[str, Any]:
+    """``num_replicas``, or Serve autoscaling when ``max_replicas`` is set."""
+    if a.max_replicas is None:
+        return {"num_replicas": replicas}
+    low = a.min_replicas if a.min_replicas is not None else 1
+    if low > a.max_replicas:
+        raise ValueError(f"min_replicas ({low}) is above max_replicas ({a.max_replicas})")
+    return {"num_replicas": "auto", "autoscaling_config": {
+        "min_replicas": low, "max_replicas": a.max_replicas,
+        "target_ongoing_requests": a.target_ongoing_requests}}
+
+
+def initial_record(a: ServeArgs, specs: list[ExpertSpec]) -> PoolRecord:
+    """The latest stored pool record of ``a.state_dir``, else version 1 from the pool and the run's costs."""
+    if a.state_dir is not None:
+        stored = PoolStore(a.state_dir).load()
+        if stored is not None:
+            log.warning("cscr: restored pool version %d from %s (%d experts); the pool file is not read "
+                        "again (move the state folder away to start from it)", stored.version,
+                        PoolStore(a.state_dir).path, len(stored.experts))
+            return stored
+    if a.router_factory is not None:
+        router = a.router_factory()
+    else:
+        from cscr.runs.loader import load_router
+
+        router = load_router(Path(str(a.run)), a.variant)
+    costs = {n: float(c) for n, c in zip(router.expert_names, router.costs, strict=True)}
+    launcher = ExpertLauncher(a.torch_threads, a.expert_deploy_timeout_s)
+    return PoolRecord(version=1, experts=[
+        PoolEntry(spec=s, cost=costs[s.name], app=launcher.new_app(s.name) if a.expert_apps else None)
+        for s in specs if s.name in costs])
+
+
 def build_app(args: dict[str, Any] | ServeArgs) -> Any:
-    """One Serve application: Router + one Expert per pool entry + the OpenAI-compatible ingress."""
+    """One Serve application: PoolController + Router + experts + the OpenAI-compatible ingress."""
+    return plan_app(args)[0]
+
+
+def plan_app(args: dict[str, Any] | ServeArgs) -> tuple[Any, PoolRecord, ServeArgs]:
+    """(the application, the pool record it starts from, the checked arguments)."""
     a = args if isinstance(args, ServeArgs) else ServeArgs(**args)
     if a.run is None and a.router_factory is None:
         raise ValueError("give a trained run (run=PATH)")
@@ -83,46 +148,185 @@ def build_app(args: dict[str, Any] | ServeArgs) -> Any:
         from cscr.serve.pool import check_run_matches_pool
 
         check_run_matches_pool(a.run, a.variant, [s.name for s in specs])
-    from cscr.serve.deployments import build_graph
-    from cscr.serve.ingress import IngressSettings
+    api_key = a.api_key or os.environ.get("CSCR_API_KEY") or None
+    admin_key = a.admin_key or os.environ.get("CSCR_ADMIN_KEY") or None
+    if admin_key is not None and admin_key == api_key:
+        raise ValueError("the admin key must differ from the API key (every API user would be an admin)")
+    router_opts, ingress_opts = replica_options(a, a.router_replicas), replica_options(a, a.ingress_replicas)
+    record = initial_record(a, specs)
+    from cscr.serve.completion import CompletionSettings
+    from cscr.serve.deployments import Ingress, PoolController, RouterDeployment
+    from cscr.serve.routes import EdgeSettings
 
-    settings = IngressSettings(
-        api_key=a.api_key or os.environ.get("CSCR_API_KEY") or None,
-        admin_key=a.admin_key or os.environ.get("CSCR_ADMIN_KEY") or None,
+    completion = CompletionSettings(
         expert_timeout_s=a.expert_timeout_s, max_attempts=a.max_attempts,
         default_max_tokens=a.default_max_tokens, default_lambda=a.default_lambda,
-        max_prompt_chars=a.max_prompt_chars,
-        expert_num_cpus=a.expert_num_cpus if a.expert_num_cpus is not None else 0.25,
-    )
+        max_prompt_chars=a.max_prompt_chars, max_messages=a.max_messages, max_stop=a.max_stop,
+        max_stop_chars=a.max_stop_chars)
+    edge = EdgeSettings(api_key=api_key, admin_key=admin_key, enable_docs=a.enable_docs)
     source: dict[str, Any] = {"run": a.run, "variant": a.variant, "encoder": a.encoder,
                               "default_lambda": a.default_lambda, "max_prompt_chars": a.max_prompt_chars,
-                              "encoder_factory": a.encoder_factory}
-    router_options = {"ray_actor_options": {"num_cpus": a.router_num_cpus}}
-    return build_graph(source, specs, settings, router_options=router_options,
-                       torch_threads=a.torch_threads, router_factory=a.router_factory,
-                       ingress_num_cpus=a.ingress_num_cpus, max_batch_size=a.max_batch_size,
-                       batch_wait_s=a.batch_wait_ms / 1e3)
+                              "encoder_factory": a.encoder_factory, "router_factory": a.router_factory}
+    # the controller holds the state folder: it runs on the head node (where cscr serve writes it)
+    controller = PoolController.options(  # type: ignore[attr-defined]  # a @serve.deployment class
+        ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+    ).bind(record.model_dump(), a.state_dir)
+    router = RouterDeployment.options(ray_actor_options={"num_cpus": a.router_num_cpus},  # type: ignore[attr-defined]
+                                      **router_opts).bind(
+        source, controller, max_batch_size=a.max_batch_size,
+        batch_wait_timeout_s=a.batch_wait_ms / 1e3, torch_threads=a.torch_threads)
+    bound = {e.name: expert_application(e.spec, a.torch_threads) for e in record.experts if e.app is None}
+    ingress = Ingress.options(ray_actor_options={"num_cpus": a.ingress_num_cpus}, **ingress_opts)  # type: ignore[attr-defined]
+    admin = {"expert_num_cpus": a.expert_num_cpus if a.expert_num_cpus is not None else 0.25,
+             "converge_timeout_s": a.converge_timeout_s}
+    app = ingress.bind(router, controller, bound, completion.model_dump(), edge.model_dump(),
+                       ExpertLauncher(a.torch_threads, a.expert_deploy_timeout_s), admin)
+    return app, record, a
+
+
+def expert_application(spec: ExpertSpec, torch_threads: int = 1) -> Any:
+    """One expert's deployment, bound (its replica's resources and concurrency from the spec)."""
+    from cscr.serve.deployments import ExpertDeployment, deployment_name
+
+    return ExpertDeployment.options(  # type: ignore[attr-defined]  # a @serve.deployment class
+        name=deployment_name(spec.name), max_ongoing_requests=spec.max_concurrency,
+        ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+    ).bind(spec.model_dump(), torch_threads)
+
+
+def check_resources(spec: ExpertSpec) -> None:
+    """Refuse at once an expert whose replica no node could ever hold (400) or that the cluster
+    cannot hold now (503), instead of a deploy that waits for resources forever."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    free = ray.available_resources()
+    for key, need in (("CPU", spec.num_cpus), ("GPU", spec.num_gpus)):
+        if not need:
+            continue
+        largest = max((float(r.get(key, 0.0)) for r in nodes), default=0.0)
+        if need > largest:
+            raise ProtocolError(f"expert {spec.name!r} asks for {need:g} {key} per replica; the largest "
+                                f"node of the cluster has {largest:g}", status=400,
+                                code="insufficient_resources", param=f"expert.num_{key.lower()}s")
+        if need > float(free.get(key, 0.0)) + 1e-9:
+            raise ProtocolError(f"expert {spec.name!r} asks for {need:g} {key}; the cluster has "
+                                f"{float(free.get(key, 0.0)):g} free now", status=503,
+                                code="insufficient_resources", type_="server_error",
+                                param=f"expert.num_{key.lower()}s")
+
+
+@dataclass(frozen=True)
+class ExpertLauncher:
+    """Runs an expert as its own Serve application (an expert added at run time, or every expert
+    under ``cscr serve``): resources checked up front, the deploy bounded by ``deploy_timeout_s``,
+    the application deleted on any failure."""
+
+    torch_threads: int = 1
+    deploy_timeout_s: float = 600.0
+
+    @staticmethod
+    def new_app(expert: str) -> str:
+        """A fresh application name (a racing add of the same expert never shares it)."""
+        from cscr.serve.deployments import deployment_name
+
+        return f"cscr-expert-{deployment_name(expert).removeprefix('Expert_')}-{secrets.token_hex(3)}"
+
+    def start(self, spec: ExpertSpec, app: str | None = None) -> str:
+        from ray import serve as ray_serve
+
+        check_resources(spec)
+        name = app or self.new_app(spec.name)
+        deadline = time.monotonic() + self.deploy_timeout_s
+        try:
+            ray_serve._run(expert_application(spec, self.torch_threads), name=name, route_prefix=None,
+                           _blocking=False)
+            while True:
+                status = ray_serve.status().applications.get(name)
+                state = str(getattr(status, "status", ""))
+                if state.endswith("RUNNING"):
+                    return name
+                if state.endswith(("DEPLOY_FAILED", "UNHEALTHY")):
+                    raise ProtocolError(f"expert {spec.name!r} failed to start: "
+                                        f"{getattr(status, 'message', '')[-400:]}", status=400,
+                                        code="expert_start_failed", param="expert")
+                if time.monotonic() > deadline:
+                    raise ProtocolError(f"expert {spec.name!r} did not start within {self.deploy_timeout_s:g} s",
+                                        status=504, code="expert_start_timeout", type_="server_error")
+                time.sleep(0.5)
+        except BaseException:
+            self.stop(name)
+            raise
+
+    def stop(self, app: str) -> None:
+        from ray import serve as ray_serve
+
+        try:
+            ray_serve.delete(app)
+        except Exception as exc:  # already gone
+            log.warning("could not delete application %s: %r", app, exc)
+
+    @staticmethod
+    def handle(spec: ExpertSpec, app: str) -> Any:
+        from cscr.serve.deployments import deployment_name
+        from ray import serve as ray_serve
+
+        return ray_serve.get_deployment_handle(deployment_name(spec.name), app)
+
+
+def secure_embedded_cluster() -> None:
+    """Token auth for an embedded cluster: Ray listens on every interface (it cannot bind a node
+    to loopback), so every driver, worker and CLI call must present this process's token."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_urlsafe(32))
+
+
+def cluster_problem(embedded: bool) -> str | None:
+    """Why the Ray cluster this process uses is gone (None: it is alive)."""
+    import ray
+
+    if not ray.is_initialized():
+        return "Ray is no longer initialised in this process"
+    if embedded:
+        from ray._private import worker
+
+        node = getattr(worker, "_global_node", None)
+        dead = node.dead_processes() if node is not None else []
+        if dead:
+            return "Ray processes exited: " + ", ".join(sorted({str(kind) for kind, _ in dead}))
+    return None
+
+
+def launch_expert_apps(record: PoolRecord, launcher: ExpertLauncher) -> None:
+    """Start every expert of ``record`` that has its own application (in parallel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    own = [e for e in record.experts if e.app is not None]
+    if own:
+        with ThreadPoolExecutor(max_workers=len(own)) as pool:
+            list(pool.map(lambda e: launcher.start(e.spec, e.app), own))
 
 
 def run_local(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
-              address: str | None = None, blocking: bool = True) -> Any:
-    """Start (or join) Ray, start Serve's HTTP proxy on host:port and deploy the app."""
-    import ray
+              address: str | None = None, blocking: bool = True, watch_s: float = 2.0) -> Any:
+    """Start (or join) Ray, start Serve's HTTP proxy on host:port, start the experts' applications
+    and deploy the app. An embedded cluster runs with Ray's token auth; a watchdog exits the
+    process (code 3, one log line) when the cluster dies."""
+    from cscr.jobs.cluster import connect, disconnect
     from ray import serve as ray_serve
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    app = build_app(args)  # validate before starting anything
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)  # a fresh cluster
+    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    if embedded:
+        secure_embedded_cluster()
+    app, record, a = plan_app(args)  # validate before starting anything
+    started = connect(address, num_cpus=num_cpus)  # a fresh cluster unless address is given
+    launcher = ExpertLauncher(a.torch_threads, a.expert_deploy_timeout_s)
     if not blocking:
         ray_serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        launch_expert_apps(record, launcher)
         return ray_serve.run(app, name="cscr", route_prefix="/", blocking=False)
     import signal
-    import time
 
     def _stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -133,13 +337,34 @@ def run_local(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, num_cp
     signal.signal(signal.SIGTERM, _stop)
     try:
         ray_serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        launch_expert_apps(record, launcher)
         handle = ray_serve.run(app, name="cscr", route_prefix="/", blocking=False)
-        print(f"cscr: serving on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+        print(f"cscr: serving on http://{host}:{port}/v1 (pool version {record.version}; Ctrl-C to stop)",
+              flush=True)
         while True:
-            time.sleep(3600)
+            time.sleep(watch_s)
+            problem = cluster_problem(embedded and started)
+            if problem is not None:
+                print(f"cscr: the Ray cluster died ({problem}); exiting", flush=True)
+                _abandon_cluster(embedded and started)
+                os._exit(3)  # Serve and Ray cannot shut down without their cluster
     except (KeyboardInterrupt, SystemExit):
         print("cscr: stopping", flush=True)
     finally:
         ray_serve.shutdown()
-        ray.shutdown()
+        disconnect(started)
     return handle
+
+
+def _abandon_cluster(embedded: bool) -> None:
+    """Kill what is left of an embedded cluster whose core process died (no orphans)."""
+    if not embedded:
+        return
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    if node is not None:
+        try:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+        except Exception as exc:
+            log.warning("could not stop the rest of the cluster: %r", exc)

@@ -1,24 +1,37 @@
 """Thin Ray Serve deployments over the plain layers (STYLE.md rule 7).
 
+- ``PoolController``: the live pool record (``serve.state.PoolState``): compare-and-set
+  commits, persisted atomically in the state folder, and a long poll that every Router and
+  Ingress replica follows (``PoolFollower``). One replica, pinned to the head node (where the
+  state folder is); Serve restarts it on failure and it reloads the durable record.
 - ``RouterDeployment``: one ``RouterService``; encoder calls of concurrent requests are batched
-  with ``@serve.batch`` (one MiniLM forward per batch); holds the live expert index, so it runs
-  as a single replica (admin changes must reach every replica that routes).
+  with ``@serve.batch`` (one MiniLM forward per batch). Its index follows the pool record, so it
+  runs as many replicas as asked (or autoscales).
 - ``ExpertDeployment``: one per expert, wrapping a backend of ``serve.experts``.
-- the OpenAI-compatible ingress is in ``serve.ingress``; ``build_graph`` binds the three.
+- ``Ingress``: the HTTP app of ``serve.routes`` over a ``CompletionService`` and an
+  ``AdminService``, with Ray handles behind their client interfaces (``HandleRouter``,
+  ``ServeExperts``). Its expert handles are a function of the pool record (the main
+  application's bound handles, or ``serve.get_deployment_handle`` by application name), so it
+  also runs as many replicas as asked.
 
-Everything here is glue; the decisions live in ``serve.service`` and the HTTP shapes in
-``serve.protocol``.
+Everything here is glue; requests are served by ``serve.completion``, the HTTP edge is
+``serve.routes`` / ``serve.admin``, decisions live in ``serve.service``. The deployments are
+bound in one place, ``serve.app``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 import numpy as np
+from cscr.serve.admin import AdminService
+from cscr.serve.completion import CompletionService, CompletionSettings
 from cscr.serve.experts import build_backend
 from cscr.serve.protocol import (
     ExpertSpec,
@@ -28,8 +41,94 @@ from cscr.serve.protocol import (
     RouteDecision,
     check_lambda,
 )
+from cscr.serve.routes import EdgeSettings, build_api
 from cscr.serve.service import CostReference, RouterService
+from cscr.serve.state import PoolRecord, PoolState, PoolStateError, PoolStore, VersionConflict
 from ray import serve
+
+log = logging.getLogger("cscr.serve")
+POLL_S = 5.0  # long-poll timeout of a follower (also its heartbeat period)
+
+
+@serve.deployment(name="PoolController", num_replicas=1, max_ongoing_requests=10_000,
+                  ray_actor_options={"num_cpus": 0})
+class PoolController:
+    """The versioned live pool (``PoolState``) behind a handle."""
+
+    def __init__(self, initial: dict[str, Any], state_dir: str | None) -> None:
+        store = PoolStore(state_dir) if state_dir else None
+        self.state = PoolState(PoolRecord.model_validate(initial), store)
+
+    async def get(self) -> PoolRecord:
+        return await self.state.get()
+
+    async def wait_for_version(self, seen: int, timeout_s: float = POLL_S) -> PoolRecord:
+        return await self.state.wait_for_version(seen, timeout_s)
+
+    async def commit(self, expected: int, record: PoolRecord) -> PoolRecord:
+        try:
+            return await self.state.commit(expected, record)
+        except VersionConflict as exc:
+            raise ProtocolError(str(exc), status=409, code="pool_changed") from None
+        except PoolStateError as exc:
+            raise ProtocolError(str(exc), status=409, code="pool_state") from None
+
+    async def ack(self, replica: str, role: str, version: int) -> None:
+        await self.state.ack(replica, role, version)
+
+    async def replicas(self) -> dict[str, dict[str, object]]:
+        return await self.state.replicas()
+
+    async def converged(self, version: int, timeout_s: float = 30.0) -> dict[str, list[str]]:
+        return await self.state.converged(version, timeout_s)
+
+
+def _replica_id() -> str:
+    try:
+        ctx = serve.get_replica_context()
+        return f"{ctx.deployment}#{ctx.replica_id.unique_id}"
+    except Exception:  # outside a replica (tests)
+        import os
+
+        return f"local#{os.getpid()}"
+
+
+class PoolFollower:
+    """Keeps one replica on the latest pool record: ``apply(record)`` at start, then after every
+    change the controller's long poll reports; each poll acknowledges the version served."""
+
+    def __init__(self, controller: Any, role: str, apply: Callable[[PoolRecord], Awaitable[None] | None]) -> None:
+        self.controller = controller
+        self.role = role
+        self.apply = apply
+        self.replica = _replica_id()
+        self.version = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _apply(self, record: PoolRecord) -> None:
+        out = self.apply(record)
+        if out is not None:
+            await out
+        self.version = record.version
+
+    async def start(self) -> None:
+        """Serve the current record before taking requests, then follow it in the background."""
+        await self._apply(await self.controller.get.remote())
+        await self.controller.ack.remote(self.replica, self.role, self.version)
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                record = await self.controller.wait_for_version.remote(self.version, POLL_S)
+                if record.version != self.version:
+                    await self._apply(record)
+                await self.controller.ack.remote(self.replica, self.role, self.version)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the controller restarting: poll again shortly
+                log.warning("%s: pool poll failed (%r); retrying", self.replica, exc)
+                await asyncio.sleep(1.0)
 
 
 def make_service(source: dict[str, Any]) -> RouterService:
@@ -40,7 +139,10 @@ def make_service(source: dict[str, Any]) -> RouterService:
         from cscr.config import EncoderConfig
         from cscr.encoder import Encoder
 
-        encoder = Encoder(EncoderConfig(model=source.get("encoder")))
+        if source.get("run") is not None and not source.get("encoder"):
+            encoder = Encoder.from_run(source["run"])  # embeds as the run's prompts were embedded
+        else:
+            encoder = Encoder(EncoderConfig(model=source.get("encoder")))
     if source.get("router_factory") is not None:
         router = source["router_factory"]()
         return RouterService(encoder, router, **kwargs)
@@ -50,16 +152,34 @@ def make_service(source: dict[str, Any]) -> RouterService:
 @serve.deployment(name="Router", num_replicas=1, max_ongoing_requests=512,
                   ray_actor_options={"num_cpus": 0.25})
 class RouterDeployment:
-    def __init__(self, source: dict[str, Any], pool: list[str], max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.002, torch_threads: int = 1) -> None:
+    async def __init__(self, source: dict[str, Any], controller: Any,  # type: ignore[misc]  # Serve awaits it
+                     max_batch_size: int = 32,
+                     batch_wait_timeout_s: float = 0.002, torch_threads: int = 1) -> None:
         import torch
 
         torch.set_num_threads(torch_threads)
         self.service = make_service(source)
-        self.service.check_pool(pool)
         self.embed_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]  # @serve.batch
         self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.stats = {"batches": 0, "prompts": 0, "largest": 0}  # encoder batching
+        self.follower = PoolFollower(controller, "Router", self.apply)
+        await self.follower.start()
+
+    def apply(self, record: PoolRecord) -> None:
+        """Make the index hold the record's experts: add the new ones (their descriptors), then
+        drop the removed ones (the run's experts are in the index from the start)."""
+        have = set(self.service.expert_names)
+        for entry in record.experts:
+            if entry.name in have:
+                continue
+            if entry.descriptor is None:
+                log.error("pool v%d: expert %r has no descriptor and is not in the run's index; not routed",
+                          record.version, entry.name)
+                continue
+            self.service.add_expert(entry.name, entry.cost, entry.descriptor)
+        want = set(record.names())
+        for name in [n for n in self.service.expert_names if n not in want]:
+            self.service.remove_expert(name)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def embed_batch(self, texts: list[str]) -> list[np.ndarray]:
@@ -76,24 +196,21 @@ class RouterDeployment:
         check_lambda(lam)
         self.service.candidate_names(candidates, max_cost)  # refuse bad filters before encoding
         emb = await self.embed_batch(text)
+        version = self.follower.version  # the index the decision is made on (apply runs on this loop)
         decision = self.service.decide(np.asarray(emb)[None, :], lam, max_cost, candidates)[0]
         decision.routing_ms = (time.perf_counter() - t0) * 1e3
+        decision.pool_version = version
         return decision
 
     # async: they run on the replica's event loop, never concurrently with a decision
     async def experts(self) -> dict[str, float]:
         return self.service.expert_costs()
 
+    async def pool_version(self) -> int:
+        return self.follower.version
+
     async def reference(self) -> CostReference:
         return self.service.reference
-
-    async def add_expert(self, name: str, cost: float, descriptor: list[float]) -> dict[str, float]:
-        self.service.add_expert(name, cost, descriptor)
-        return self.service.expert_costs()
-
-    async def remove_expert(self, name: str) -> dict[str, float]:
-        self.service.remove_expert(name)
-        return self.service.expert_costs()
 
     async def fingerprint_plan(self) -> Any:
         return await asyncio.to_thread(self.service.fingerprint_plan)  # reads the run's files only
@@ -125,7 +242,7 @@ class ExpertDeployment:
         if self.spec.backend == "openai":
             raise ProtocolError(f"expert {self.spec.name!r} is black-box (no logits): send its descriptor",
                                 param="fingerprint", code="unsupported")
-        model = getattr(self.backend, "path", self.spec.model)
+        model = getattr(self.backend, "path", None) or self.spec.source.model
         return await asyncio.to_thread(logit_footprint_of, model, plan)
 
 
@@ -133,26 +250,251 @@ def deployment_name(expert: str) -> str:
     return "Expert_" + re.sub(r"[^A-Za-z0-9_-]", "_", expert)
 
 
-def expert_application(spec: ExpertSpec, torch_threads: int = 1) -> Any:
-    return ExpertDeployment.options(  # type: ignore[attr-defined]  # a @serve.deployment class
-        name=deployment_name(spec.name), max_ongoing_requests=spec.max_concurrency,
-        ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
-    ).bind(spec.model_dump(), torch_threads)
+def _expert_error(name: str, exc: BaseException) -> BaseException:
+    """What an expert call's exception means to the fallback: dead replicas (the actor died, the
+    deployment or replica is unavailable) are ``ExpertUnavailable`` (its circuit opens at once);
+    an error raised in the replica is itself (a ProtocolError keeps its status)."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    if isinstance(exc, RayActorError | DeploymentUnavailableError | ReplicaUnavailableError):
+        return ExpertUnavailable(f"expert {name!r} is unavailable: {type(exc).__name__}")
+    return _unwrap(exc)
 
 
-def build_graph(source: dict[str, Any], specs: list[ExpertSpec], settings: Any,
-                router_options: dict[str, Any] | None = None, torch_threads: int = 1,
-                router_factory: Callable[[], Any] | None = None, ingress_num_cpus: float = 0.1,
-                max_batch_size: int = 32, batch_wait_s: float = 0.002) -> Any:
-    """Bind the deployments into one application (expert handles passed in by ``bind``)."""
-    from cscr.serve.ingress import Ingress
+def _unwrap(exc: BaseException) -> BaseException:
+    """The user-facing exception inside a Ray task error (a ProtocolError raised in a replica)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
 
-    if router_factory is not None:
-        source = {**source, "router_factory": router_factory}
-    pool = [s.name for s in specs]
-    router = RouterDeployment.options(**(router_options or {})).bind(  # type: ignore[attr-defined]
-        source, pool, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s,
-        torch_threads=torch_threads)
-    experts = {s.name: expert_application(s, torch_threads) for s in specs}
-    ingress = Ingress.options(ray_actor_options={"num_cpus": ingress_num_cpus})  # type: ignore[attr-defined]
-    return ingress.bind(router, experts, {s.name: s.model_dump() for s in specs}, settings.model_dump())
+
+def _replica_died(exc: BaseException) -> bool:
+    """The call failed because the replica serving it died (not because of the request)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return isinstance(exc, RayActorError | ActorDiedError | ActorUnavailableError | ReplicaUnavailableError)
+
+
+class HandleRouter:
+    """The Router deployment's handle as the router client of the completion and admin services.
+    Router calls are idempotent: one that met a dying replica is sent again (another replica, or
+    the one Serve starts in its place), so killing a Router replica fails no request."""
+
+    def __init__(self, handle: Any, retries: int = 3) -> None:
+        self.handle = handle
+        self.retries = retries
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                return await getattr(self.handle, method).remote(*args)
+            except Exception as exc:
+                if attempt < self.retries and _replica_died(exc):
+                    log.warning("router replica died during %s (%s): sending it again", method,
+                                type(exc).__name__)
+                    await asyncio.sleep(0.2 * (attempt + 1))
+                    continue
+                raise _unwrap(exc) from None
+        raise AssertionError("unreachable")
+
+    async def route(self, text: str, lam: float, max_cost: float | None = None,
+                    candidates: list[str] | None = None) -> RouteDecision:
+        return await self._call("route", text, lam, max_cost, candidates)  # type: ignore[no-any-return]
+
+    async def experts(self) -> dict[str, float]:
+        return await self._call("experts")  # type: ignore[no-any-return]
+
+    async def reference(self) -> CostReference:
+        return await self._call("reference")  # type: ignore[no-any-return]
+
+    async def check_descriptor(self, descriptor: list[float] | None) -> None:
+        await self._call("check_descriptor", descriptor)
+
+    async def fingerprint_plan(self) -> Any:
+        return await self._call("fingerprint_plan")
+
+
+
+class Launcher(Protocol):
+    """Starts and stops an expert's own Serve application (serve.app.ExpertLauncher)."""
+
+    def start(self, spec: ExpertSpec) -> str: ...  # -> the application's name, once it serves
+
+    def stop(self, app: str) -> None: ...
+
+    def handle(self, spec: ExpertSpec, app: str) -> Any: ...
+
+
+class HandleState:
+    """The PoolController's handle as the versioned pool state of the admin service."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except Exception as exc:
+            raise _unwrap(exc) from None
+
+    async def get(self) -> PoolRecord:
+        return await self._call("get")  # type: ignore[no-any-return]
+
+    async def commit(self, expected: int, record: PoolRecord) -> PoolRecord:
+        return await self._call("commit", expected, record)  # type: ignore[no-any-return]
+
+    async def converged(self, version: int, timeout_s: float) -> dict[str, list[str]]:
+        return await self._call("converged", version, timeout_s)  # type: ignore[no-any-return]
+
+    async def replicas(self) -> dict[str, dict[str, object]]:
+        return await self._call("replicas")  # type: ignore[no-any-return]
+
+
+class ServeExperts:
+    """Expert deployments' handles as the expert client (and live pool) of the services.
+
+    What it serves is a function of the pool record (``apply``): experts of the main application
+    use the handles bound there, the others are looked up by application name, so every ingress
+    replica holds the same map."""
+
+    def __init__(self, bound: dict[str, Any], launcher: Launcher) -> None:
+        self.bound = dict(bound)  # the main application's expert handles (constructor args)
+        self.launcher = launcher
+        self.handles: dict[str, Any] = {}
+        self.specs: dict[str, ExpertSpec] = {}
+        self.apps: dict[str, str] = {}  # expert -> its own application (record or pending start)
+        self._resolved: dict[tuple[str, str], Any] = {}
+
+    def apply(self, record: PoolRecord) -> None:
+        handles, specs, apps = {}, {}, {}
+        for e in record.experts:
+            if e.app is None:
+                if e.name not in self.bound:
+                    log.error("pool v%d: expert %r has no deployment in this application", record.version, e.name)
+                    continue
+                handles[e.name] = self.bound[e.name]
+            else:
+                key = (e.name, e.app)
+                if key not in self._resolved:
+                    self._resolved[key] = self.launcher.handle(e.spec, e.app)
+                handles[e.name] = self._resolved[key]
+                apps[e.name] = e.app
+            specs[e.name] = e.spec
+        self.handles, self.specs, self.apps = handles, specs, apps
+
+    def names(self) -> set[str]:
+        return set(self.handles)
+
+    def limit(self, name: str) -> int:
+        return self.specs[name].max_new_tokens
+
+    def backend(self, name: str) -> str | None:
+        spec = self.specs.get(name)
+        return spec.backend if spec is not None else None
+
+    async def generate(self, name: str, req: GenerationRequest) -> GenerationResult:
+        resp = self.handles[name].generate.remote(req)
+        try:
+            return await resp  # type: ignore[no-any-return]
+        except asyncio.CancelledError:  # timed out or the client left: stop the replica's work
+            resp.cancel()
+            raise
+
+    async def stream(self, name: str, req: GenerationRequest) -> AsyncIterator[str]:
+        gen = self.handles[name].options(stream=True).stream.remote(req)
+        finished = False
+        try:
+            async for piece in gen:
+                yield piece
+            finished = True
+        finally:
+            if not finished:
+                gen.cancel()
+
+    async def start(self, spec: ExpertSpec) -> str:
+        """Deploy ``spec`` as its own application (bounded by the launcher); not routed until a
+        committed pool record names it. A failed or abandoned start leaves no application."""
+        task = asyncio.ensure_future(asyncio.to_thread(self.launcher.start, spec))
+        try:
+            app = await asyncio.shield(task)
+        except asyncio.CancelledError:  # the admin call was abandoned: delete what it deployed
+            with contextlib.suppress(Exception):
+                app = await task
+                await asyncio.to_thread(self.launcher.stop, app)
+            raise
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(f"could not start expert {spec.name!r}: {exc}", status=400,
+                                code="expert_start_failed", param="expert") from None
+        return app
+
+    async def fingerprint(self, name: str, plan: Any, app: str | None = None) -> list[float]:
+        handle = self.handles.get(name)
+        if app is not None:  # started, not yet in a record
+            handle = self.launcher.handle(ExpertSpec(name=name, model="-"), app)
+        if handle is None:
+            raise ProtocolError(f"expert {name!r} is not served", status=404, code="expert_not_found")
+        try:
+            return await handle.fingerprint.remote(plan)  # type: ignore[no-any-return]
+        except Exception as exc:
+            raise _unwrap(exc) from None
+
+    async def discard(self, app: str) -> None:
+        """Delete an expert's own application, freeing its replicas."""
+        await asyncio.to_thread(self.launcher.stop, app)
+
+    async def stop(self, name: str) -> None:
+        app = self.apps.get(name)
+        if app is not None:
+            await self.discard(app)
+
+
+@serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=512,
+                  ray_actor_options={"num_cpus": 0.1})
+@serve.ingress()
+class Ingress:
+    async def __init__(self, router: Any, controller: Any,  # type: ignore[misc]  # Serve awaits it
+                       experts: dict[str, Any], completion: dict[str, Any],
+                       edge: dict[str, Any], launcher: Launcher, admin: dict[str, Any]) -> None:
+        from cscr.serve.metrics import ServeMetrics
+
+        self.router = HandleRouter(router)
+        self.experts = ServeExperts(experts, launcher)
+        self.completion = CompletionService(self.router, self.experts, CompletionSettings(**completion),
+                                            ServeMetrics())
+        self.admin = AdminService(self.router, self.experts, self.completion, state=HandleState(controller),
+                                  **admin)
+        self.edge = EdgeSettings(**edge)
+        self.follower = PoolFollower(controller, "Ingress", self.experts.apply)
+        await self.follower.start()
+
+    def __serve_build_asgi_app__(self) -> Any:
+        app = build_api(self.completion, self.admin, self.edge)
+        app.add_middleware(PoolVersionHeader, follower=self.follower)
+        return app
+
+
+class PoolVersionHeader:
+    """ASGI middleware: every response says which pool version this replica serves
+    (``x-cscr-pool-version``), unless the handler set the version it routed under."""
+
+    def __init__(self, app: Any, follower: PoolFollower) -> None:
+        self.app = app
+        self.follower = follower
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_version(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"x-cscr-pool-version" for k, _ in headers):
+                    headers.append((b"x-cscr-pool-version", str(self.follower.version).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_version)

@@ -1,4 +1,4 @@
-"""Serving metrics: Ray Serve's Prometheus metrics plus an in-process tally for /healthz.
+"""Serving metrics: an in-process tally (``Tally``) and, in Serve, Ray's Prometheus metrics on top.
 
 Exported (Prometheus names get Ray's ``ray_`` prefix; counters also a ``_total`` suffix):
 
@@ -27,8 +27,11 @@ _LATENCY_BOUNDARIES_MS = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 
 
 @dataclass
 class Tally:
-    """The same figures kept in memory (GET /healthz shows them; tests read them)."""
+    """The figures kept in memory (GET /healthz with the admin key shows them; tests read them).
 
+    Also the metrics sink of a ``CompletionService`` run without Ray."""
+
+    unit: str = "normalised"  # cost unit of the run (usd | params | normalised)
     routed: _Tally[str] = field(default_factory=_Tally)
     direct: _Tally[str] = field(default_factory=_Tally)
     fallbacks: int = 0
@@ -36,31 +39,42 @@ class Tally:
     cost_best: float = 0.0
     cost_chosen: float = 0.0
 
-    def as_dict(self, unit: str) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return {"routed": dict(self.routed), "direct": dict(self.direct), "fallbacks": self.fallbacks,
-                "failures": dict(self.failures), "cost_unit": unit,
+                "failures": dict(self.failures), "cost_unit": self.unit,
                 "estimated_cost_best_expert": self.cost_best, "estimated_cost_chosen": self.cost_chosen,
                 "estimated_cost_saved": self.cost_best - self.cost_chosen}
 
+    def failure(self, expert: str) -> None:
+        self.failures[expert] += 1
 
-class ServeMetrics:
-    """Counters and gauges of one ingress replica (create inside the replica)."""
+    def answered(self, expert: str, routed: bool, fallback: bool, best_cost: float, chosen_cost: float,
+                 routing_ms: float) -> None:
+        (self.routed if routed else self.direct)[expert] += 1
+        self.fallbacks += int(fallback)
+        if routed:
+            self.cost_best += best_cost
+            self.cost_chosen += chosen_cost
 
-    def __init__(self, unit: str) -> None:
+
+class ServeMetrics(Tally):
+    """The tally plus Ray Serve's Prometheus metrics (create inside the ingress replica)."""
+
+    def __init__(self, unit: str = "normalised") -> None:
         from ray.serve import metrics
 
-        self.unit = unit
-        self.tally = Tally()
-        self.routed = metrics.Counter("cscr_routed_requests", "requests answered, per expert",
-                                      tag_keys=("expert", "mode"))  # type: ignore[arg-type]  # Ray's stub says tuple[str]
-        self.fallbacks = metrics.Counter("cscr_fallbacks", "answers served by a fallback expert",
-                                         tag_keys=("expert",))
-        self.failures = metrics.Counter("cscr_expert_failures", "expert calls that failed or timed out",
-                                        tag_keys=("expert",))
-        self.cost_best = metrics.Counter("cscr_cost_best_expert",
-                                         "estimated cost had the best expert answered", tag_keys=("unit",))
-        self.cost_chosen = metrics.Counter("cscr_cost_chosen", "estimated cost of the answering experts",
-                                           tag_keys=("unit",))
+        super().__init__(unit=unit)
+        self.routed_counter = metrics.Counter("cscr_routed_requests", "requests answered, per expert",
+                                              tag_keys=("expert", "mode"))  # type: ignore[arg-type]  # Ray's stub says tuple[str]
+        self.fallback_counter = metrics.Counter("cscr_fallbacks", "answers served by a fallback expert",
+                                                tag_keys=("expert",))
+        self.failure_counter = metrics.Counter("cscr_expert_failures",
+                                               "expert calls that failed or timed out", tag_keys=("expert",))
+        self.cost_best_counter = metrics.Counter("cscr_cost_best_expert",
+                                                 "estimated cost had the best expert answered",
+                                                 tag_keys=("unit",))
+        self.cost_chosen_counter = metrics.Counter("cscr_cost_chosen",
+                                                   "estimated cost of the answering experts", tag_keys=("unit",))
         self.saved = metrics.Gauge("cscr_estimated_cost_saved",
                                    "estimated cost saved against always using the best expert",
                                    tag_keys=("unit",))
@@ -68,24 +82,20 @@ class ServeMetrics:
                                             boundaries=_LATENCY_BOUNDARIES_MS)
 
     def failure(self, expert: str) -> None:
-        self.tally.failures[expert] += 1
-        self.failures.inc(tags={"expert": expert})
+        super().failure(expert)
+        self.failure_counter.inc(tags={"expert": expert})
 
     def answered(self, expert: str, routed: bool, fallback: bool, best_cost: float, chosen_cost: float,
                  routing_ms: float) -> None:
-        mode = "routed" if routed else "direct"
-        (self.tally.routed if routed else self.tally.direct)[expert] += 1
-        self.routed.inc(tags={"expert": expert, "mode": mode})
+        super().answered(expert, routed, fallback, best_cost, chosen_cost, routing_ms)
+        self.routed_counter.inc(tags={"expert": expert, "mode": "routed" if routed else "direct"})
         if fallback:
-            self.tally.fallbacks += 1
-            self.fallbacks.inc(tags={"expert": expert})
+            self.fallback_counter.inc(tags={"expert": expert})
         if routed:
-            self.tally.cost_best += best_cost
-            self.tally.cost_chosen += chosen_cost
             tags = {"unit": self.unit}
             if best_cost > 0:  # Ray counters take only positive increments
-                self.cost_best.inc(float(best_cost), tags=tags)
+                self.cost_best_counter.inc(float(best_cost), tags=tags)
             if chosen_cost > 0:
-                self.cost_chosen.inc(float(chosen_cost), tags=tags)
-            self.saved.set(self.tally.cost_best - self.tally.cost_chosen, tags=tags)
+                self.cost_chosen_counter.inc(float(chosen_cost), tags=tags)
+            self.saved.set(self.cost_best - self.cost_chosen, tags=tags)
             self.routing_ms.observe(float(routing_ms))

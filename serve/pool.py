@@ -15,23 +15,21 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from cscr.serve.protocol import ExpertSpec
+from cscr.pool import ExpertSpec
 
 
-def spec_from_pool_entry(entry: Any, num_cpus: float = 0.25, num_gpus: float = 0.0) -> ExpertSpec:
-    """One ``cscr.pool.ExpertSpec`` -> the serving spec."""
+def spec_from_pool_entry(entry: ExpertSpec, num_cpus: float = 0.25, num_gpus: float = 0.0) -> ExpertSpec:
+    """One pool entry with the replica resources serving gives it, unless the entry sets its own
+    (black-box: at most 0.1 CPU and no GPU by default)."""
     if entry.kind == "recorded":
         raise ValueError(f"expert {entry.name!r} is recorded (its answers come from a routing table): "
                          "it cannot answer live prompts; serve open-weights or black-box experts")
     if entry.kind == "black-box":
-        return ExpertSpec(name=entry.name, backend="openai", model=entry.source.model,
-                          base_url=entry.source.base_url, api_key_env=entry.source.api_key_env,
-                          timeout_s=entry.timeout_s, retries=min(entry.max_retries, 10),
-                          max_concurrency=entry.max_concurrency, num_cpus=min(num_cpus, 0.1))
-    return ExpertSpec(name=entry.name, backend=entry.backend, model=entry.source.model,
-                      num_cpus=num_cpus, num_gpus=num_gpus)
+        num_cpus, num_gpus = min(num_cpus, 0.1), 0.0
+    given = entry.model_fields_set  # resources the pool file sets itself are kept
+    return entry.model_copy(update={"num_cpus": entry.num_cpus if "num_cpus" in given else num_cpus,
+                                    "num_gpus": entry.num_gpus if "num_gpus" in given else num_gpus})
 
 
 def specs_from_pool(path: str | os.PathLike[str], num_cpus: float = 0.25,
@@ -48,9 +46,11 @@ def specs_from_pool(path: str | os.PathLike[str], num_cpus: float = 0.25,
 
 def check_run_matches_pool(run_dir: str | os.PathLike[str], variant: str, pool: Sequence[str]) -> None:
     """Load the run's router (no encoder) and refuse it when its experts differ from the pool."""
-    from cscr.serve.service import ServiceError, load_router, pool_mismatch
+    from cscr.serve.service import ServiceError, pool_mismatch
 
-    router, _, _ = load_router(Path(run_dir), variant)
+    from cscr.runs.loader import load_router
+
+    router = load_router(Path(run_dir), variant)
     problem = pool_mismatch(router.expert_names, pool)
     if problem:
         raise ServiceError(f"the expert index of {run_dir} does not match the pool: {problem}")

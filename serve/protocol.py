@@ -15,14 +15,29 @@ name (that expert, no routing).
 
 from __future__ import annotations
 
+import hmac
 import math
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from cscr.pool import ExpertSpec  # the one expert spec type (the admin API's body)
 
 ROUTER_MODEL = "cscr"
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+# strict-ish types: JSON numbers only (``true`` is not 1), strings are not booleans
+Number = Annotated[float, BeforeValidator(_not_bool)]
+Count = Annotated[int, BeforeValidator(_not_bool)]
+Flag = Annotated[bool, Field(strict=True)]
 
 
 class ProtocolError(ValueError):
@@ -39,6 +54,17 @@ class ProtocolError(ValueError):
 
     def __reduce__(self) -> tuple:  # keep status and code across Ray's pickling
         return (type(self), (self.message, self.status, self.code, self.param, self.type))
+
+
+def check_bearer(authorization: str | None, key: str, what: str = "API key",
+                 code: str = "invalid_api_key") -> None:
+    """Refuse (401) an ``Authorization`` header that is not ``Bearer <key>``; the scheme is
+    case-insensitive (RFC 6750), the key compared in constant time."""
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+    if not ok:
+        raise ProtocolError(f"invalid or missing {what} (send 'Authorization: Bearer <key>')",
+                            status=401, code=code)
 
 
 # ---- errors (OpenAI's shape) ----
@@ -62,8 +88,8 @@ class ErrorResponse(BaseModel):
 class RoutingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    cost_weight: float | None = Field(None, description="lambda >= 0: the cost knob")
-    max_cost: float | None = Field(None, description="only experts with normalised cost <= this")
+    cost_weight: Number | None = Field(None, description="lambda >= 0: the cost knob")
+    max_cost: Number | None = Field(None, description="only experts with normalised cost <= this")
     candidates: list[str] | None = Field(None, description="route among these experts only")
 
 
@@ -90,12 +116,12 @@ class ChatMessage(BaseModel):
 
 class GenerationParams(RoutingFields):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: Count | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0.0, le=2.0)
+    top_p: Number | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
+    stream: Flag = False
+    n: Count = Field(1, ge=1, le=1)
     user: str | None = None
 
     def stop_list(self) -> list[str]:
@@ -106,7 +132,7 @@ class GenerationParams(RoutingFields):
 
 class ChatCompletionRequest(GenerationParams):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Count | None = Field(None, ge=1)
 
     def routing_text(self) -> str:
         """What the router embeds: the last user message (the query being answered)."""
@@ -188,35 +214,17 @@ class RouteDecision(BaseModel):
     cost_weight: float
     ranked: list[RankedExpert]  # best first; the fallback order
     routing_ms: float = 0.0
+    pool_version: int | None = None  # version of the live pool the decision was made on
 
 
 # ---- admin ----
-class ExpertSpec(BaseModel):
-    """How to serve one expert: its backend and where its weights or endpoint are."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._\-/]+$")
-    backend: Literal["transformers", "vllm", "openai"] = "transformers"
-    model: str = Field(..., min_length=1)  # packaged name / folder / GGUF / Hub id; upstream model name
-    base_url: str | None = None  # openai backend: the upstream API root, e.g. http://host:8000/v1
-    api_key_env: str | None = None  # openai backend: environment variable holding the key
-    timeout_s: float = Field(60.0, gt=0)  # one upstream call
-    retries: int = Field(2, ge=0, le=10)  # upstream retries on connection errors, 429 and 5xx
-    max_new_tokens: int = Field(256, ge=1)  # server-side cap on generated tokens
-    max_concurrency: int = Field(16, ge=1)  # requests in flight per replica
-    num_cpus: float = Field(0.25, ge=0)  # Ray resources of the expert's replica
-    num_gpus: float = Field(0.0, ge=0)
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # backend extras (vLLM engine args)
-
-
 class AddExpertRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     expert: ExpertSpec
-    cost: float = Field(..., ge=0.0, description="normalised cost c_m (1 = the pool's most expensive)")
-    descriptor: list[float] | None = None  # unit or not; normalised by the server
-    fingerprint: bool = False  # compute the descriptor on the fly (logit footprint on the run's probes)
+    cost: Number = Field(..., ge=0.0, description="normalised cost c_m (1 = the pool's most expensive)")
+    descriptor: list[Number] | None = None  # unit or not; normalised by the server
+    fingerprint: Flag = False  # compute the descriptor on the fly (logit footprint on the run's probes)
 
 
 class ExpertInfo(BaseModel):
@@ -251,6 +259,7 @@ class CscrInfo(BaseModel):
     routing_ms: float = 0.0
     fallback: bool = False
     failed: list[str] = Field(default_factory=list)  # experts tried first that failed or timed out
+    pool_version: int | None = None  # version of the live pool the request was routed under
 
 
 class ChatChoiceMessage(BaseModel):

@@ -1,30 +1,49 @@
 """RouterService: the routing decision as a plain object (no Ray, no HTTP; STYLE.md rule 7).
 
-It holds the frozen prompt encoder, a fitted router (CSCR: head + FAISS expert index; any router
-behind ``cscr.routers.base.Router`` works for decisions) and the cost knob. One decision:
+It holds the frozen prompt encoder, a fitted ``cscr.routers.base.Router`` (CSCR: head + FAISS
+expert index; any registered router works for decisions) and the cost knob. One decision is
+``Router.rank`` on the prompt's embedding, the same scoring ``cscr evaluate`` sweeps:
 
-    q = encode(prompt);  U = router utilities (top-k similarities, -inf elsewhere)
-    ranked = experts of the top-k sorted by  U[m] - lambda * c_m  (best first)
+    q = encode(prompt);  ranked = router.rank(q, lambda, candidates)
+    (CSCR: the top-k by  q . d_m - lambda * c_m, best first; the other candidates cheapest first)
 
-The ranked list is also the fallback order when an expert fails; candidates outside the top-k
-follow, cheapest first. Live pool changes (``add_expert`` / ``remove_expert``) are index updates
-delegated to the router; the head is never retrained.
+The ranked list is also the fallback order when an expert fails. Live pool changes
+(``add_expert`` / ``remove_expert``) go to routers that support them (``supports_live_pool``;
+CSCR: index updates, the head is never retrained). A ``RouterError`` (bad knob value, unknown
+candidate, ...) becomes the ``ProtocolError`` the HTTP edge answers with here, and only here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from cscr.serve.protocol import ProtocolError, RankedExpert, RouteDecision, check_lambda
+from cscr.serve.protocol import ProtocolError, RankedExpert, RouteDecision
+
+from cscr.data.table import RoutingTable
+from cscr.routers.base import Router, RouterError
 
 
 class ServiceError(ValueError):
     """The service cannot start as configured (e.g. the index does not match the pool)."""
+
+
+_PROTOCOL_PARAM = {"lambda": "cost_weight"}  # router input names -> request field names
+
+
+@contextlib.contextmanager
+def protocol_errors(param: str | None = None, status: int = 400) -> Iterator[None]:
+    """Turn the router's RouterError into the ProtocolError the HTTP edge answers with."""
+    try:
+        yield
+    except RouterError as exc:
+        field = _PROTOCOL_PARAM.get(exc.param or "", exc.param) or param
+        raise ProtocolError(str(exc), status=status, code=exc.code or "invalid_request", param=field) from exc
 
 
 class TextEncoder(Protocol):
@@ -44,44 +63,51 @@ class CostReference:
 class RouterService:
     """Encoder + router + cost knob. Thread-compatible, not thread-safe: call from one thread."""
 
-    def __init__(self, encoder: TextEncoder, router: Any, default_lambda: float = 0.0,
+    def __init__(self, encoder: TextEncoder, router: Router, default_lambda: float = 0.0,
                  max_prompt_chars: int = 32_000, reference: CostReference | None = None) -> None:
-        check_lambda(default_lambda)
-        router._check_fitted()
+        from cscr.routers.base import knob_values
+
+        router.check_fitted()
+        knob_values(default_lambda)  # RouterError at start-up: a configuration error, not a request's
         self.encoder = encoder
         self.router = router
         self.default_lambda = float(default_lambda)
         self.max_prompt_chars = int(max_prompt_chars)
         self.reference = reference or _default_reference(router)
         self.run_dir: Path | None = None  # the trained run, when loaded from one
-        self.descriptors: dict[str, str] = {}  # descriptor kind and basis id of the index
 
     def fingerprint_plan(self) -> Any:
         """What an on-the-fly fingerprint of a new expert must compute (serve.fingerprint)."""
         from cscr.serve.fingerprint import fingerprint_plan
 
+        basis = self.router.descriptor_basis
+        if basis is None:
+            raise ProtocolError(f"router {self.router.name!r} takes no expert descriptors: it does not support "
+                                "live expert changes", param="fingerprint", code="unsupported")
         if self.run_dir is None:
             raise ProtocolError("this router was not loaded from a run: send the expert's descriptor",
                                 param="fingerprint", code="unsupported")
-        return fingerprint_plan(self.run_dir, self.descriptors.get("kind", ""),
-                                self.descriptors.get("basis_id", ""))
+        return fingerprint_plan(self.run_dir, basis.kind, basis.basis_id)
 
     # ---- construction from a trained run ----
     @staticmethod
     def from_run(run_dir: str | Path, variant: str = "cscr", encoder: TextEncoder | None = None,
                  **kwargs: Any) -> RouterService:
-        """The run's trained router and the encoder its embeddings were made with (MiniLM by
-        default); an encoder other than the run's is refused."""
-        router, table, meta = load_router(run_dir, variant)
+        """The run's trained router and the encoder its embeddings were made with (the model and
+        long-prompt mode its manifest records); an encoder other than the run's is refused."""
+        from cscr.runs.inputs import Run
+        from cscr.runs.loader import load_router
+
+        run = Run.of(run_dir)
+        router = load_router(run, variant)
         if encoder is None:
             from cscr.encoder import Encoder
 
-            encoder = Encoder()
-        check_encoder(run_dir, encoder)
-        kwargs.setdefault("reference", reference_from_table(table, router))
+            encoder = Encoder.from_run(run_dir)
+        check_encoder(run, encoder)
+        kwargs.setdefault("reference", reference_from_table(run.table, router))
         service = RouterService(encoder, router, **kwargs)
-        service.run_dir = Path(run_dir)
-        service.descriptors = meta
+        service.run_dir = run.root
         return service
 
     # ---- pool ----
@@ -103,30 +129,28 @@ class RouterService:
         if descriptor is None:
             return
         vec = np.asarray(descriptor, dtype=np.float64).ravel()
-        dim = getattr(getattr(self.router, "index", None), "dim", None)
+        basis = self.router.descriptor_basis
+        dim = None if basis is None else basis.dim
         if dim is not None and vec.size != dim:
             raise ProtocolError(f"descriptor has dimension {vec.size}; the router's index takes {dim}",
                                 param="descriptor", code="bad_descriptor")
         if not np.isfinite(vec).all() or not np.any(vec):
             raise ProtocolError("descriptor is zero or not finite", param="descriptor", code="bad_descriptor")
 
+    def _live_pool(self) -> None:
+        if not self.router.supports_live_pool:
+            raise ProtocolError(f"router {self.router.name!r} does not support live expert changes",
+                                status=400, code="unsupported")
+
     def add_expert(self, name: str, cost: float, descriptor: Sequence[float]) -> None:
         self.check_descriptor(descriptor)
         if name in self.expert_names:
             raise ProtocolError(f"expert {name!r} is already in the pool", status=409, code="expert_exists")
-        if not hasattr(self.router, "add_expert"):
-            raise ProtocolError(f"router {self.router.name!r} does not support live expert changes",
-                                status=400, code="unsupported")
-        vec = np.asarray(descriptor, dtype=np.float32).ravel()
-        norm = float(np.linalg.norm(vec))
-        if not np.isfinite(norm) or norm == 0.0:
-            raise ProtocolError("descriptor is zero or not finite", param="descriptor")
-        if not np.isfinite(cost) or cost < 0:
-            raise ProtocolError(f"cost must be a finite number >= 0, got {cost}", param="cost")
-        try:
-            self.router.add_expert(name, vec / norm, float(cost))
-        except ValueError as exc:  # dimension mismatch and the like, named by the index
-            raise ProtocolError(str(exc), param="descriptor") from exc
+        self._live_pool()
+        vec = np.asarray(descriptor, dtype=np.float64).ravel()
+        unit = (vec / np.linalg.norm(vec)).astype(np.float32)  # any scale: non-zero, finite (checked above)
+        with protocol_errors(param="descriptor"):  # cost and dimension checked by the router
+            self.router.add_expert(name, unit, float(cost))
 
     def remove_expert(self, name: str) -> None:
         if name not in self.expert_names:
@@ -134,10 +158,9 @@ class RouterService:
                                 status=404, code="expert_not_found")
         if len(self.expert_names) == 1:
             raise ProtocolError("cannot remove the last expert of the pool", status=409, code="last_expert")
-        if not hasattr(self.router, "remove_expert"):
-            raise ProtocolError(f"router {self.router.name!r} does not support live expert changes",
-                                code="unsupported")
-        self.router.remove_expert(name)
+        self._live_pool()
+        with protocol_errors(param="expert"):
+            self.router.remove_expert(name)
 
     # ---- requests ----
     def check_prompt(self, text: str, param: str = "messages") -> None:
@@ -148,16 +171,10 @@ class RouterService:
                                 f"{self.max_prompt_chars}", param=param, code="prompt_too_long")
 
     def candidate_names(self, candidates: Sequence[str] | None, max_cost: float | None) -> list[str]:
-        """The experts routing may choose, after ``candidates`` and ``max_cost``."""
-        names = self.expert_names
-        if candidates is not None:
-            unknown = sorted(set(candidates) - set(names))
-            if unknown:
-                raise ProtocolError(f"unknown expert(s) in candidates: {unknown}; the pool has {names}",
-                                    param="candidates", code="unknown_expert")
-            if not candidates:
-                raise ProtocolError("candidates is empty", param="candidates")
-            names = [n for n in names if n in set(candidates)]
+        """The experts routing may choose, after ``candidates`` (checked by the router) and ``max_cost``."""
+        with protocol_errors(param="candidates"):
+            mask = self.router.candidate_mask(candidates)
+        names = [n for n, ok in zip(self.expert_names, mask, strict=True) if ok]
         if max_cost is not None:
             if not np.isfinite(max_cost) or max_cost < 0:
                 raise ProtocolError(f"max_cost must be a finite number >= 0, got {max_cost}",
@@ -177,27 +194,16 @@ class RouterService:
 
     def decide(self, emb: np.ndarray, lam: float | None = None, max_cost: float | None = None,
                candidates: Sequence[str] | None = None) -> list[RouteDecision]:
-        """One decision per embedding row (n, d) at one knob value."""
+        """One decision per embedding row (n, d) at one knob value: ``Router.rank``."""
         lam = self.default_lambda if lam is None else float(lam)
-        check_lambda(lam)
         allowed = self.candidate_names(candidates, max_cost)
-        names = self.expert_names
-        cands = None if len(allowed) == len(names) else allowed
-        u, pen = self.router.scored(emb, None, cands)  # (n, M), (M,) or (n, M)
-        pen = np.broadcast_to(pen, u.shape)
-        score = u - lam * pen  # (n, M); -inf outside the top-k and the candidates
-        allowed_mask = np.isin(names, allowed)
-        out = []
-        for i in range(u.shape[0]):
-            finite = np.isfinite(score[i])
-            order = [int(j) for j in np.argsort(-score[i], kind="stable") if finite[j]]
-            rest = [int(j) for j in np.argsort(pen[i], kind="stable") if allowed_mask[j] and not finite[j]]
-            ranked = [RankedExpert(name=names[j], score=float(score[i, j]), similarity=float(u[i, j]),
-                                   cost=float(pen[i, j])) for j in order]
-            ranked += [RankedExpert(name=names[j], score=None, similarity=None,
-                                    cost=float(pen[i, j])) for j in rest]
-            out.append(RouteDecision(chosen=ranked[0].name, cost_weight=lam, ranked=ranked))
-        return out
+        cands = None if len(allowed) == len(self.expert_names) else allowed
+        with protocol_errors():
+            ranked = self.router.rank(emb, lam, cands)
+        return [RouteDecision(chosen=r[0].expert, cost_weight=lam,
+                              ranked=[RankedExpert(name=e.expert, score=e.score, similarity=e.utility, cost=e.cost)
+                                      for e in r])
+                for r in ranked]
 
     def route(self, texts: Sequence[str], lam: float | None = None, max_cost: float | None = None,
               candidates: Sequence[str] | None = None) -> list[RouteDecision]:
@@ -210,11 +216,6 @@ class RouterService:
         for d in decisions:
             d.routing_ms = ms
         return decisions
-
-    def cost_saved(self, chosen: str) -> float:
-        """Estimated cost saved (raw units) by answering with ``chosen`` instead of the best expert."""
-        cost = self.expert_costs().get(chosen, self.reference.best_cost)
-        return (self.reference.best_cost - cost) * self.reference.scale
 
 
 def pool_mismatch(index: Sequence[str], pool: Sequence[str]) -> str | None:
@@ -230,13 +231,13 @@ def pool_mismatch(index: Sequence[str], pool: Sequence[str]) -> str | None:
     return "; ".join(parts) + " (serve the pool the run was trained on; add experts live with POST /v1/experts)"
 
 
-def _default_reference(router: Any) -> CostReference:
+def _default_reference(router: Router) -> CostReference:
     costs = np.asarray(router.costs, dtype=np.float64)
     j = int(np.argmax(costs))
     return CostReference(router.expert_names[j], float(costs[j]), 1.0, "normalised")
 
 
-def reference_from_table(table: Any, router: Any) -> CostReference:
+def reference_from_table(table: RoutingTable, router: Router) -> CostReference:
     """The best expert by mean train quality, and the raw scale of the normalised costs."""
     rows = table.split_index("train")
     if rows.size == 0:
@@ -250,53 +251,12 @@ def reference_from_table(table: Any, router: Any) -> CostReference:
     return CostReference(table.expert_names[j], float(mean_cost[j] / scale), scale, table.cost_unit)
 
 
-def load_router(run_dir: str | Path, variant: str = "cscr") -> tuple[Any, Any, dict[str, str]]:
-    """(fitted router, routing table, {"kind", "basis_id"} of its descriptors) of a trained run.
+def check_encoder(run: Any, encoder: Any) -> None:
+    """Refuse an encoder other than the one the run's prompt embeddings were made with
+    (``run``: a run folder or a cscr.runs.inputs.Run)."""
+    from cscr.runs.inputs import Run
 
-    CSCR variants are built from their parts (trained head + the run's descriptors of the table's
-    experts + c_m from the train split) without reading the prompt embeddings; any other
-    registered router is fitted the way ``cscr evaluate`` fits it.
-    """
-    from cscr.data.table import RoutingTable
-    from cscr.routers import RouterContext, get_router
-    from cscr.routers.cscr import CSCRRouter
-    from cscr.run import RunPaths
-
-    paths = RunPaths.of(run_dir)
-    table = RoutingTable.load(paths.require_table())
-    router = get_router(variant)
-    if isinstance(router, CSCRRouter):
-        from cscr.fingerprints.store import DescriptorStore
-        from cscr.trained import load_trained
-
-        trained = load_trained(paths.root, variant)
-        kind = trained.descriptor_kind or "probe-outcome"
-        store = DescriptorStore(paths.descriptors)
-        if not store.path.exists():
-            raise FileNotFoundError(f"{paths.root} has no descriptor store ({store.path})")
-        info = store.info(kind)
-        if trained.basis_id and info["basis_id"] != trained.basis_id:
-            raise ServiceError(f"the {kind} descriptors in {store.path} (basis {info['basis_id']}) are not the "
-                               f"ones the head was trained with (basis {trained.basis_id}): retrain")
-        descriptors = store.read(kind, experts=table.expert_names)
-        costs = dict(zip(table.expert_names, table.expert_costs(table.split_index("train")), strict=True))
-        router = type(router).from_parts(trained.head, descriptors, costs, top_k=trained.config.index.top_k,
-                                         kind=kind)
-        return router, table, {"kind": kind, "basis_id": str(info["basis_id"])}
-    from cscr.encoder import load_run_embeddings
-
-    emb = load_run_embeddings(paths.root)
-    return router.fit(RouterContext.from_table(table, emb, paths.root)), table, {}
-
-
-def check_encoder(run_dir: str | Path, encoder: Any) -> None:
-    """Refuse an encoder other than the one the run's prompt embeddings were made with."""
-    import json
-
-    from cscr.run import RunPaths
-
-    manifest = RunPaths.of(run_dir).embeddings / "manifest.json"
-    want = json.loads(manifest.read_text()).get("encoder_id") if manifest.exists() else None
+    want = Run.of(run).encoder_id
     have = getattr(encoder, "encoder_id", None)
     if want and have and want != have:
         raise ServiceError(f"the run was embedded with encoder {want}, the server loaded {have}: "

@@ -22,6 +22,12 @@ def _shared_data() -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _private_user_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own user cache (the shared prompt-embedding cache), never ~/.cache/cscr."""
+    monkeypatch.setenv("CSCR_CACHE_DIR", str(tmp_path_factory.mktemp("user-cache")))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = _shared_data()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from cscr.cli import main
 
-from cscr.run import RunPaths
+from cscr.runs.paths import RunPaths
 from cscr.synthetic import synthetic_table, write_synthetic_run
 
 ROUTERS = "oracle,random,pareto-random,knn,single"
@@ -120,7 +120,7 @@ def test_end_to_end_on_a_small_real_routerbench_table(shared_data, tmp_path, cap
 def test_heads_of_two_descriptor_kinds_are_evaluated_side_by_side(tmp_path, capsys):
     """`cscr train --descriptor-kind K` keeps models/cscr@K; `cscr evaluate` compares the kinds."""
     from cscr.fingerprints.store import DescriptorStore
-    from cscr.trained import load_trained
+    from cscr.runs.heads import load_trained
 
     table, emb, _ = synthetic_table(n=400, n_experts=4, dim=32, seed=1, probe_size=20)
     run = write_synthetic_run(tmp_path / "syn", table, emb)

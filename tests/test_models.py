@@ -39,7 +39,7 @@ def test_qwen_chunks_concatenate_in_order_to_a_gguf(tmp_path):
 def test_smollm2_converts_to_a_plain_folder_that_generates(smollm2_folder):
     cfg = json.loads((smollm2_folder / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["model_type"] == "llama" and cfg["vocab_size"] == 49152
-    from cscr.fingerprints.backends.hf import HFBackend
+    from cscr.llm.hf import HFBackend
 
     backend = HFBackend(str(smollm2_folder))
     assert backend.generate(["What is the capital of France?"], 12)[0].text.count("Paris") == 1
@@ -60,3 +60,24 @@ def test_unknown_names_and_paths_are_clear_errors(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2_folder():
     return local_model("smollm2")
+
+
+def test_the_one_tiny_lm_builder(tmp_path):
+    """tiny_random_lm: a trained tokenizer (optionally with a chat template) or a borrowed one;
+    the same seed gives the same weights; a folder built before is reused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cscr.models import tiny_random_lm
+
+    a = tiny_random_lm(tmp_path / "a", seed=4)
+    a2 = tiny_random_lm(tmp_path / "a2", seed=4)
+    wa = AutoModelForCausalLM.from_pretrained(a).transformer.wte.weight
+    assert (wa == AutoModelForCausalLM.from_pretrained(a2).transformer.wte.weight).all()
+    assert not AutoTokenizer.from_pretrained(a).chat_template
+    assert AutoTokenizer.from_pretrained(tiny_random_lm(tmp_path / "c", chat_template=True)).chat_template
+    smol = tiny_random_lm(tmp_path / "s", seed=1, tokenizer="smollm2")
+    tok = AutoTokenizer.from_pretrained(smol)
+    assert tok.chat_template and AutoModelForCausalLM.from_pretrained(smol).config.vocab_size == len(tok) == 49152
+    assert tiny_random_lm(tmp_path / "s", seed=99, tokenizer="smollm2") == smol  # reused, not rebuilt
+    with pytest.raises(ValueError, match="borrowed one keeps its own"):
+        tiny_random_lm(tmp_path / "x", tokenizer="smollm2", chat_template=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from cscr.config import ConfigError
-from cscr.pool import load_pool, pool_from_dict
+from cscr.pool import ExpertSpec, load_pool, pool_from_dict
 
 
 def test_example_pools_load(repo_root):
@@ -44,7 +44,11 @@ experts:
     (GOOD.replace("kind: open-weights", "kind: black-box"), "black-box expert 'a' needs source.base_url"),
     (GOOD.replace("kind: open-weights", "kind: recorded"), "recorded expert 'a' reads a routing table"),
     (GOOD + GOOD.replace("experts:\n", ""), "duplicate expert names ['a']"),
-    (GOOD.replace("    cost:", "    backend: tgi\n    cost:"), "experts.0.backend: Input should be 'transformers' or 'vllm'"),
+    (GOOD.replace("    cost:", "    backend: tgi\n    cost:"),
+     "experts.0.backend: Input should be 'transformers', 'vllm' or 'openai'"),
+    (GOOD.replace("    cost:", "    backend: openai\n    cost:"), "open-weights expert 'a': backend is transformers or vllm"),
+    (GOOD.replace("    cost: {n_params: 0.1}\n", ""), "expert(s) ['a'] need a cost"),
+    (GOOD.replace("name: a", "name: 'a b!'"), "experts.0.name: String should match pattern"),
 ])
 def test_bad_pools_give_one_clear_error(tmp_path, text, message):
     path = _write(tmp_path, text)
@@ -84,3 +88,21 @@ def test_cli_reports_a_bad_pool_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cscr: error: ") and "n_params" in err[0]
     assert main(["label", "--pool", str(bad), "--tasks", "builtin", "--out", str(tmp_path / "run")]) == 2
+
+
+def test_one_spec_type_for_the_pool_and_the_admin_api():
+    """The admin API's short form and a pool entry are the same ExpertSpec."""
+    short = ExpertSpec.model_validate({"name": "org/m-1.5b", "backend": "openai", "model": "up",
+                                       "base_url": "http://127.0.0.1:9/v1", "api_key_env": "K", "retries": 4})
+    entry = ExpertSpec.model_validate({"name": "org/m-1.5b", "kind": "black-box", "max_retries": 4,
+                                       "source": {"base_url": "http://127.0.0.1:9/v1", "model": "up", "api_key_env": "K"}})
+    assert short == entry and entry.backend == "openai" and entry.model == "up" and entry.cost is None
+    local = ExpertSpec.model_validate({"name": "m", "model": "smollm2", "max_new_tokens": 8})
+    assert (local.kind, local.backend, local.source.model, local.max_new_tokens) == ("open-weights", "transformers",
+                                                                                    "smollm2", 8)
+    assert ExpertSpec.model_validate(local.model_dump()) == local  # what travels to a replica comes back whole
+    with pytest.raises(ValueError, match="unknown|Extra inputs"):
+        ExpertSpec.model_validate({"name": "m", "model": "x", "surprise": 1})
+    with pytest.raises(ValueError, match="black-box expert 'm' is called through its OpenAI-compatible API"):
+        ExpertSpec.model_validate({"name": "m", "kind": "black-box", "backend": "vllm",
+                                   "source": {"base_url": "http://h/v1", "model": "x"}})

@@ -8,7 +8,7 @@ from cscr.cli import main
 
 from cscr.data import RoutingTable
 from cscr.encoder import load_run_embeddings
-from cscr.run import RunPaths
+from cscr.runs.paths import RunPaths
 
 
 def test_prepare_routerbench_table_and_summary(shared_data, tmp_path, capsys):

@@ -21,9 +21,9 @@ def _sweep(run, values=(0.0, 0.2)):
     """Two trials of the gamma grid with the sweep job's own trial pieces, then its summary writer."""
     from cscr.jobs.sweep import test_metrics, trial_inputs
 
-    from cscr.run import RunPaths
+    from cscr.runs.paths import RunPaths
     from cscr.sweep import apply_value, get_grid, summarize, write_sweep_report
-    from cscr.train import fit_head
+    from cscr.training import fit_head
 
     grid, trials = get_grid("gamma"), []
     for v in values:
@@ -61,6 +61,11 @@ def test_report_holds_every_piece_and_links_its_figures(runs, tmp_path):
     for r in ROUTERS:  # every evaluated router in alpha's main table
         assert f"| {r} |" in main_table
     assert "| expert-0 |" in main_table and "Routers not run on this data set:" in main_table
+    # single experts by their quality and cost (one point each: no AUDC, so never "AUDC 0.0000")
+    experts = main_table.split("Single experts")[1].split("![")[0]
+    assert "| expert | quality | cost (usd) |" in experts and "no AUDC of its own" in experts
+    e0 = json.loads((runs / "alpha" / "eval" / "metrics.json").read_text())["experts"]["expert-0"]
+    assert f"| {e0['quality']:.4f} | {e0['cost']:.4g} |" in experts
     assert "umr" in main_table.split("Routers not run on this data set:")[1]
     # significance row of CSCR against the strongest other router, as the evaluation recorded it
     metrics = json.loads((runs / "alpha" / "eval" / "metrics.json").read_text())

@@ -1,4 +1,5 @@
-"""The plain training loop: batches, learning, best epoch, resume, save/load, run folders, the CLI."""
+"""The one training loop (cscr.training): batches, learning, best epoch, resume, the validator passed
+in, save/load, run folders, the CLI."""
 
 from __future__ import annotations
 
@@ -12,18 +13,21 @@ from cscr.cli import main as cli
 from cscr.config import LossConfig, TrainConfig
 from cscr.fingerprints.probe_outcome import probe_outcome_descriptors
 from cscr.fingerprints.store import DescriptorStore
-from cscr.run import RunPaths
+from cscr.runs.heads import load_trained, save_trained
+from cscr.runs.paths import RunPaths
 from cscr.synthetic import synthetic_table, write_synthetic_run
-from cscr.train import (
+from cscr.training import (
     TrainState,
     epoch_batches,
     fit_head,
+    head_for,
+    init_training,
     prepare_arrays,
-    train_run,
+    run_epochs,
     validation_audc,
     variant_config,
 )
-from cscr.trained import load_trained, save_trained
+from cscr.training.plain import train_run
 
 FAST = TrainConfig(epochs=3, batch_size=128)
 
@@ -80,8 +84,6 @@ def test_training_learns_and_keeps_the_best_epoch(synth, trained):
     # and it routes better than an untrained head
     with torch.random.fork_rng():
         torch.manual_seed(123)
-        from cscr.train import head_for
-
         untrained = head_for(arrays, variant_config(FAST, "cscr"))
     assert trained.best_val_audc > validation_audc(untrained, arrays, FAST.index.top_k)
     assert trained.config.head.out_dim == arrays.descriptors.shape[1]
@@ -102,6 +104,51 @@ def test_resuming_from_a_state_continues_exactly(synth):
         assert h_a["train_loss"] == pytest.approx(h_b["train_loss"], rel=1e-6)
     for (k, a), b in zip(straight.head.state_dict().items(), resumed.head.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=k)
+
+
+def test_the_loop_takes_its_validation_as_a_callable(synth, trained):
+    _, _, arrays = synth
+    seen: list[int] = []
+
+    def by_hand(head):  # the default validator's score, recorded per call
+        seen.append(len(seen))
+        return validation_audc(head, arrays, FAST.index.top_k)
+
+    same = fit_head(arrays, FAST, "cscr", log=None, validate=by_hand)
+    assert seen == [0, 1, 2]  # once per epoch
+    assert [h["val_audc"] for h in same.history] == [h["val_audc"] for h in trained.history]
+    # without validation the best epoch is the lowest train loss, and no AUDC is recorded
+    blind = fit_head(arrays, FAST, "cscr", log=None, validate=lambda head: None)
+    assert all(h["val_audc"] is None for h in blind.history) and blind.best_val_audc is None
+    losses = [h["train_loss"] for h in blind.history]
+    assert blind.best_epoch == 1 + losses.index(min(losses))
+    assert losses == pytest.approx([h["train_loss"] for h in trained.history], rel=1e-6)
+
+
+def test_one_loop_for_every_worker_shards_the_epoch(synth):
+    """run_epochs as worker ``rank`` of ``world`` trains its shard; the record counts the global prompts."""
+    _, _, arrays = synth
+    cfg = TrainConfig(epochs=1, batch_size=128)
+    records = []
+    for rank in range(2):
+        head, opt, state = init_training(arrays, cfg)
+        state = run_epochs(arrays, cfg, head, opt, state, None, rank=rank, world=2, extra={"workers": 2})
+        records.append(state.history[-1])
+    assert [r["prompts"] for r in records] == [2.0 * (arrays.n // 2)] * 2
+    assert records[0]["workers"] == 2 and records[0]["val_audc"] is None
+    assert records[0]["train_loss"] != records[1]["train_loss"]  # different shards
+
+
+def test_the_loop_module_does_not_import_the_routers():
+    """Validation is passed in: loading the loop loads no router (no circle through cscr.routers.cscr)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cscr.training.loop, cscr.training.arrays; "
+            "print(sorted(m for m in sys.modules if m.startswith(('cscr.routers', 'cscr.trained', 'cscr.run'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_variants():

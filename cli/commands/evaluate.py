@@ -6,11 +6,14 @@
 Router names: any registered router (``cscr evaluate --list``); ``single`` expands to one
 router per expert (each a single point), ``single:NAME`` is one expert; ``cscr@KIND`` (or
 ``vanilla@KIND``) is the head trained with descriptor kind KIND (``cscr train --descriptor-kind
-KIND`` keeps one per kind), so descriptor kinds are compared on the same run. Prints AUDC / QNC /
+KIND`` keeps one per kind), so descriptor kinds are compared on the same run. Every router is
+loaded with ``cscr.runs.loader.load_router``, as ``cscr serve`` loads it. Prints AUDC / QNC /
 peak per router and writes report.md, metrics.json, metrics.csv and deferral.png into
 ``<run>/eval`` (or ``--out``). ``--compare NAME`` adds the paired bootstrap (delta AUDC, 95%
 interval, one-sided p) and McNemar's exact test at a matched budget of NAME against the
-strongest other router (by AUDC, the oracle excluded), printed under the table.
+strongest other router (by AUDC, the oracle excluded), printed under the table. Each trained head
+evaluated is named above the table: its folder, descriptor kind and basis, k, when it was trained,
+its best epoch and validation AUDC.
 """
 
 from __future__ import annotations
@@ -23,9 +26,8 @@ from typing import Any
 
 from cscr.config import EvalConfig
 from cscr.errors import InputError
-from cscr.run import RunPaths
 
-DEFAULT_ROUTERS = "oracle,random,pareto-random,knn,single"
+DEFAULT_ROUTERS = "oracle,random,pareto-random,per-category,knn,single"
 TRAINED_HEADS = ("cscr", "vanilla")  # routers that load models/<variant>[@<kind>]
 
 
@@ -48,11 +50,13 @@ def register(subparsers: Any) -> None:
                    help="correctness threshold on quality for McNemar")
     p.add_argument("--out", default=None, help="report folder (default: <run>/eval)")
     p.add_argument("--list", action="store_true", help="list the available routers and exit")
+    p.add_argument("--log-cost", action="store_true", help="deferral plot with a logarithmic cost axis")
     p.set_defaults(func=run)
 
 
 def parse_routers(spec: str, expert_names: list[str], available: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
-    """[(display name, registry name, kwargs)] from ``a,b,single,single:NAME``; clear errors."""
+    """[(display name, variant for ``load_router``, router kwargs)] from ``a,b,cscr@KIND,single,single:NAME``;
+    clear errors."""
     from cscr.routers.base import RouterError
 
     names = [s.strip() for s in spec.split(",") if s.strip()]
@@ -76,7 +80,7 @@ def parse_routers(spec: str, expert_names: list[str], available: list[str]) -> l
         elif arg:
             raise RouterError(f"router {base!r} takes no ':' argument (got {name!r})")
         elif at:
-            out.append((base, head_of, {"variant": base}))
+            out.append((base, base, {}))
         else:
             out.append((base, base, {}))
     displays = [d for d, _, _ in out]
@@ -90,8 +94,29 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def head_lines(paths: Any, variants: list[str], log: Any = _log) -> list[str]:
+    """One line per trained head among ``variants`` (which head is evaluated); a line on stderr
+    for a plain ``cscr`` / ``vanilla`` head trained with another descriptor kind than the run's
+    last training (cscr.runs.settings)."""
+    from cscr.runs.settings import head_config, head_line, recorded_training
+
+    heads = [v for v in variants if v.partition("@")[0] in TRAINED_HEADS]
+    if not heads:
+        return []
+    rec = recorded_training(paths)
+    for v in heads:
+        kind = (head_config(paths, v) or {}).get("descriptor_kind")
+        if "@" not in v and rec is not None and rec.descriptor_kind and kind and kind != rec.descriptor_kind:
+            log(f"cscr: note: {v} was trained with {kind!r} descriptors, the run's last training "
+                f"({rec.source.name}) with {rec.descriptor_kind!r}: `--routers {v}@{rec.descriptor_kind}` "
+                "evaluates that one")
+    return [line for line in (head_line(paths, v) for v in heads) if line]
+
+
 def run(args: argparse.Namespace) -> int:
-    from cscr.routers import RouterContext, available_routers, get_router
+    from cscr.routers import available_routers
+    from cscr.runs.inputs import Run
+    from cscr.runs.loader import load_router
 
     available = available_routers()
     if args.list:
@@ -100,12 +125,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.run:
         raise InputError("--run is required (a folder made by `cscr prepare`)")
     cfg = EvalConfig(n_lambdas=args.lambdas, bootstrap=args.bootstrap, seed=args.seed, binarize_at=args.binarize_at)
-    paths = RunPaths.of(args.run)
-    paths.require_table()
-
-    from cscr.data.table import RoutingTable
-
-    table = RoutingTable.load(paths.table)
+    folder = Run.of(args.run)
+    paths = folder.paths
+    table = folder.table
     candidates = None
     if args.candidates:
         candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
@@ -115,19 +137,17 @@ def run(args: argparse.Namespace) -> int:
     specs = parse_routers(args.routers, candidates or table.expert_names, available)
     if args.compare is not None and args.compare not in [d for d, _, _ in specs]:
         raise InputError(f"--compare {args.compare!r} is not among --routers ({', '.join(d for d, _, _ in specs)})")
-    from cscr.encoder import load_run_embeddings
-
-    emb = load_run_embeddings(paths.root)
+    emb = folder.embeddings
     rows = table.split_index(args.split)
     if len(rows) == 0:
         raise InputError(f"{paths.root}: the table has no {args.split} prompts")
 
-    ctx = RouterContext.from_table(table, emb, paths.root, seed=cfg.seed)
     routers = {}
-    for display, name, kwargs in specs:
+    for display, variant, kwargs in specs:
         t0 = time.perf_counter()
-        routers[display] = get_router(name, **kwargs).fit(ctx)
+        routers[display] = load_router(folder, variant, seed=cfg.seed, **kwargs)
         _log(f"evaluate: fitted {display} ({time.perf_counter() - t0:.1f}s)")
+    heads = head_lines(paths, [v for _, v, _ in specs])
 
     from cscr.eval.evaluate import evaluate_routers
     from cscr.eval.report import format_header, format_table, write_report
@@ -138,8 +158,11 @@ def run(args: argparse.Namespace) -> int:
     _log(f"evaluate: swept {len(routers)} routers over {len(result.rows)} {args.split} prompts "
          f"({time.perf_counter() - t0:.1f}s)")
     out_dir = Path(args.out).expanduser() if args.out else paths.eval
-    written = write_report(result, out_dir)
+    written = write_report(result, out_dir, title=f"Deferral curves: {paths.root.name} ({args.split} split, "
+                           f"{len(result.rows)} prompts)", log_cost=args.log_cost)
     print(format_header(result))
+    for line in heads:
+        print(line)
     print()
     print(format_table(result))
     for s in result.significance:

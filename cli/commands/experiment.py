@@ -12,9 +12,12 @@ metrics.json, metrics.csv and deferral PNGs into ``<run>/experiments/<name>`` an
 routers that could not take part, with the reason. CSCR is compared with the strongest other
 router (paired bootstrap, McNemar) on every evaluation set that matters.
 
-Descriptors come from the run's store (``--descriptor KIND``; probe-outcome by default, computed
-from the probe split when missing). For ood with probe-outcome descriptors they are recomputed
-from the training group's probe prompts only, so no held-out prompt is seen.
+Descriptors come from the run's store (``--descriptor KIND``; by default the kind the run was
+last trained with, else probe-outcome, which unseen-experts first computes from the probe split,
+an explicit step written to the store: cscr.runs.descriptors.prepare_descriptors). CSCR trains
+with the hyperparameters the run was last trained with (RUN/settings.json; one line says which),
+with ``--seed`` and ``--epochs`` over them. For ood with probe-outcome descriptors they are
+computed in memory from the training group's probe prompts only, so no held-out prompt is seen.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 from cscr.config import EvalConfig, TrainConfig, asdict
 from cscr.errors import InputError
-from cscr.run import RunPaths
+from cscr.runs.paths import RunPaths
 
 UNSEEN_ROUTERS = "cscr,vanilla,umr,knn,pareto-random,thompson,random,oracle,parametric,softmax-gate,soft-moe"
 OOD_ROUTERS = "cscr,vanilla,umr,knn,parametric,softmax-gate,soft-moe,thompson,pareto-random,random,oracle"
@@ -48,8 +51,10 @@ def register(subparsers: Any) -> None:
     common.add_argument("--run", required=True, help="run folder made by `cscr prepare`")
     common.add_argument("--seed", type=int, default=0, help="seed of the split, the training and random routers")
     common.add_argument("--descriptor", default=None, metavar="KIND",
-                        help="descriptor kind from the run's store (default: probe-outcome)")
-    common.add_argument("--epochs", type=int, default=None, help="CSCR training epochs (default 10)")
+                        help="descriptor kind from the run's store (default: the kind the run was last trained "
+                             "with, else probe-outcome)")
+    common.add_argument("--epochs", type=int, default=None,
+                        help="CSCR training epochs (default: the run's last training's, else 10)")
     common.add_argument("--lambdas", type=int, default=EvalConfig.n_lambdas, help="knob values per sweep")
     common.add_argument("--bootstrap", type=int, default=EvalConfig.bootstrap, help="paired bootstrap resamples")
     common.add_argument("--out", default=None, help="output folder (default: <run>/experiments/<name>)")
@@ -94,21 +99,24 @@ def _routers(spec: str) -> list[str]:
     return names
 
 
-def _configs(args: argparse.Namespace) -> tuple[TrainConfig, EvalConfig]:
-    train = TrainConfig(seed=args.seed)
+def _configs(args: argparse.Namespace) -> tuple[TrainConfig, EvalConfig, str | None]:
+    """(TrainConfig, EvalConfig, descriptor kind): the run's recorded training settings
+    (cscr.runs.settings, said in one line) with --seed, --epochs and --descriptor over them."""
+    from cscr.runs.settings import training_defaults
+
+    given = {"seed"} | ({"epochs"} if args.epochs is not None else set())
+    rec = training_defaults(args.run, kind=args.descriptor, kind_flag="--descriptor", given=given, log=_log)
+    train = dataclasses.replace(rec.train or TrainConfig(), seed=args.seed)
     if args.epochs is not None:
         train = dataclasses.replace(train, epochs=args.epochs)
-    return train, EvalConfig(n_lambdas=args.lambdas, bootstrap=args.bootstrap, seed=args.seed)
+    return train, EvalConfig(n_lambdas=args.lambdas, bootstrap=args.bootstrap, seed=args.seed), rec.descriptor_kind
 
 
 def _load(args: argparse.Namespace) -> tuple[RunPaths, Any, Any]:
-    from cscr.data.table import RoutingTable
-    from cscr.encoder import load_run_embeddings
+    from cscr.runs.inputs import Run
 
-    paths = RunPaths.of(args.run)
-    paths.require_table()
-    table = RoutingTable.load(paths.table)
-    return paths, table, load_run_embeddings(paths.root)
+    run = Run.of(args.run)
+    return run.paths, run.table, run.embeddings
 
 
 def _compare_cscr(result: Any) -> None:
@@ -138,11 +146,11 @@ def _finish(written: dict[str, Path]) -> int:
 def run_unseen_cmd(args: argparse.Namespace) -> int:
     from cscr.experiments.report import write_unseen
     from cscr.experiments.unseen import run_unseen, split_experts
-    from cscr.trained import DEFAULT_KIND, ensure_descriptors
+    from cscr.runs.descriptors import prepare_descriptors, read_descriptors
 
     routers = _routers(args.routers)
-    train, ev = _configs(args)
     paths, table, emb = _load(args)
+    train, ev, kind = _configs(args)
     if args.unseen:
         unseen = [s.strip() for s in args.unseen.split(",") if s.strip()]
         unknown = sorted(set(unseen) - set(table.expert_names))
@@ -153,7 +161,8 @@ def run_unseen_cmd(args: argparse.Namespace) -> int:
     else:
         seen, unseen = split_experts(table, args.frac, args.seed)
     _log(f"unseen-experts: training on {len(seen)} experts, holding out {unseen}")
-    desc, kind, basis = ensure_descriptors(paths.root, table, args.descriptor or DEFAULT_KIND, _log)
+    kind = prepare_descriptors(paths, kind, table, _log)
+    desc, kind, basis = read_descriptors(paths, table.expert_names, kind)
     res = run_unseen(table, emb, routers, seen, unseen, train, ev, desc, args.seed, _log)
     for name, why in res.excluded.items():
         _log(f"unseen-experts: {name} cannot take part: {why}")
@@ -213,17 +222,17 @@ def ood_splits(table: Any, split: str, group: str | None = None) -> list[Any]:
 def run_ood_cmd(args: argparse.Namespace) -> int:
     from cscr.experiments.ood import run_ood
     from cscr.experiments.report import slug, write_ood
-    from cscr.trained import DEFAULT_KIND, ensure_descriptors
+    from cscr.runs.descriptors import DEFAULT_KIND, read_descriptors
 
     routers = _routers(args.routers)
-    train, ev = _configs(args)
     paths, table, emb = _load(args)
+    train, ev, kind = _configs(args)
     split = resolve_split(args.split, {str(c) for c in table.categories if str(c).strip()})
     splits = ood_splits(table, split, args.group)
-    kind = args.descriptor or DEFAULT_KIND
+    kind = kind or DEFAULT_KIND
     desc, basis = None, "per split: probe prompts of the training group"
     if kind != DEFAULT_KIND:  # fingerprints from the store (their probe prompts may include any group)
-        desc, kind, basis = ensure_descriptors(paths.root, table, kind, _log)
+        desc, kind, basis = read_descriptors(paths, table.expert_names, kind)
     results = []
     for i, s in enumerate(splits, 1):
         _log(f"ood[{split}] {i}/{len(splits)}: train on {s.train_group}, test on {s.test_group} ({s.counts})")

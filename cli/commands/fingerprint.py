@@ -4,9 +4,9 @@
     cscr fingerprint --pool examples/pools/routerbench.yaml --run runs/routerbench
 
 The same job as ``ray job submit --working-dir . -- python jobs/fingerprint.py ...``
-(jobs/fingerprint.py): logit footprints for open-weights experts, perplexity fingerprints for
+(jobs/fingerprint.py, the same options): logit footprints for open-weights experts, perplexity fingerprints for
 black-box and recorded ones, written to RUN/descriptors.parquet; finished experts are skipped
-unless --force.
+unless --force. ``--address`` joins a running cluster instead.
 """
 
 from __future__ import annotations
@@ -14,29 +14,25 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cscr.errors import InputError
+from cscr.jobs.data_options import add_fingerprint_options, fingerprint_config
 
 
 def register(subparsers: Any) -> None:
-    from cscr.jobs.fingerprint import add_arguments
-
     p = subparsers.add_parser("fingerprint", help="compute expert descriptors (logit / perplexity) for a pool",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray cluster")
+    add_fingerprint_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cscr.pool import load_pool
-    from cscr.run import RunPaths
+    from cscr.jobs.fingerprint import describe
+    from cscr.jobs.fingerprint import run as fingerprint_job
 
-    if not args.pool or not args.run:
-        raise InputError("--pool and --run are required")
-    pool = load_pool(args.pool)
-    from cscr.jobs.fingerprint import fingerprint_local
+    job = fingerprint_config(args)
+    out = fingerprint_job(job)
+    if job.run is not None and not job.smoke_test:  # the run's settings record (cscr.runs.settings)
+        from cscr.runs.settings import record_settings
 
-    out = fingerprint_local(pool, args.run, args)
-    print(f"fingerprinted {len(out['done'])} expert(s) ({', '.join(out['done']) or 'none'}), skipped "
-          f"{len(out['skipped'])}, {out['probes']} probes, {out['seconds']:.1f}s -> {RunPaths.of(args.run).descriptors}")
+        record_settings(job.run, "fingerprint", {"pool": job.pool, "kinds": out.basis, "experts": out.done + out.skipped})
+    print(describe(out))
     return 0

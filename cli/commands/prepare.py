@@ -15,16 +15,17 @@ import argparse
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from cscr.jobs.data_options import add_embed_ray_options, add_encoder_options, embed_config
 
-from cscr.config import DataConfig, EncoderConfig
-from cscr.data.table import SPLITS, RoutingTable
-from cscr.errors import InputError
-from cscr.run import RunPaths
+from cscr.config import DataConfig, asdict
+from cscr.runs.paths import RunPaths
 
-DATASETS = ["routerbench", "llmrouter", "routellm", "embedllm", "mixinstruct", "generic"]
+if TYPE_CHECKING:
+    from cscr.data.table import RoutingTable
+
+DATASETS = ["routerbench", "llmrouter", "routellm", "embedllm", "mixinstruct", "routerarena", "generic"]
 
 
 def register(subparsers: Any) -> None:
@@ -35,21 +36,27 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="run folder to write (e.g. runs/routerbench)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="loader option, repeatable (routellm subset=mmlu|gsm8k|both, prices=FILE; "
-                        "mixinstruct metric=bertscore; generic file=PATH; llmrouter answer_tokens=128)")
+                        "mixinstruct metric=bertscore; generic file=PATH|FOLDER, prices=FILE, clip_quality=true, "
+                        "FIELD=dotted.path e.g. quality=evaluation_result.score; routerarena prices=FILE, "
+                        "cost_source=tokens|recorded, clip_quality=true; llmrouter answer_tokens=128)")
     p.add_argument("--cost", choices=["usd", "params"], default="usd", help="cost unit where the source offers both")
     p.add_argument("--missing", choices=["mask", "drop"], default="mask", help="rows with an empty quality cell")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--probe-size", type=int, default=192)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--encoder", default=None, help="sentence-transformers path or Hub id (default: packaged all-MiniLM-L6-v2)")
-    p.add_argument("--batch-size", type=int, default=64, help="encoder batch size")
+    add_encoder_options(p)
+    p.add_argument("--embedding-cache", default=None, metavar="DIR|off",
+                   help="shared prompt-embedding cache (default: $CSCR_CACHE_DIR/embeddings or ~/.cache/cscr/embeddings)")
     p.add_argument("--no-embed", action="store_true", help="write the table only")
-    p.add_argument("--ray", action="store_true", help="embed with Ray Data (jobs/embed.py) on a local cluster")
-    p.add_argument("--workers", type=int, default=2, help="Ray actors for --ray")
+    p.add_argument("--ray", action="store_true",
+                   help="embed with Ray Data (jobs/embed.py; the shared cache is not used) with these options:")
+    add_embed_ray_options(p.add_argument_group("--ray"))
     p.set_defaults(func=run)
 
 
 def parse_options(items: list[str]) -> dict[str, str]:
+    from cscr.errors import InputError
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -60,6 +67,10 @@ def parse_options(items: list[str]) -> dict[str, str]:
 
 
 def summary(table: RoutingTable) -> str:
+    import numpy as np
+
+    from cscr.data.table import SPLITS
+
     rows = ", ".join(f"{s} {int((table.splits == s).sum())}" for s in SPLITS)
     missing = int(np.isnan(table.quality).sum())
     lines = [
@@ -91,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     table = load_dataset(args.dataset, cfg, **parse_options(args.option))
     paths = RunPaths.of(args.out)
     table.save(paths.table)
+    from cscr.runs.settings import record_settings
+
+    # the run's settings record; the embedding manifest records the encoder
+    record_settings(paths, "prepare", {**asdict(cfg), "options": parse_options(args.option)})
     t_table = time.perf_counter() - t0
     print(f"cscr prepare: {args.dataset} -> {paths.root}")
     print(summary(table))
@@ -98,16 +113,26 @@ def run(args: argparse.Namespace) -> int:
     if args.no_embed:
         return 0
     t1 = time.perf_counter()
-    enc_cfg = EncoderConfig(model=args.encoder, batch_size=args.batch_size)
+    job = embed_config(args, run=str(paths.root))
+    enc_cfg = job.encoder
     if args.ray:
-        from cscr.jobs.embed import embed_table_local_ray
+        from cscr.jobs.embed import run as embed_job
 
-        emb = embed_table_local_ray(table, paths.embeddings, enc_cfg, workers=args.workers)
+        emb = embed_job(job, table).vectors
     else:
         from cscr.encoder import embed_table, get_encoder
 
-        emb = embed_table(table, get_encoder(enc_cfg), paths.embeddings)
-    print(f"embeddings  {paths.embeddings} ({emb.shape[0]} x {emb.shape[1]}, {time.perf_counter() - t1:.1f}s)")
+        shared = {None: True, "off": False}.get(args.embedding_cache, args.embedding_cache)
+        emb = embed_table(table, get_encoder(enc_cfg), paths.embeddings, shared=shared)
+    print(f"embeddings  {paths.embeddings} ({emb.shape[0]} x {emb.shape[1]}, long prompts: {enc_cfg.long_prompt}, "
+          f"{time.perf_counter() - t1:.1f}s)")
+    from cscr.encoder import distinctness, distinctness_warning
+
+    dist = distinctness(table.texts, emb)
+    print(f"distinct    {dist.line()}")
+    warning = distinctness_warning(dist, enc_cfg.long_prompt)
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"total       {time.perf_counter() - t0:.1f}s")
     sys.stdout.flush()
     return 0

@@ -5,17 +5,24 @@
     #   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...).chat.completions.create(
     #       model="cscr", messages=[...], extra_body={"cost_weight": 0.3})
 
-Starts an embedded local Ray cluster (or joins one with --address, e.g. on a cluster started from
-cluster.yaml) and deploys the Serve application of serve/app.py: one Router, one Expert per pool
-entry, the ingress. The run's expert index must match the pool (refused otherwise, before
-anything starts). Ctrl-C stops it.
+Starts an embedded local Ray cluster with Ray's token auth (or joins one with --address, e.g. on
+a cluster started from cluster.yaml) and deploys the Serve application of serve/app.py: the pool
+controller, the Router (--router-replicas, or autoscaling with --max-replicas), one application
+per expert, the ingress (--ingress-replicas). The run's expert index must match the pool (refused
+otherwise, before anything starts). The live pool is saved in --state-dir (default RUN/serve-state)
+on every admin change, and restored from there on the next start. Ctrl-C or SIGTERM stops it;
+exit code 3 when its Ray cluster dies.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 from typing import Any
+
+from cscr.jobs.data_options import add_cluster_options
 
 
 def register(subparsers: Any) -> None:
@@ -29,7 +36,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--api-key", default=None,
                    help="bearer key clients must send (default: $CSCR_API_KEY; none: open)")
     p.add_argument("--admin-key", default=None,
-                   help="bearer key for /v1/experts (default: $CSCR_ADMIN_KEY, else the API key)")
+                   help="bearer key of the admin API (/v1/experts, /healthz details); default: "
+                        "$CSCR_ADMIN_KEY; none: the admin API is disabled. Must differ from the API key")
+    p.add_argument("--enable-docs", action="store_true",
+                   help="serve /docs, /redoc and /openapi.json (off by default)")
     p.add_argument("--cost-weight", type=float, default=0.0,
                    help="lambda when a request names none (default: 0)")
     p.add_argument("--expert-timeout", type=float, default=120.0,
@@ -37,22 +47,52 @@ def register(subparsers: Any) -> None:
     p.add_argument("--expert-cpus", type=float, default=None, help="Ray CPUs per expert replica")
     p.add_argument("--expert-gpus", type=float, default=None,
                    help="GPUs per open-weights expert replica (1 for vLLM on GPU clusters)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray cluster")
-    p.add_argument("--address", default=None,
-                   help="join this Ray cluster instead of starting one (e.g. 'auto' on a cluster head)")
+    p.add_argument("--state-dir", default=None,
+                   help="folder of the durable pool record (default: RUN/serve-state); the latest "
+                        "version there is served on start")
+    p.add_argument("--router-replicas", type=int, default=1, help="Router replicas (default: 1)")
+    p.add_argument("--ingress-replicas", type=int, default=1, help="Ingress (HTTP) replicas (default: 1)")
+    p.add_argument("--min-replicas", type=int, default=None,
+                   help="autoscaling: fewest Router/Ingress replicas (default: 1; needs --max-replicas)")
+    p.add_argument("--max-replicas", type=int, default=None,
+                   help="autoscaling: most Router/Ingress replicas (set: Serve autoscales both)")
+    p.add_argument("--target-ongoing-requests", type=float, default=8.0,
+                   help="autoscaling: ongoing requests per replica Serve aims at (default: 8)")
+    p.add_argument("--expert-deploy-timeout", type=float, default=600.0,
+                   help="seconds an expert added at run time may take to start (default: 600)")
+    add_cluster_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    for flag, value, low in (("--router-replicas", args.router_replicas, 1),
+                             ("--ingress-replicas", args.ingress_replicas, 1),
+                             ("--min-replicas", args.min_replicas, 0), ("--max-replicas", args.max_replicas, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.min_replicas is not None and args.max_replicas is None:
+        raise ValueError("--min-replicas needs --max-replicas (autoscaling)")
+    if not args.target_ongoing_requests > 0:
+        raise ValueError(f"--target-ongoing-requests must be > 0, got {args.target_ongoing_requests}")
     from cscr.serve.app import ServeArgs, run_local
+
+    from cscr.runs.settings import head_line
+
+    print(f"cscr: serving {head_line(args.run, args.variant) or args.variant}", file=sys.stderr, flush=True)
 
     sargs = ServeArgs(
         run=args.run, pool=args.pool, variant=args.variant, api_key=args.api_key, admin_key=args.admin_key,
+        enable_docs=args.enable_docs,
         default_lambda=args.cost_weight, expert_timeout_s=args.expert_timeout,
         expert_num_cpus=args.expert_cpus, expert_num_gpus=args.expert_gpus,
+        state_dir=args.state_dir or os.path.join(args.run, "serve-state"),
+        router_replicas=args.router_replicas, ingress_replicas=args.ingress_replicas,
+        min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests, expert_apps=True,
+        expert_deploy_timeout_s=args.expert_deploy_timeout,
     )
-    run_local(sargs, host=args.host, port=args.port, num_cpus=args.num_cpus, address=args.address)
+    run_local(sargs, host=args.host, port=args.port, num_cpus=math.ceil(args.num_cpus) if args.num_cpus else None,
+              address=args.address)
     return 0

@@ -22,17 +22,13 @@ import pandas as pd
 from cscr.config import DataConfig
 from cscr.data import hub
 from cscr.data.io import (
-    TOKEN_RULE,
     build_table,
     check_options,
     estimate_tokens,
-    experts_from_registry,
-    load_registry,
-    param_costs,
+    expert_costs,
     read_csv,
-    registry_path,
+    registry_experts,
     source_dir,
-    token_costs,
 )
 from cscr.data.registry import register_loader
 from cscr.data.table import RoutingTable, TableError
@@ -88,23 +84,12 @@ def load_embedllm(cfg: DataConfig, **options: Any) -> RoutingTable:
             raise FileNotFoundError(f"EmbedLLM file {path} does not exist")
     pdf, models, quality = pivot_long(frames, f"embedllm {folder}")
 
-    reg_path = registry_path(cfg, options, "registry-embedllm.json")
-    if reg_path is None:
-        raise FileNotFoundError("embedllm needs the cost registry registries/registry-embedllm.json (or option registry=FILE)")
-    experts = experts_from_registry(models, load_registry(reg_path), f"registry {reg_path}",
-                                    need="n_params" if cfg.cost == "params" else "price")
+    experts, reg_path = registry_experts(cfg, options, "registry-embedllm.json", models, "embedllm")
     texts = pdf["prompt"].astype(str).tolist()
-    meta: dict[str, Any] = {"registry": str(reg_path)}
-    if cfg.cost == "params":
-        cost = param_costs(experts, len(pdf), "embedllm")
-        meta["cost_model"] = "parameter count (billions) from the registry (n_params)"
-    else:
-        ans = float(options.get("answer_tokens", DEFAULT_ANSWER_TOKENS))
-        cost = token_costs(experts, estimate_tokens(texts), np.full(len(pdf), ans))
-        meta["cost_model"] = (
-            f"usd = cost_usd_per_1k_tokens * (prompt_tokens + answer_tokens) / 1000; prompt_tokens = {TOKEN_RULE}; "
-            f"no answers in the data: answer_tokens = {ans:g} assumed"
-        )
+    ans = float(options.get("answer_tokens", DEFAULT_ANSWER_TOKENS))
+    cost, rule = expert_costs(cfg, experts, estimate_tokens(texts), np.full(len(pdf), ans), "embedllm",
+                              f"no answers in the data: answer_tokens = {ans:g} assumed")
+    meta: dict[str, Any] = {"registry": str(reg_path), "cost_model": rule}
     return build_table(
         cfg=cfg,
         source=f"embedllm ({folder})",

@@ -18,6 +18,7 @@ import pandas as pd
 
 from cscr.config import DataConfig
 from cscr.data.table import Expert, RoutingTable, TableError, assign_splits
+from cscr.jsonl import iter_jsonl
 
 # ---- locating files -------------------------------------------------------------------------
 
@@ -74,6 +75,21 @@ def read_csv(path: Path, required: Sequence[str] = ()) -> pd.DataFrame:
     return df
 
 
+def csv_lines(path: Path) -> list[str]:
+    """``<path>:<line>`` of each data record of a CSV file with a header: the 1-based file line the
+    record starts on (a quoted field may span several lines, so this is not always row + 2)."""
+    import csv
+
+    out, end = [], 0
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        for k, rec in enumerate(reader):
+            start, end = end + 1, reader.line_num
+            if k > 0 and rec:  # the header and blank lines are no records (as pandas reads them)
+                out.append(f"{path}:{start}")
+    return out
+
+
 def require_columns(df: pd.DataFrame, required: Iterable[str], where: Any) -> None:
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -88,23 +104,17 @@ def read_json(path: Path) -> Any:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TableError(f"{path}: malformed JSON on line {lineno} ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise TableError(f"{path}: line {lineno} is not a JSON object")
-            rows.append(obj)
-    return rows
+    return [obj for _, obj in iter_jsonl(path, TableError)]
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """JSON Lines, or a JSON array of objects (either extension)."""
+    return [obj for _, obj in read_records_at(path)]
+
+
+def read_records_at(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, object) for each record: ``<path>:<N>`` for JSON Lines (N the 1-based file line,
+    as editors and compilers write it) or ``<path>: item <N>`` for a JSON array (1-based)."""
     path = Path(path)
     with open(path, encoding="utf-8") as fh:
         head = fh.read(64).lstrip()[:1]
@@ -112,8 +122,40 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         data = read_json(path)
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise TableError(f"{path}: expected a JSON array of objects")
-        return data
-    return read_jsonl(path)
+        return [(f"{path}: item {i}", r) for i, r in enumerate(data, 1)]
+    return [(f"{path}:{ln}", obj) for ln, obj in iter_jsonl(path, TableError)]
+
+
+def get_path(obj: Any, path: str) -> Any:
+    """The value at a dotted ``path`` ("evaluation_result.score") of nested mappings; a key that
+    itself holds dots is found first. None where any step is missing or null."""
+    if isinstance(obj, dict) and path in obj:
+        return obj[path]
+    cur = obj
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def prompt_name(text: Any, words: int = 8) -> str:
+    """A prompt named by its first words (for errors about a file without an id column)."""
+    parts = str(text).split()
+    head = " ".join(parts[:words])
+    return repr(head + (" ..." if len(parts) > words else ""))
+
+
+def flag(value: Any, name: str) -> bool:
+    """A boolean loader option: true/false, yes/no, 1/0 (strings from --option) or a bool."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise TableError(f"option {name} must be true or false, got {value!r}")
 
 
 def literal(value: Any, where: str) -> Any:
@@ -187,10 +229,41 @@ def registry_lookup(registry: dict[str, dict[str, Any]], name: str) -> dict[str,
     return hits[0] if len(hits) == 1 else None
 
 
+PRICE_FORMATS = ("input_price/output_price (USD per million tokens)",
+                 "input_token_price_per_million/output_token_price_per_million",
+                 "cost_usd_per_1k_tokens")
+
+
+def entry_prices(entry: dict[str, Any], where: str) -> tuple[float, float] | None:
+    """(input, output) USD per million tokens from a registry or price-table entry in any of
+    ``PRICE_FORMATS`` (None: the entry has no price). A missing input or output price takes the other."""
+    pin: Any
+    pout: Any
+    if "input_price" in entry or "output_price" in entry:
+        pin, pout = entry.get("input_price"), entry.get("output_price")
+    elif "input_token_price_per_million" in entry or "output_token_price_per_million" in entry:
+        pin, pout = entry.get("input_token_price_per_million"), entry.get("output_token_price_per_million")
+    elif entry.get("cost_usd_per_1k_tokens") is not None:
+        try:
+            pin = pout = float(entry["cost_usd_per_1k_tokens"]) * 1000.0
+        except (TypeError, ValueError) as exc:
+            raise TableError(f"{where}: cost_usd_per_1k_tokens is not a number") from exc
+    else:
+        return None
+    pin, pout = (pout if pin is None else pin), (pin if pout is None else pout)
+    try:
+        pin, pout = float(pin), float(pout)
+    except (TypeError, ValueError) as exc:
+        raise TableError(f"{where}: prices are not numbers") from exc
+    if not (math.isfinite(pin) and math.isfinite(pout)) or pin < 0 or pout < 0:
+        raise TableError(f"{where}: prices must be finite numbers >= 0")
+    return pin, pout
+
+
 def read_price_table(path: Path) -> dict[str, dict[str, float]]:
-    """A user price table: JSON/YAML mapping model -> {input_price, output_price} (USD per
-    million tokens) or {cost_usd_per_1k_tokens}; or a CSV with columns model, input_price,
-    output_price. Returned as model -> {input_price, output_price} per million tokens."""
+    """A user price table: JSON/YAML mapping model -> prices in any of ``PRICE_FORMATS`` (e.g.
+    RouterArena's model_cost/cost.json); or a CSV with columns model, input_price, output_price.
+    Returned as model -> {input_price, output_price} per million tokens."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"price table {path} does not exist")
@@ -212,53 +285,67 @@ def read_price_table(path: Path) -> dict[str, dict[str, float]]:
     for model, v in raw.items():
         if not isinstance(v, dict):
             raise TableError(f"{path}: prices of {model!r} must be a mapping")
-        pin: Any
-        pout: Any
-        if "input_price" in v or "output_price" in v:
-            pin, pout = v.get("input_price"), v.get("output_price", v.get("input_price"))
-            pin = pout if pin is None else pin
-        elif "cost_usd_per_1k_tokens" in v:
-            pin = pout = float(v["cost_usd_per_1k_tokens"]) * 1000.0
-        else:
-            raise TableError(f"{path}: {model!r} needs input_price/output_price (USD per million tokens) or cost_usd_per_1k_tokens")
-        try:
-            pin, pout = float(pin), float(pout)
-        except (TypeError, ValueError) as exc:
-            raise TableError(f"{path}: prices of {model!r} are not numbers") from exc
-        if not (math.isfinite(pin) and math.isfinite(pout)) or pin < 0 or pout < 0:
-            raise TableError(f"{path}: prices of {model!r} must be finite numbers >= 0")
-        out[model] = {"input_price": pin, "output_price": pout}
+        prices = entry_prices(v, f"{path}: {model!r}")
+        if prices is None:
+            raise TableError(f"{path}: {model!r} needs one of {', '.join(PRICE_FORMATS)}")
+        out[model] = {"input_price": prices[0], "output_price": prices[1]}
     return out
 
 
 def experts_from_registry(
     names: Sequence[str], registry: dict[str, dict[str, Any]] | None, where: str, need: str | None = None
 ) -> list[Expert]:
-    """Experts with n_params, prices (USD per million tokens, from cost_usd_per_1k_tokens) and hub
-    id from a cost registry. ``need`` ("n_params" or "price"): raise if an expert lacks it."""
+    """Experts with n_params, prices (USD per million tokens; any of ``PRICE_FORMATS``) and hub id
+    from a cost registry or price table. ``need`` ("n_params" or "price"): raise if an expert lacks it."""
     experts, lacking = [], []
     for name in names:
         entry = registry_lookup(registry, name) if registry else None
         entry = entry or {}
         n_params = entry.get("n_params")
-        price = entry.get("cost_usd_per_1k_tokens")
-        price_m = None if price is None else float(price) * 1000.0
-        if (need == "n_params" and n_params is None) or (need == "price" and price_m is None):
+        prices = entry_prices(entry, f"{where}: {name!r}")
+        if (need == "n_params" and n_params is None) or (need == "price" and prices is None):
             lacking.append(name)
         experts.append(
             Expert(
                 name=name,
                 kind="open-weights" if n_params is not None else "black-box",
                 n_params=None if n_params is None else float(n_params),
-                input_price=price_m,
-                output_price=price_m,
+                input_price=None if prices is None else prices[0],
+                output_price=None if prices is None else prices[1],
                 hub_id=entry.get("hf_id"),
             )
         )
     if lacking:
-        what = "parameter count (n_params)" if need == "n_params" else "price (cost_usd_per_1k_tokens)"
+        what = "parameter count (n_params)" if need == "n_params" else f"price ({' or '.join(PRICE_FORMATS)})"
         raise TableError(f"{where}: model(s) {lacking} have no {what}")
     return experts
+
+
+def registry_experts(cfg: DataConfig, options: dict[str, Any], filename: str, models: Sequence[str],
+                     loader: str) -> tuple[list[Expert], Path]:
+    """The one registry -> experts step of the loaders: the registry file (option ``registry``, else
+    ``<registries>/<filename>``; refused when absent), each model's parameter count and prices,
+    and a clear error when a model lacks what ``cfg.cost`` needs."""
+    reg_path = registry_path(cfg, options, filename)
+    if reg_path is None:
+        raise FileNotFoundError(f"{loader} needs the cost registry registries/{filename} (or option registry=FILE)")
+    experts = experts_from_registry(models, load_registry(reg_path), f"registry {reg_path}",
+                                    need="n_params" if cfg.cost == "params" else "price")
+    return experts, reg_path
+
+
+def expert_costs(cfg: DataConfig, experts: Sequence[Expert], in_tokens: np.ndarray, out_tokens: np.ndarray,
+                 loader: str, answer_note: str = "") -> tuple[np.ndarray, str]:
+    """The one cost step of the loaders: cost (n, M) in ``cfg.cost`` and its rule for
+    ``table.meta["cost_model"]``. params: each expert's parameter count (billions); usd:
+    (input_price * in_tokens + output_price * out_tokens) / 1e6, ``out_tokens`` (n,) or (n, M)."""
+    if cfg.cost == "params":
+        return param_costs(experts, len(in_tokens), loader), "parameter count (billions) from the registry (n_params)"
+    lacking = [e.name for e in experts if e.input_price is None or e.output_price is None]
+    if lacking:
+        raise TableError(f"{loader}: cost='usd' needs prices for every expert; none for {lacking}")
+    rule = f"usd = (input_price * prompt_tokens + output_price * answer_tokens) / 1e6; tokens = {TOKEN_RULE}"
+    return token_costs(experts, in_tokens, out_tokens), rule + (f"; {answer_note}" if answer_note else "")
 
 
 def token_costs(experts: Sequence[Expert], in_tokens: np.ndarray, out_tokens: np.ndarray) -> np.ndarray:
@@ -281,8 +368,9 @@ def param_costs(experts: Sequence[Expert], n: int, where: str) -> np.ndarray:
 # ---- the common last step --------------------------------------------------------------------
 
 
-def to_quality(values: Any, where: str) -> np.ndarray:
-    """Numbers or booleans (or "True"/"False" strings) to float64; empty cells -> NaN."""
+def to_quality(values: Any, where: str, rows: Sequence[str] | None = None) -> np.ndarray:
+    """Numbers or booleans (or "True"/"False" strings) to float64; empty cells -> NaN. ``rows``:
+    each row's location (``<file>:<line>``), named in the error for a bad cell."""
     arr = pd.DataFrame(values) if not isinstance(values, pd.DataFrame) else values
     out = np.empty(arr.shape, dtype=np.float64)
     for j, col in enumerate(arr.columns):
@@ -292,7 +380,8 @@ def to_quality(values: Any, where: str) -> np.ndarray:
             s = pd.to_numeric(mapped, errors="coerce")
             bad = mapped.notna() & s.isna()
             if bad.any():
-                raise TableError(f"{where}: non-numeric quality {mapped[bad].iloc[0]!r} for model {col!r}")
+                at = rows[int(np.flatnonzero(bad.to_numpy())[0])] if rows is not None else where
+                raise TableError(f"{at}: non-numeric quality {mapped[bad].iloc[0]!r} for model {col!r}")
         out[:, j] = s.astype(np.float64).to_numpy()
     return out
 

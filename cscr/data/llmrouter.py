@@ -26,16 +26,15 @@ import numpy as np
 
 from cscr.config import DataConfig
 from cscr.data.io import (
-    TOKEN_RULE,
     build_table,
     check_options,
     estimate_tokens,
+    expert_costs,
     literal,
     parse_size,
     read_json,
     read_jsonl,
     source_dir,
-    token_costs,
 )
 from cscr.data.registry import register_loader
 from cscr.data.table import Expert, RoutingTable, TableError
@@ -49,7 +48,7 @@ def _items(path: Path) -> list[dict[str, Any]]:
     data = read_json(path)
     if not isinstance(data, list):
         raise TableError(f"{path}: expected a JSON array of items")
-    for i, item in enumerate(data):
+    for i, item in enumerate(data, 1):  # items counted from 1, as every position in an error
         if not isinstance(item, dict) or "question" not in item or "scores" not in item:
             raise TableError(f"{path}: item {i} needs 'question' and 'scores'")
         scores = literal(item["scores"], f"{path}: item {i} scores")
@@ -145,16 +144,11 @@ def load_llmrouter(cfg: DataConfig, **options: Any) -> RoutingTable:
             )
         )
     meta["api_ids"] = {m: llm[m].get("model") for m in models}
+    cost, meta["cost_model"] = expert_costs(
+        cfg, experts, estimate_tokens(texts), np.full(len(rows), answer_tokens), "llmrouter",
+        f"answer length not in the data: answer_tokens = {answer_tokens:g} assumed")
     if cfg.cost == "params":
-        cost = np.tile([e.n_params for e in experts], (len(rows), 1)).astype(np.float64)
         meta["cost_model"] = "parameter count (billions) from default_llm.json 'size'"
-    else:
-        in_tok = estimate_tokens(texts)
-        cost = token_costs(experts, in_tok, np.full(len(rows), answer_tokens))
-        meta["cost_model"] = (
-            f"usd = (input_price * prompt_tokens + output_price * answer_tokens) / 1e6; prompt_tokens = {TOKEN_RULE}; "
-            f"answer length not in the data: answer_tokens = {answer_tokens:g} assumed"
-        )
     return build_table(
         cfg=cfg,
         source=f"llmrouter ({folder})",

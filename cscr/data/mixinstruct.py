@@ -33,17 +33,13 @@ import numpy as np
 from cscr.config import DataConfig
 from cscr.data import hub
 from cscr.data.io import (
-    TOKEN_RULE,
     build_table,
     check_options,
     estimate_tokens,
-    experts_from_registry,
-    load_registry,
-    param_costs,
-    read_records,
-    registry_path,
+    expert_costs,
+    read_records_at,
+    registry_experts,
     source_dir,
-    token_costs,
 )
 from cscr.data.registry import register_loader
 from cscr.data.table import RoutingTable, TableError
@@ -104,8 +100,7 @@ def load_mixinstruct(cfg: DataConfig, **options: Any) -> RoutingTable:
     ids, texts, splits, per_row = [], [], [], []
     models: list[str] = []
     for split, path in _files(folder):
-        for k, row in enumerate(read_records(path)):
-            where = f"{path}: row {k}"
+        for where, row in read_records_at(path):
             for field in ("id", "instruction", "input", "candidates"):
                 if field not in row:
                     raise TableError(f"{where}: missing field {field!r}")
@@ -136,19 +131,11 @@ def load_mixinstruct(cfg: DataConfig, **options: Any) -> RoutingTable:
     meta: dict[str, Any] = {"metric": metric}
     quality = normalise(raw, metric, meta)
 
-    reg_path = registry_path(cfg, options, "registry-mix-instruct.json")
-    if reg_path is None:
-        raise FileNotFoundError("mixinstruct needs the cost registry registries/registry-mix-instruct.json (or option registry=FILE)")
-    experts = experts_from_registry(models, load_registry(reg_path), f"registry {reg_path}",
-                                    need="n_params" if cfg.cost == "params" else "price")
+    experts, reg_path = registry_experts(cfg, options, "registry-mix-instruct.json", models, "mixinstruct")
+    out_tok = np.stack([estimate_tokens(list(responses[:, j])) for j in range(m)], axis=1)
+    cost, meta["cost_model"] = expert_costs(cfg, experts, estimate_tokens(texts), out_tok, "mixinstruct",
+                                            "answer tokens from the candidates' responses")
     meta["registry"] = str(reg_path)
-    if cfg.cost == "params":
-        cost = param_costs(experts, n, "mixinstruct")
-        meta["cost_model"] = "parameter count (billions) from the registry (n_params)"
-    else:
-        out_tok = np.stack([estimate_tokens(list(responses[:, j])) for j in range(m)], axis=1)
-        cost = token_costs(experts, estimate_tokens(texts), out_tok)
-        meta["cost_model"] = f"usd = cost_usd_per_1k_tokens * (prompt_tokens + response_tokens) / 1000; tokens = {TOKEN_RULE}"
     return build_table(
         cfg=cfg,
         source=f"mixinstruct ({folder})",

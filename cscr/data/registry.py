@@ -19,6 +19,7 @@ _MODULES = {
     "embedllm": "cscr.data.embedllm",
     "mixinstruct": "cscr.data.mixinstruct",
     "generic": "cscr.data.generic",
+    "routerarena": "cscr.data.routerarena",
 }
 _LOADERS: dict[str, Loader] = {}
 

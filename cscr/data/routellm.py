@@ -28,22 +28,21 @@ import pandas as pd
 
 from cscr.config import DataConfig
 from cscr.data.io import (
-    TOKEN_RULE,
     build_table,
     check_options,
+    csv_lines,
     estimate_tokens,
+    expert_costs,
     experts_from_registry,
-    load_registry,
-    param_costs,
     read_csv,
     read_price_table,
+    registry_experts,
     registry_path,
     source_dir,
     to_quality,
-    token_costs,
 )
 from cscr.data.registry import register_loader
-from cscr.data.table import Expert, RoutingTable, TableError
+from cscr.data.table import RoutingTable, TableError
 
 MODELS = ["mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt-4-1106-preview"]
 SUBSETS = ("mmlu", "gsm8k", "both")
@@ -57,7 +56,8 @@ def _mmlu(folder: Path) -> pd.DataFrame:
     for f in files:
         df = read_csv(f, ["prompt", *MODELS])
         subject = f.stem[len("mmlu_") :]
-        df = df.assign(category=subject, prompt_id=[f"mmlu/{subject}/{i}" for i in range(len(df))])
+        df = df.assign(category=subject, prompt_id=[f"mmlu/{subject}/{i}" for i in range(len(df))],
+                       where=csv_lines(f))
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
@@ -67,7 +67,8 @@ def _gsm8k(folder: Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     df = read_csv(path, ["prompt", *MODELS])
-    return df.assign(category="gsm8k", prompt_id=[f"gsm8k/{i}" for i in range(len(df))])
+    return df.assign(category="gsm8k", prompt_id=[f"gsm8k/{i}" for i in range(len(df))],
+                     where=csv_lines(path))
 
 
 @register_loader("routellm")
@@ -88,7 +89,7 @@ def load_routellm(cfg: DataConfig, **options: Any) -> RoutingTable:
         parts.append(_gsm8k(folder))
     df = pd.concat(parts, ignore_index=True)
     texts = df["prompt"].astype(str).tolist()
-    quality = to_quality(df[MODELS], f"routellm {folder}")
+    quality = to_quality(df[MODELS], f"routellm {folder}", df["where"].tolist())
     meta: dict[str, Any] = {"subset": subset, "rows_per_subset": df["category"].eq("gsm8k").map({True: "gsm8k", False: "mmlu"}).value_counts().to_dict()}
 
     responses = None
@@ -99,41 +100,29 @@ def load_routellm(cfg: DataConfig, **options: Any) -> RoutingTable:
             responses[:, j] = [None if pd.isna(v) else str(v) for v in df[c]]
 
     if options.get("prices"):
-        prices = read_price_table(Path(options["prices"]))
-        lacking = [m for m in MODELS if m not in prices]
-        if lacking:
-            raise TableError(f"price table {options['prices']}: no prices for model(s) {lacking}")
-        experts = [Expert(name=m, input_price=prices[m]["input_price"], output_price=prices[m]["output_price"]) for m in MODELS]
-        meta["cost_source"] = f"user price table {options['prices']}"
         if cfg.cost == "params":
             raise TableError("routellm: a price table gives prices, not parameter counts; use cost='usd'")
+        experts = experts_from_registry(MODELS, read_price_table(Path(options["prices"])),
+                                        f"price table {options['prices']}", need="price")
+        meta["cost_source"] = f"user price table {options['prices']}"
     else:
-        reg_path = registry_path(cfg, options, "registry.json")
-        if reg_path is None:
+        if registry_path(cfg, options, "registry.json") is None:
             raise FileNotFoundError(
                 "routellm has no costs in its files: put the cost registries in <data_dir>/registries "
                 "or give a price table (option prices=FILE)"
             )
-        experts = experts_from_registry(MODELS, load_registry(reg_path), f"registry {reg_path}",
-                                        need="n_params" if cfg.cost == "params" else "price")
+        experts, reg_path = registry_experts(cfg, options, "registry.json", MODELS, "routellm")
         meta["cost_source"] = f"cost registry {reg_path} ({'n_params' if cfg.cost == 'params' else 'cost_usd_per_1k_tokens'})"
 
-    if cfg.cost == "params":
-        cost = param_costs(experts, len(df), "routellm")
-        meta["cost_model"] = "parameter count (billions) from the registry"
-    else:
-        mmlu_ans = float(options.get("mmlu_answer_tokens", 1))
-        in_tok = estimate_tokens(texts)
-        out_tok = np.full((len(df), len(MODELS)), mmlu_ans)
-        if responses is not None:
-            is_gsm = df["category"].eq("gsm8k").to_numpy()
-            for j in range(len(MODELS)):
-                out_tok[is_gsm, j] = estimate_tokens(list(responses[is_gsm, j]))
-        cost = token_costs(experts, in_tok, out_tok)
-        meta["cost_model"] = (
-            f"usd = (input_price * prompt_tokens + output_price * answer_tokens) / 1e6; tokens = {TOKEN_RULE}; "
-            f"GSM8K answer tokens from the recorded responses; MMLU answer tokens = {mmlu_ans:g} (one letter)"
-        )
+    mmlu_ans = float(options.get("mmlu_answer_tokens", 1))
+    out_tok = np.full((len(df), len(MODELS)), mmlu_ans)
+    if responses is not None:
+        is_gsm = df["category"].eq("gsm8k").to_numpy()
+        for j in range(len(MODELS)):
+            out_tok[is_gsm, j] = estimate_tokens(list(responses[is_gsm, j]))
+    cost, meta["cost_model"] = expert_costs(
+        cfg, experts, estimate_tokens(texts), out_tok, "routellm",
+        f"GSM8K answer tokens from the recorded responses; MMLU answer tokens = {mmlu_ans:g} (one letter)")
     return build_table(
         cfg=cfg,
         source=f"routellm ({subset}: {folder})",

@@ -33,6 +33,7 @@ from cscr.data import hub
 from cscr.data.io import (
     build_table,
     check_options,
+    csv_lines,
     experts_from_registry,
     load_registry,
     param_costs,
@@ -73,6 +74,7 @@ def _read_csvs(folder: Path) -> tuple[pd.DataFrame, list[str]]:
             raise TableError(f"{f}: models {sorted(ms)} differ from the other files' {sorted(models)}")
         models = models or ms
         df["__split"] = "train" if f.name.endswith("_train.csv") else "test"
+        df["__where"] = csv_lines(f)
         frames.append(df)
     assert models is not None
     return pd.concat(frames), models
@@ -123,7 +125,8 @@ def load_routerbench(cfg: DataConfig, **options: Any) -> RoutingTable:
         meta["duplicate_sample_ids_note"] = "ids made unique as '<sample_id>#<upstream row index>'"
 
     texts = [text_of(v, f"{target}: prompt") or "" for v in df["prompt"]]
-    quality = to_quality(df[models], str(target))
+    rows = df["__where"].tolist() if "__where" in df.columns else [f"{target}: row {i + 1}" for i in range(len(df))]
+    quality = to_quality(df[models], str(target), rows)
 
     reg_path = registry_path(cfg, options, "registry-routerbench.json")
     registry = load_registry(reg_path) if reg_path else None

@@ -45,11 +45,13 @@ class RouterEval:
     qnc: float | None  # None: never reaches the best single expert's quality
     qnc_ratio: float | None  # qnc / best expert's mean cost
     seconds: float  # time for knob grid + sweep + metrics
+    audc_paper: float = float("nan")  # the write-up's AUDC (second ruler: raw points, 25-cost grid)
 
     def summary(self) -> dict[str, Any]:
         return {
             "router": self.name,
             "audc": self.audc,
+            "audc_paper": self.audc_paper,
             "qnc": self.qnc,
             "qnc_ratio": self.qnc_ratio,
             "qnc_reached": self.qnc is not None,
@@ -166,7 +168,7 @@ def evaluate_router(router: Router, name: str, emb: np.ndarray, rows: np.ndarray
         name=name, lambdas=lambdas, choices=choices, costs=x, qualities=y, curve=curve,
         audc=M.audc(curve, lo, hi), peak=pk, cost_at_peak=cpk, qnc=q,
         qnc_ratio=None if q is None or best_cost <= 0 else q / best_cost,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, audc_paper=M.audc_paper(x, y, lo, hi),
     )
 
 

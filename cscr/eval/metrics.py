@@ -20,6 +20,12 @@ Notation: n test prompts, M experts, L knob values, B curves in a batch.
 * QNC: the least mean cost at which the curve reaches a target quality (the best single
   expert's mean test quality); ``None`` when it never does.
 
+Second ruler (``audc_paper``, the write-up's, for comparison with published tables): the raw
+operating points (no hull), linearly interpolated on a shared grid of 25 costs from the pool's
+cheapest to its most expensive expert, held flat left of the router's cheapest point and right
+of its dearest, trapezoid area over the grid width. Unlike AUDC it credits a router for costs
+left of its cheapest point. The first ruler (AUDC) is the one that decides.
+
 The hull is computed for a whole batch of point sets at once (``hull_batch``) so that the paired
 bootstrap (cscr/eval/significance.py) uses exactly the same code as the point estimate.
 """
@@ -266,3 +272,31 @@ def best_expert(expert_mean_quality: np.ndarray, expert_mean_cost: np.ndarray) -
     _check(q.shape == c.shape and q.ndim == 1 and q.size > 0, "expert qualities and costs must be (M,) arrays")
     top = np.flatnonzero(q == q.max())
     return int(top[np.argmin(c[top])])
+
+
+# ---------------------------------------------------------------- the second ruler
+
+#: grid points of the write-up's AUDC
+PAPER_GRID = 25
+
+
+def audc_paper(costs: np.ndarray, qualities: np.ndarray, lo: float, hi: float, n_grid: int = PAPER_GRID) -> float:
+    """The write-up's AUDC of operating points costs (L,), qualities (L,) over the pool range
+    [lo, hi]: the raw points sorted by cost (at a repeated cost, the highest quality), linearly
+    interpolated at ``n_grid`` evenly spaced costs from lo to hi, flat left of the cheapest point
+    and right of the dearest; trapezoid area divided by hi - lo (the value at lo when hi == lo)."""
+    x = np.asarray(costs, dtype=np.float64)
+    y = np.asarray(qualities, dtype=np.float64)
+    _check(x.ndim == 1 and x.shape == y.shape and x.size > 0,
+           f"costs and qualities must be non-empty (L,) arrays of one shape, got {x.shape}, {y.shape}")
+    _check(bool(np.isfinite(x).all() and np.isfinite(y).all()), "operating points must be finite")
+    _check(bool(np.isfinite(lo) and np.isfinite(hi) and hi >= lo), f"pool cost range must have hi >= lo, got [{lo}, {hi}]")
+    _check(n_grid >= 2, f"n_grid must be >= 2, got {n_grid}")
+    ux, inv = np.unique(x, return_inverse=True)  # sorted distinct costs
+    uy = np.full(ux.shape, -np.inf)
+    np.maximum.at(uy, np.asarray(inv).ravel(), y)  # best quality at each cost
+    if hi == lo:
+        return float(np.interp(lo, ux, uy))
+    grid = np.linspace(lo, hi, n_grid)
+    v = np.interp(grid, ux, uy)  # np.interp holds the end values flat outside [ux[0], ux[-1]]
+    return float(np.sum((v[1:] + v[:-1]) * np.diff(grid)) / 2.0 / (hi - lo))

@@ -1,4 +1,5 @@
-"""Report layer: tables (markdown, CSV, JSON) and the deferral-curve plot, written atomically.
+"""Report layer: tables (markdown, CSV, JSON) and the deferral-curve plot (cscr/eval/plots.py),
+written atomically. Tables go through the one formatter (cscr/markdown.py).
 
 Metrics are computed in cscr/eval/metrics.py; nothing here computes a metric.
 """
@@ -13,15 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from cscr.atomic import atomic_write, atomic_write_json, atomic_write_text
+from cscr.atomic import atomic_write_json, atomic_write_text
 from cscr.eval.evaluate import EvalResult
+from cscr.eval.plots import plot_deferral
+from cscr.markdown import NOT_REACHED, markdown_table, num, text_table
 
-NOT_REACHED = "not reached"
-COLUMNS = ["router", "audc", "qnc", "qnc_ratio", "peak", "cost_at_peak", "n_points", "n_distinct_points"]
+__all__ = ["COLUMNS", "experts_table", "format_header", "format_table", "metrics_csv", "metrics_rows",
+           "plot_deferral", "report_markdown", "to_json", "write_report"]
 
-
-def _num(v: float | None, fmt: str) -> str:
-    return NOT_REACHED if v is None else format(v, fmt)
+SINGLE = "single:"
+COLUMNS = ["router", "audc", "audc_paper", "qnc", "qnc_ratio", "peak", "cost_at_peak", "n_points", "n_distinct_points"]
 
 
 def metrics_rows(result: EvalResult) -> list[dict[str, Any]]:
@@ -33,22 +35,29 @@ def metrics_rows(result: EvalResult) -> list[dict[str, Any]]:
 def format_table(result: EvalResult, markdown: bool = False) -> str:
     """The main table (AUDC / QNC / peak per router), plain text or markdown."""
     unit = result.cost_unit
-    head = ["router", "AUDC", f"QNC ({unit})", "QNC / best", "peak", f"cost at peak ({unit})", "points"]
+    head = ["router", "AUDC", "AUDC (write-up)", f"QNC ({unit})", "QNC / best", "peak", f"cost at peak ({unit})", "points"]
     body = [
-        [d["router"], f"{d['audc']:.4f}", _num(d["qnc"], ".4g"), _num(d["qnc_ratio"], ".3f"), f"{d['peak']:.4f}",
-         f"{d['cost_at_peak']:.4g}", f"{d['n_distinct_points']}/{d['n_points']}"]
-        for d in metrics_rows(result)
+        [d["router"], num(d["audc"]), num(d["audc_paper"]), num(d["qnc"], ".4g", NOT_REACHED), num(d["qnc_ratio"], ".3f", NOT_REACHED),
+         num(d["peak"]), num(d["cost_at_peak"], ".4g"), f"{d['n_distinct_points']}/{d['n_points']}"]
+        for d in metrics_rows(result) if not d["router"].startswith(SINGLE)
     ]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in body]
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    if markdown:  # report.md lists the single experts in a section of their own (experts_table)
+        return markdown_table(head, body)
+    return text_table(head, body) + singles_text(result)
 
-    def fmt(r: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
 
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *[fmt(r) for r in body]])
+def singles_text(result: EvalResult) -> str:
+    """The ``single:*`` routers evaluated, by mean quality and cost (each is one operating point: an
+    AUDC would only say where that point lies in the pool's cost range, so none is shown)."""
+    names = [n for n in result.routers if n.startswith(SINGLE)]
+    if not names:
+        return ""
+    col = {n: j for j, n in enumerate(result.expert_names)}
+    rows = sorted(([n, num(float(result.expert_quality[col[n[len(SINGLE):]]])),
+                    num(float(result.expert_cost[col[n[len(SINGLE):]]]), ".4g")] for n in names if n[len(SINGLE):] in col),
+                  key=lambda r: float(r[2]))
+    return ("\n\nsingle experts (one operating point each: mean quality and cost, no curve and so no AUDC)\n"
+            + text_table(["expert", "quality", f"cost ({result.cost_unit})"], rows))
 
 
 def format_header(result: EvalResult) -> str:
@@ -64,11 +73,14 @@ def format_header(result: EvalResult) -> str:
 
 
 def experts_table(result: EvalResult) -> str:
-    lines = [f"| expert | mean quality | mean cost ({result.cost_unit}) |", "|---|---:|---:|"]
+    """The single experts, cheapest first, by their mean quality and mean cost (one operating point
+    each: an AUDC would only say where the point lies in the pool's cost range, so none is given)."""
+    rows = []
     for j in np.argsort(result.expert_cost):
         mark = " (best)" if result.expert_names[j] == result.best_expert else ""
-        lines.append(f"| {result.expert_names[j]}{mark} | {result.expert_quality[j]:.4f} | {result.expert_cost[j]:.4g} |")
-    return "\n".join(lines)
+        rows.append([f"{result.expert_names[j]}{mark}", num(float(result.expert_quality[j])),
+                     num(float(result.expert_cost[j]), ".4g")])
+    return markdown_table(["expert", "mean quality", f"mean cost ({result.cost_unit})"], rows)
 
 
 def to_json(result: EvalResult) -> dict[str, Any]:
@@ -100,6 +112,9 @@ def to_json(result: EvalResult) -> dict[str, Any]:
         "notes": {
             "audc": "area under the curve over the pool cost range, clipped to [max(pool lo, router's cheapest "
                     "point), pool hi], divided by the range",
+            "audc_paper": "the write-up's AUDC (second ruler): raw operating points, no hull, flat left of the "
+                          "router's cheapest point, interpolated on 25 costs from pool lo to pool hi, trapezoid area "
+                          "over the width",
             "qnc": "least mean cost at which the curve reaches the best single expert's quality; null = not reached",
             "mcnemar_budget": "each router at its highest-quality operating point with mean cost <= budget "
                               "(default: the best single expert's mean cost)",
@@ -117,6 +132,7 @@ def metrics_csv(result: EvalResult) -> str:
 
 
 def report_markdown(result: EvalResult, title: str = "Deferral-curve evaluation") -> str:
+    """report.md of one evaluation: header, main table, significance, single experts, the figure."""
     parts = [f"# {title}", "", format_header(result).replace("\n", "  \n"), "", format_table(result, markdown=True), ""]
     parts += ["QNC: least mean cost at which a router's curve reaches the best single expert's quality "
               f"(\"{NOT_REACHED}\" when it never does); QNC / best: that cost over the best expert's mean cost. "
@@ -131,49 +147,14 @@ def report_markdown(result: EvalResult, title: str = "Deferral-curve evaluation"
     return "\n".join(parts)
 
 
-def plot_deferral(result: EvalResult, path: str | os.PathLike[str]) -> Path:
-    """One PNG: every router's curve and operating points; the single experts (also the
-    ``single:*`` routers) as labelled markers; the pool's cost range shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 6))
-    cmap = plt.get_cmap("tab10")
-    ranked = sorted(result.routers.items(), key=lambda kv: -kv[1].audc)
-    for k, (name, r) in enumerate(kv for kv in ranked if not kv[0].startswith("single:")):
-        color = cmap(k % 10)
-        cx, cy = r.curve.plot_xy(result.pool_hi)
-        label = f"{name} (AUDC {r.audc:.3f})"
-        if len(r.curve.x) == 1:  # a single operating point (random, ...)
-            ax.plot(r.curve.x, r.curve.y, "o", color=color, label=label, ms=7)
-        else:
-            ax.plot(cx, cy, "-", color=color, label=label, lw=1.6)
-            ax.plot(r.costs, r.qualities, ".", color=color, ms=3, alpha=0.5)
-    ax.scatter(result.expert_cost, result.expert_quality, marker="x", color="black", zorder=5,
-               label="single experts (dotted: the best one's quality)")
-    for n_, c, q in zip(result.expert_names, result.expert_cost, result.expert_quality, strict=True):
-        ax.annotate(n_.split("/")[-1], (c, q), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(result.best_quality, color="grey", ls=":", lw=1)
-    ax.axvspan(result.pool_lo, result.pool_hi, color="grey", alpha=0.06)
-    ax.set_xlabel(f"mean cost per prompt ({result.cost_unit})")
-    ax.set_ylabel("mean quality")
-    ax.set_title(f"Deferral curves: {result.source} ({len(result.rows)} test prompts)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    out = atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
-    return out
-
-
-def write_report(result: EvalResult, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write report.md, metrics.json, metrics.csv and deferral.png into ``out_dir`` (atomically)."""
+def write_report(result: EvalResult, out_dir: str | os.PathLike[str], title: str | None = None,
+                 log_cost: bool = False) -> dict[str, Path]:
+    """Write report.md, metrics.json, metrics.csv and deferral.png into ``out_dir`` (atomically).
+    ``title``: the figure's title (default: source and prompt count); ``log_cost``: log cost axis."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return {
-        "deferral.png": plot_deferral(result, out / "deferral.png"),
+        "deferral.png": plot_deferral(result, out / "deferral.png", title=title, log_cost=log_cost),
         "metrics.json": atomic_write_json(out / "metrics.json", to_json(result)),
         "metrics.csv": atomic_write_text(out / "metrics.csv", metrics_csv(result)),
         "report.md": atomic_write_text(out / "report.md", report_markdown(result)),

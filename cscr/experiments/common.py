@@ -2,8 +2,9 @@
 
 An experiment re-splits a table (by category for OOD, by expert for unseen experts), so the heads
 saved in the run folder (trained on the full split) do not apply: ``train_cscr`` trains fresh
-heads on the experiment's table with the plain loop of ``cscr.train`` and ``cscr_from_result``
-builds the router from the in-memory head, descriptors and costs (``CSCRRouter.from_parts``).
+heads on the experiment's table with the plain loop of ``cscr.training`` and ``cscr_router``
+builds the router from the in-memory head, descriptors and costs (``CSCRRouter.from_trained``,
+the builder ``cscr.runs.loader.load_router`` uses for heads saved in a run folder).
 Descriptors default to probe-outcome descriptors computed from the experiment table's probe
 split (``cscr.fingerprints.probe_outcome``); a caller with fingerprints from the store passes
 them instead.
@@ -17,8 +18,9 @@ import numpy as np
 
 from cscr.config import TrainConfig
 from cscr.data.table import RoutingTable
-from cscr.routers.base import Router, RouterContext, get_router
-from cscr.train import Log, TrainResult, fit_head, prepare_arrays
+from cscr.routers.base import Router, RouterContext, get_router, router_class
+from cscr.routers.cscr import CSCRRouter
+from cscr.training import Log, TrainResult, fit_head, prepare_arrays
 
 CSCR_VARIANTS = ("cscr", "vanilla")
 
@@ -38,13 +40,13 @@ def train_cscr(table: RoutingTable, emb: np.ndarray, descriptors: Mapping[str, n
     return fit_head(arrays, cfg, variant, log=log)
 
 
-def cscr_from_result(result: TrainResult, descriptors: Mapping[str, np.ndarray], costs: Mapping[str, float],
-                     top_k: int | None = None) -> Router:
-    """The CSCR router of a trained head over the experts named in ``descriptors``."""
-    from cscr.routers.cscr import CSCRRouter
-
-    k = top_k if top_k is not None else result.config.index.top_k
-    return CSCRRouter.from_parts(result.head, dict(descriptors), dict(costs), top_k=k, use_gpu=False)
+def cscr_router(variant: str, result: TrainResult, descriptors: Mapping[str, np.ndarray],
+                costs: Mapping[str, float], top_k: int | None = None) -> Router:
+    """The ``variant`` router (cscr, vanilla) of a trained head over the experts named in ``descriptors``."""
+    cls = router_class(variant)
+    if not issubclass(cls, CSCRRouter):
+        raise ValueError(f"{variant!r} is not a CSCR variant; expected one of {CSCR_VARIANTS}")
+    return cls.from_trained(result, dict(descriptors), dict(costs), top_k=top_k, use_gpu=False)
 
 
 def costs_of(table: RoutingTable, rows: np.ndarray | None = None) -> dict[str, float]:
@@ -62,7 +64,7 @@ def fit_routers(names: Sequence[str], ctx: RouterContext, heads: Mapping[str, Tr
             if heads is None or name not in heads or descriptors is None:
                 raise ValueError(f"router {name!r} needs a trained head and descriptors")
             desc = {n: descriptors[n] for n in ctx.table.expert_names}
-            out[name] = cscr_from_result(heads[name], desc, costs_of(ctx.table, ctx.train_rows))
+            out[name] = cscr_router(name, heads[name], desc, costs_of(ctx.table, ctx.train_rows))
         else:
             out[name] = get_router(name).fit(ctx)
     return out

@@ -31,12 +31,11 @@ from typing import TYPE_CHECKING, Any
 from cscr.atomic import atomic_write_json, atomic_write_text
 from cscr.eval.evaluate import EvalResult
 from cscr.eval.report import COLUMNS, format_header, metrics_rows, plot_deferral, to_json
+from cscr.markdown import NOT_REACHED, markdown_table, num
 
 if TYPE_CHECKING:  # the experiment modules train heads (torch); the report layer does not need them
     from cscr.experiments.ood import OODResult
     from cscr.experiments.unseen import UnseenResult
-
-NOT_REACHED = "not reached"
 
 
 def slug(name: str) -> str:
@@ -45,17 +44,7 @@ def slug(name: str) -> str:
 
 
 def _f(v: float | None, fmt: str = ".4f") -> str:
-    return NOT_REACHED if v is None else format(v, fmt)
-
-
-def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
-    """A markdown table; ``align`` one letter per column, l or r (default: the first left, the rest right)."""
-    align = align or "l" + "r" * (len(columns) - 1)
-    if len(align) != len(columns):
-        raise ValueError(f"align {align!r} does not match {len(columns)} columns")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
+    return num(v, fmt, NOT_REACHED)
 
 
 def tables_markdown(tables: Sequence[Mapping[str, Any]], level: str = "###") -> str:
@@ -149,7 +138,9 @@ def write_unseen(res: UnseenResult, out_dir: str | os.PathLike[str], run: str | 
              "experts that no router saw in training (SPEC.md section 8.2)."]
     md = _report_md("Unseen experts", intro, record, [("Held-out pool", res.evaluation, "deferral.png")])
     return {
-        "deferral.png": plot_deferral(res.evaluation, out / "deferral.png"),
+        "deferral.png": plot_deferral(res.evaluation, out / "deferral.png", title=(
+            f"Unseen experts ({Path(str(run)).name}): routing over {len(res.unseen)} held-out experts, "
+            f"{len(res.evaluation.rows)} test prompts")),
         "metrics.csv": atomic_write_text(out / "metrics.csv", _csv([("unseen", "test", res.evaluation)])),
         "metrics.json": atomic_write_json(out / "metrics.json", record),
         "report.md": atomic_write_text(out / "report.md", md),
@@ -217,7 +208,10 @@ def write_ood(results: Sequence[OODResult], out_dir: str | os.PathLike[str], spl
         g = r.split.test_group
         for which, res in (("ood", r.out_of_distribution), ("id", r.in_distribution)):
             fig = record["figures"][f"{g}/{which}"]
-            written[fig] = plot_deferral(res, out / fig)
+            what = (f"held-out group {g}, {len(res.rows)} prompts" if which == "ood" else
+                    f"in distribution: test prompts of {r.split.train_group}, {len(res.rows)} prompts")
+            written[fig] = plot_deferral(res, out / fig, title=(
+                f"OOD experiment ({Path(str(run)).name}, split {split}): {what}; trained on {r.split.train_group}"))
         headers.append((f"Held-out group {g} (trained on {r.split.train_group})", r.out_of_distribution,
                         record["figures"][f"{g}/ood"]))
     groups = ", ".join(f"{m['test_group']} ({m['n_ood']} prompts)" for m in record["groups"])

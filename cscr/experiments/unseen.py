@@ -37,7 +37,7 @@ from cscr.experiments.common import (
     CSCR_VARIANTS,
     Log,
     costs_of,
-    cscr_from_result,
+    cscr_router,
     default_descriptors,
     train_cscr,
 )
@@ -117,8 +117,8 @@ def run_unseen(table: RoutingTable, emb: np.ndarray, routers: Sequence[str], see
             continue
         if name in CSCR_VARIANTS:
             result = train_cscr(seen_table, emb, desc, name, train_cfg, log)
-            fitted[name] = cscr_from_result(result, {n: desc[n] for n in pool.expert_names},
-                                            costs_of(pool, pool.split_index("train")))
+            fitted[name] = cscr_router(name, result, {n: desc[n] for n in pool.expert_names},
+                                       costs_of(pool, pool.split_index("train")))
         else:
             fitted[name] = fit_unseen_router(name, pool, emb, seed)
     if not fitted:

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from cscr.fingerprints.backends import make_backend
 from cscr.fingerprints.basis import TokenBasis
+from cscr.llm import make_backend
 
 
 def l2_normalize(v: np.ndarray, what: str = "descriptor") -> np.ndarray:

@@ -8,7 +8,7 @@ open-weights expert (any backend), or (c) an OpenAI-compatible endpoint. One fix
 scores every expert's answers: the packaged SmolLM2 by default (offline), or any causal LM by
 path or Hub id (GPT-2 in the write-up). The answer is scored on its own, as the spec writes it
 (``context="none"``); ``context="prompt"`` (beyond the spec, labelled as such) scores it given the
-prompt formatted as the scorer's own generation prompt (``prompt_token_ids``): slower (the prompt
+prompt formatted as the scorer's own generation prompt (``cscr.llm.prompt_ids``): slower (the prompt
 goes through the scorer too) and a different descriptor, so the context is part of the basis id.
 
 Missing answers (no recorded response, a failed API call) are NaN: standardisation uses the
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from cscr.fingerprints.backends import SCORER_CONTEXTS, make_backend
 from cscr.fingerprints.logit import l2_normalize
+from cscr.llm import SCORER_CONTEXTS, make_backend
 
 DEFAULT_SCORER = "smollm2"
 MAX_MISSING_FRACTION = 0.5  # refuse a fingerprint with more probes missing than this
@@ -112,12 +112,7 @@ class GenerateUDF:
         self.expert = expert
         self.out_columns = out_columns  # keep only these columns (None: all)
         self.max_new_tokens = max_new_tokens
-        if backend == "openai":
-            from cscr.fingerprints.backends.openai_api import OpenAIBackend
-
-            self.backend: Any = OpenAIBackend(model=model, **(backend_kwargs or {}))
-        else:
-            self.backend = make_backend(backend, model, **(backend_kwargs or {}))
+        self.backend = make_backend(backend, model, **(backend_kwargs or {}))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch["text"]]

@@ -2,8 +2,16 @@
 
 Columns: ``expert`` (str), ``kind`` (logit | perplexity | probe-outcome | ...), ``vector``
 (list<float32>), ``dimension`` (int), ``basis_id`` (what the coordinates mean: a token basis, a
-probe set), ``source`` (where the vector came from), ``created`` (UTC ISO time). One row per
-(expert, kind): writing again replaces it.
+probe set), ``source`` (where the vector came from, free text), ``created`` (UTC ISO time), and
+the fingerprint settings as structured, nullable fields (``FingerprintSettings``: ``steps`` T,
+``basis_size`` K, ``n_probes`` N, ``scorer``, ``scorer_context``, ``max_prompt_tokens``): what a
+new expert's fingerprint must repeat to land in the same coordinates. One row per (expert,
+kind): writing again replaces it.
+
+Stores written before the settings had columns kept them as prose in ``source`` ("logit T=10
+K=256 <model>", "perplexity scorer=<lm> N=192 <kind>"): reading such a file parses the prose
+once into the fields (what it does not say stays None, e.g. N of old logit rows), and the next
+write stores the columns.
 
 Every write is a read-modify-write of the whole file under an advisory lock, renamed into place
 atomically (pools are tens to thousands of experts: the file stays small). Descriptors of one
@@ -17,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +45,52 @@ SCHEMA = pa.schema([
     ("basis_id", pa.string()),
     ("source", pa.string()),
     ("created", pa.string()),
+    ("steps", pa.int32()),
+    ("basis_size", pa.int32()),
+    ("n_probes", pa.int32()),
+    ("scorer", pa.string()),
+    ("scorer_context", pa.string()),
+    ("max_prompt_tokens", pa.int32()),
 ])
+_REQUIRED = ("expert", "kind", "vector", "dimension", "basis_id", "source", "created")
+
+
+@dataclass(frozen=True)
+class FingerprintSettings:
+    """How one kind of descriptor was computed (None: not applicable, or not recorded)."""
+
+    steps: int | None = None  # T: greedy steps per probe (logit)
+    basis_size: int | None = None  # K: token-basis size (logit)
+    n_probes: int | None = None  # N: probe prompts (the first N of the run's probe split)
+    scorer: str | None = None  # the scorer LM (perplexity)
+    scorer_context: str | None = None  # none | prompt: what the scorer conditions answers on (perplexity)
+    max_prompt_tokens: int | None = None  # the cut of each probe: its last tokens kept
+
+    def to_row(self) -> dict[str, object]:
+        return asdict(self)
+
+    @staticmethod
+    def of_row(row: Mapping[str, object]) -> FingerprintSettings:
+        return FingerprintSettings(**{f.name: row.get(f.name) for f in fields(FingerprintSettings)})  # type: ignore[arg-type]
+
+    def conflicts(self, other: FingerprintSettings) -> dict[str, tuple[object, object]]:
+        """Settings both record with different values."""
+        a, b = asdict(self), asdict(other)
+        return {k: (a[k], b[k]) for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]}
+
+
+def settings_from_prose(kind: str, source: str) -> FingerprintSettings:
+    """The settings an old store wrote as prose in ``source`` (backward compatibility)."""
+    def num(key: str) -> int | None:
+        m = re.search(rf"\b{key}=(\d+)", source)
+        return int(m.group(1)) if m else None
+
+    if kind == "logit" and source.startswith("logit "):
+        return FingerprintSettings(steps=num("T"), basis_size=num("K"), n_probes=num("N"))
+    if kind == "perplexity" and source.startswith("perplexity "):
+        m = re.search(r"\bscorer=(\S+)", source)
+        return FingerprintSettings(n_probes=num("N"), scorer=m.group(1) if m else None)
+    return FingerprintSettings()
 
 
 class DescriptorError(ValueError):
@@ -76,10 +131,14 @@ class DescriptorStore:
         if not self.path.exists():
             return []
         table = pq.read_table(self.path)
-        missing = sorted(set(SCHEMA.names) - set(table.column_names))
+        missing = sorted(set(_REQUIRED) - set(table.column_names))
         if missing:
             raise DescriptorError(f"{self.path} is not a descriptor store: missing column(s) {missing}")
-        return table.to_pylist()
+        rows = table.to_pylist()
+        if "steps" not in table.column_names:  # written before the settings had columns
+            for r in rows:
+                r.update(settings_from_prose(r["kind"], r["source"] or "").to_row())
+        return rows
 
     def _save(self, rows: list[dict]) -> None:
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
@@ -87,13 +146,17 @@ class DescriptorStore:
 
     # ---- writing ----
     def write(self, name: str, kind: str, vector: np.ndarray | Sequence[float], basis_id: str = "",
-              source: str = "") -> None:
+              source: str = "", settings: FingerprintSettings | None = None) -> None:
         """Write (or replace) one expert's descriptor of ``kind``."""
-        self.write_many({name: vector}, kind, basis_id=basis_id, source=source)
+        self.write_many({name: vector}, kind, basis_id=basis_id, source=source, settings=settings)
 
     def write_many(self, vectors: Mapping[str, np.ndarray | Sequence[float]], kind: str, basis_id: str = "",
-                   source: str = "") -> None:
-        """Write (or replace) several experts' descriptors of one ``kind`` in one atomic update."""
+                   source: str = "", settings: FingerprintSettings | None = None) -> None:
+        """Write (or replace) several experts' descriptors of one ``kind`` in one atomic update.
+
+        Descriptors of one kind must share the dimension, the basis and the settings both rows
+        record; anything else is refused (remove the old ones first)."""
+        settings = settings or FingerprintSettings()
         if not kind:
             raise DescriptorError("descriptor kind must be a non-empty string")
         if not vectors:
@@ -116,9 +179,15 @@ class DescriptorStore:
                 raise DescriptorError(
                     f"{kind} descriptors in {self.path} use basis {others[0]['basis_id']!r}, the new ones "
                     f"{basis_id!r}: coordinates of different bases do not compare; remove the old ones first")
+            clash = FingerprintSettings.of_row(others[0]).conflicts(settings) if others else {}
+            if clash:
+                raise DescriptorError(
+                    f"{kind} descriptors in {self.path} were computed with other settings than the new ones "
+                    f"(stored vs new: {clash}): they do not compare; remove the old ones first")
             created = _now()
             rows += [{"expert": n, "kind": kind, "vector": v.tolist(), "dimension": int(v.size),
-                      "basis_id": basis_id, "source": source, "created": created} for n, v in new.items()]
+                      "basis_id": basis_id, "source": source, "created": created, **settings.to_row()}
+                     for n, v in new.items()]
             self._save(rows)
 
     def remove(self, name: str | None = None, kind: str | None = None) -> int:
@@ -141,12 +210,26 @@ class DescriptorStore:
         return sorted({r["expert"] for r in self._rows() if kind is None or r["kind"] == kind})
 
     def info(self, kind: str) -> dict[str, object]:
-        """Dimension, basis id, source and experts of one kind (DescriptorError if absent)."""
+        """Dimension, basis id, source, settings (``FingerprintSettings``) and experts of one kind
+        (DescriptorError if absent)."""
         rows = [r for r in self._rows() if r["kind"] == kind]
         if not rows:
             raise DescriptorError(f"no {kind!r} descriptors in {self.path}; kinds present: {self.kinds()}")
         return {"kind": kind, "dimension": rows[0]["dimension"], "basis_id": rows[0]["basis_id"],
-                "source": rows[0]["source"], "experts": sorted(r["expert"] for r in rows)}
+                "source": rows[0]["source"], "settings": self.settings(kind, rows),
+                "experts": sorted(r["expert"] for r in rows)}
+
+    def settings(self, kind: str, rows: list[dict] | None = None) -> FingerprintSettings:
+        """The fingerprint settings of one kind: each field from the rows that record it."""
+        rows = [r for r in (self._rows() if rows is None else rows) if r["kind"] == kind]
+        if not rows:
+            raise DescriptorError(f"no {kind!r} descriptors in {self.path}; kinds present: {self.kinds()}")
+        merged: dict[str, object] = {}
+        for r in rows:
+            for k, v in FingerprintSettings.of_row(r).to_row().items():
+                if v is not None:
+                    merged.setdefault(k, v)
+        return FingerprintSettings(**merged)  # type: ignore[arg-type]
 
     def read(self, kind: str | Sequence[str] | None = None,
              experts: Sequence[str] | None = None) -> dict[str, np.ndarray]:

@@ -184,6 +184,6 @@ class NeuralRouter(Router):
         return self
 
     def utilities(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        self._check_fitted()
+        self.check_fitted()
         assert self.model is not None
         return self.to_utilities(predict_logits(self.model, np.asarray(emb, dtype=np.float32)))

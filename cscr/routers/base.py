@@ -7,8 +7,13 @@ cost knob lambda into choices:
     choice(x) = argmax_m  U[x, m] - lambda * penalty[x, m]
 
 ``penalty`` defaults to the normalised expert cost c_m (SPEC.md section 1); the oracle uses the
-per-prompt cost instead. Evaluation and serving call only ``route`` / ``route_sweep`` /
-``knob_grid``, so no router is special-cased anywhere.
+per-prompt cost instead. The knob is checked in one place (``knob_values``) and meets the
+utilities in one function (``cscr.routers.envelope.score``); ``rank`` (serving: the decision and
+its fallbacks), ``route`` and ``route_sweep`` (evaluation: every knob value at once, through the
+exact per-prompt envelopes of the same scores) all go through them, so a router is served the
+way it is evaluated. A router whose knob means something else (pareto-random, thompson)
+overrides ``route_sweep`` and ``rank`` together. Evaluation and serving call only ``rank`` /
+``route`` / ``route_sweep`` / ``knob_grid``, so no router is special-cased anywhere.
 
 Inputs: ``emb`` (n, d) float32 prompt embeddings; ``rows`` (n,) indices into the fitted table
 when the prompts are table rows (hindsight routers such as the oracle need them; routers that
@@ -19,18 +24,74 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
 from cscr.data.table import RoutingTable
-from cscr.routers.envelope import sweep_choices
+from cscr.routers.envelope import knob_grid_values, score, sweep_choices
 
 
 class RouterError(ValueError):
-    """A router was used wrongly (not fitted, unknown expert, bad knob value, ...)."""
+    """A router was used wrongly (not fitted, unknown expert, bad knob value, ...).
+
+    ``param`` names the input at fault when there is one (``lambda``, ``candidates``, ``expert``,
+    ``descriptor``, ``cost``, ``rows``); ``code`` says what is wrong with it (e.g.
+    ``unknown_expert``). Serving turns both into its HTTP error at the edge.
+    """
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep param and code across pickling
+        return (type(self), (str(self), self.param, self.code))
+
+
+def knob_values(lambdas: float | Sequence[float] | np.ndarray) -> np.ndarray:
+    """(L,) float64 knob values: the one check of lambda (finite and >= 0, else RouterError)."""
+    lam = np.atleast_1d(np.asarray(lambdas, dtype=np.float64))
+    if lam.ndim != 1 or not np.isfinite(lam).all() or (lam < 0).any():
+        shown = lam.tolist() if lam.size <= 4 else f"{lam.size} values"
+        raise RouterError(f"cost weight lambda must be a finite number >= 0, got {shown}", param="lambda",
+                          code="invalid_cost_weight")
+    return lam
+
+
+class Ranked(NamedTuple):
+    """One expert in a routing decision: the first is the choice, the rest the fallbacks in order."""
+
+    expert: str
+    utility: float | None  # the router's utility; None: a fallback the router did not score
+    score: float | None  # utility - lambda * penalty (what the choice maximises); None: not scored
+    cost: float  # the penalty lambda multiplies (c_m; the oracle: the prompt's own cost)
+
+
+def ranked_lists(u: np.ndarray, pen: np.ndarray, lam: float, allowed: np.ndarray,
+                 names: Sequence[str]) -> list[list[Ranked]]:
+    """Per prompt, the experts with a finite utility by ``score(u, pen, lam)``, best first (on
+    equal scores the first expert, as ``argmax``), then the other ``allowed`` experts cheapest first."""
+    pen = np.broadcast_to(np.asarray(pen, dtype=np.float64), u.shape)
+    s = score(u, pen, lam)  # (n, M)
+    finite = np.isfinite(u)
+    out = []
+    for i in range(u.shape[0]):
+        order = [int(j) for j in np.argsort(-s[i], kind="stable") if finite[i, j]]
+        rest = [int(j) for j in np.argsort(pen[i], kind="stable") if allowed[j] and not finite[i, j]]
+        out.append([Ranked(names[j], float(u[i, j]), float(s[i, j]), float(pen[i, j])) for j in order]
+                   + [Ranked(names[j], None, None, float(pen[i, j])) for j in rest])
+    return out
+
+
+@dataclass(frozen=True)
+class DescriptorBasis:
+    """The expert descriptors a router's live pool takes: kind, basis id and dimension."""
+
+    kind: str
+    basis_id: str
+    dim: int
 
 
 @dataclass
@@ -41,17 +102,13 @@ class RouterContext:
     embeddings: np.ndarray  # (n, d) float32, aligned with table rows
     train_rows: np.ndarray  # indices of train prompts
     val_rows: np.ndarray  # indices of validation prompts
-    run_dir: Path | None = None  # run folder (trained heads, descriptors), when there is one
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)  # router-specific inputs (descriptors, ...)
 
     @staticmethod
-    def from_table(table: RoutingTable, embeddings: np.ndarray, run_dir: Path | None = None, seed: int = 0,
-                   **extra: Any) -> RouterContext:
+    def from_table(table: RoutingTable, embeddings: np.ndarray, seed: int = 0) -> RouterContext:
         if embeddings.shape[0] != table.n:
             raise RouterError(f"embeddings have {embeddings.shape[0]} rows, table has {table.n}")
-        return RouterContext(table, embeddings, table.split_index("train"), table.split_index("val"),
-                             run_dir, seed, dict(extra))
+        return RouterContext(table, embeddings, table.split_index("train"), table.split_index("val"), seed)
 
 
 class Router(ABC):
@@ -60,6 +117,8 @@ class Router(ABC):
     name: ClassVar[str] = "router"
     #: False for routers that are a single operating point whatever the knob (random, single experts)
     has_knob: ClassVar[bool] = True
+    #: True for routers whose pool changes at run time (``add_expert`` / ``remove_expert``)
+    supports_live_pool: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.expert_names: list[str] = []
@@ -80,21 +139,36 @@ class Router(ABC):
         """(M,) or (n, M) cost that lambda multiplies. Default: c_m."""
         return self.costs
 
+    # ---- live pool (routers with ``supports_live_pool``) ----
+    @property
+    def descriptor_basis(self) -> DescriptorBasis | None:
+        """The descriptors ``add_expert`` takes; None for a router that takes none."""
+        return None
+
+    def add_expert(self, name: str, descriptor: np.ndarray, cost: float) -> None:
+        """Add an expert by its descriptor and normalised cost c_m, without retraining."""
+        raise RouterError(f"router {self.name!r} does not support live expert changes", code="unsupported")
+
+    def remove_expert(self, name: str) -> None:
+        raise RouterError(f"router {self.name!r} does not support live expert changes", code="unsupported")
+
     # ---- shared machinery ----
-    def _check_fitted(self) -> None:
+    def check_fitted(self) -> None:
+        """RouterError unless the router has been fitted (it has a pool)."""
         if not self.expert_names:
-            raise RouterError(f"router {self.name!r} is not fitted")
+            raise RouterError(f"router {self.name!r} is not fitted", code="not_fitted")
 
     def candidate_mask(self, candidates: Sequence[str] | None) -> np.ndarray:
-        """(M,) bool: True for experts routing may choose."""
-        self._check_fitted()
+        """(M,) bool: True for experts routing may choose (the one check of candidate names)."""
+        self.check_fitted()
         if candidates is None:
             return np.ones(len(self.expert_names), dtype=bool)
         unknown = sorted(set(candidates) - set(self.expert_names))
         if unknown:
-            raise RouterError(f"unknown expert(s) {unknown}; the pool has {self.expert_names}")
+            raise RouterError(f"unknown expert(s) {unknown} in candidates; the pool has {self.expert_names}",
+                              param="candidates", code="unknown_expert")
         if not candidates:
-            raise RouterError("empty candidate list")
+            raise RouterError("empty candidate list", param="candidates")
         return np.isin(self.expert_names, list(candidates))
 
     def scored(self, emb: np.ndarray, rows: np.ndarray | None = None,
@@ -110,51 +184,46 @@ class Router(ABC):
         pen = np.asarray(self.penalty(emb, rows), dtype=np.float64)
         return u, pen
 
-    def route_sweep(self, emb: np.ndarray, lambdas: np.ndarray, rows: np.ndarray | None = None,
-                    candidates: Sequence[str] | None = None) -> np.ndarray:
-        """(L, n) int expert choices, one row per knob value."""
-        lambdas = np.asarray(lambdas, dtype=np.float64)
-        if (lambdas < 0).any() or not np.isfinite(lambdas).all():
-            raise RouterError("cost weight lambda must be finite and >= 0")
+    def rank(self, emb: np.ndarray, lam: float = 0.0, candidates: Sequence[str] | None = None,
+             rows: np.ndarray | None = None) -> list[list[Ranked]]:
+        """Per prompt, the decision at knob value ``lam`` and its fallbacks: the experts the router
+        scores, by ``utility - lam * penalty`` best first, then the candidates it does not score
+        (e.g. outside CSCR's top-k), cheapest first. The first is ``route``'s choice."""
+        lam_v = knob_values(lam)
+        if lam_v.shape != (1,):
+            raise RouterError(f"rank takes one knob value, got {lam_v.size}", param="lambda")
+        mask = self.candidate_mask(candidates)
         u, pen = self.scored(emb, rows, candidates)
-        return sweep_choices(u, pen, lambdas)  # argmax(u - lam * pen) per lambda, via per-prompt envelopes
+        return ranked_lists(u, pen, float(lam_v[0]), mask, self.expert_names)
+
+    def route_sweep(self, emb: np.ndarray, lambdas: np.ndarray | Sequence[float], rows: np.ndarray | None = None,
+                    candidates: Sequence[str] | None = None) -> np.ndarray:
+        """(L, n) int expert choices, one row per knob value: ``rank``'s first choice at each."""
+        lam = knob_values(lambdas)
+        u, pen = self.scored(emb, rows, candidates)
+        return sweep_choices(u, pen, lam)  # argmax score(u, pen, lam) per lambda, via per-prompt envelopes
 
     def route(self, emb: np.ndarray, lam: float = 0.0, rows: np.ndarray | None = None,
               candidates: Sequence[str] | None = None) -> np.ndarray:
         """(n,) int choices at one knob value."""
-        return self.route_sweep(emb, np.array([lam]), rows, candidates)[0]
+        return self.route_sweep(emb, [lam], rows, candidates)[0]
 
     def knob_grid(self, emb: np.ndarray, n: int = 200, rows: np.ndarray | None = None,
                   candidates: Sequence[str] | None = None) -> np.ndarray:
-        """(n,) knob values from 0 to one at which every prompt gets its cheapest option.
-
-        The top is computed from the utilities: for each prompt the smallest lambda at which
-        its cheapest finite-utility candidate beats every other candidate; a geometric grid
-        below it catches the cheap-end breakpoints, a linear one the rest.
-        """
+        """(<= n,) knob values from 0 to one at which every prompt gets its cheapest option:
+        0, then one value between each two consecutive breakpoints of the prompts' envelopes
+        (every distinct operating point, exactly; evenly spaced by rank when there are more
+        than n), then one past the last (``cscr.routers.envelope.knob_grid_values``)."""
         if not self.has_knob:
             return np.zeros(1)
         u, pen = self.scored(emb, rows, candidates)
-        pen = np.broadcast_to(pen, u.shape)
-        finite = np.isfinite(u)
-        p_masked = np.where(finite, pen, np.inf)
-        cheap = np.argmin(p_masked, axis=1)  # (n,)
-        u_c = np.take_along_axis(u, cheap[:, None], 1)  # (n, 1)
-        p_c = np.take_along_axis(pen, cheap[:, None], 1)  # (n, 1)
-        gap_u = u - u_c  # (n, M) utility advantage over the cheapest
-        gap_p = pen - p_c  # (n, M) extra cost over the cheapest
-        need = np.where(finite & (gap_u > 0) & (gap_p > 0), gap_u / np.maximum(gap_p, 1e-12), 0.0)
-        top = float(need.max()) * 1.001 + 1e-9 if need.size else 1.0
-        n_geo = n // 2
-        geo = np.geomspace(top * 1e-4, top, n_geo)
-        lin = np.linspace(0.0, top, n - n_geo)
-        return np.unique(np.concatenate([lin, geo]))
+        return knob_grid_values(u, pen, n)
 
 
-_REGISTRY: dict[str, Callable[..., Router]] = {}
+_REGISTRY: dict[str, type[Router]] = {}
 
 #: built-in router modules (cscr/routers/<module>.py), imported on first use of the registry
-BUILTIN = ("oracle", "simple", "knn", "cscr", "umr", "thompson", "parametric", "softmax_gate", "soft_moe")
+BUILTIN = ("oracle", "simple", "knn", "category", "cscr", "umr", "thompson", "parametric", "softmax_gate", "soft_moe")
 
 
 def _load_builtin() -> None:
@@ -175,12 +244,17 @@ def register(name: str) -> Callable[[type[Router]], type[Router]]:
     return deco
 
 
-def get_router(name: str, **kwargs: Any) -> Router:
+def router_class(name: str) -> type[Router]:
+    """The router class registered as ``name``."""
     _load_builtin()
 
     if name not in _REGISTRY:
         raise RouterError(f"unknown router {name!r}; available: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**kwargs)
+    return _REGISTRY[name]
+
+
+def get_router(name: str, **kwargs: Any) -> Router:
+    return router_class(name)(**kwargs)
 
 
 def available_routers() -> list[str]:

@@ -8,11 +8,19 @@ breakpoints by a searchsorted and a cumulative sum, O(L n) with no per-lambda ar
 experts. Same choices as the per-lambda argmax, except possibly at a knob value exactly equal
 to a breakpoint (two experts with equal score; either is a correct argmax). At lambda == 0
 exactly, the first expert of highest utility is chosen, as ``np.argmax`` does.
+
+``score`` is the one place the knob meets the utilities (``u - lambda * pen``); the envelope
+walk is its exact vectorised form over every lambda at once.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def score(u: np.ndarray, pen: np.ndarray, lam: float | np.ndarray) -> np.ndarray:
+    """``u - lam * pen``: utilities net of the cost knob times the penalty (broadcasting)."""
+    return u - lam * pen
 
 
 def walk_envelope(u: np.ndarray, pen: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,7 +81,7 @@ def sweep_choices(u: np.ndarray, pen: np.ndarray, lambdas: np.ndarray) -> np.nda
     if len(lambdas) <= 2:  # one or two decisions (serving): the plain argmax is cheaper
         out = np.empty((len(lambdas), n), dtype=np.int64)
         for i, lam in enumerate(lambdas):
-            out[i] = np.argmax(u - lam * pen, axis=1)
+            out[i] = np.argmax(score(u, pen, lam), axis=1)
         return out
     start, bps, exps = walk_envelope(u, pen)
     order = np.argsort(lambdas, kind="stable")
@@ -98,3 +106,18 @@ def sweep_choices(u: np.ndarray, pen: np.ndarray, lambdas: np.ndarray) -> np.nda
     if zero.any():
         out[zero] = np.argmax(np.asarray(u, dtype=np.float64), axis=1)
     return out
+
+
+def knob_grid_values(u: np.ndarray, pen: np.ndarray, n: int) -> np.ndarray:
+    """At most ``n`` (>= 2) sorted knob values that realise a sweep's distinct choices: 0, the
+    midpoint between each two consecutive breakpoints, and one past the last breakpoint (every
+    prompt at its cheapest option). Between two breakpoints no choice changes, so these values
+    trace the whole curve exactly; with more gaps than ``n - 2``, that many of them, evenly
+    spaced by rank (the last value is always kept)."""
+    bp = breakpoints(u, pen)
+    if bp.size == 0:
+        return np.zeros(1)
+    mids = (bp[:-1] + bp[1:]) / 2.0
+    if mids.size > n - 2:
+        mids = mids[np.unique(np.linspace(0, mids.size - 1, max(n - 2, 0)).round().astype(np.int64))]
+    return np.concatenate([[0.0], mids, [bp[-1] * 1.001 + 1e-9]])

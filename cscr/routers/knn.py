@@ -49,7 +49,7 @@ class KNNRouter(Router):
 
     def neighbours(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(similarities (n, k), train-row positions (n, k)) of the k nearest train prompts."""
-        self._check_fitted()
+        self.check_fitted()
         if emb.ndim != 2 or emb.shape[1] != self.index.d:
             raise RouterError(f"knn: embeddings must be (n, {self.index.d}), got {emb.shape}")
         k = min(self.k, self.index.ntotal)

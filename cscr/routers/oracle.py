@@ -49,7 +49,7 @@ class OracleRouter(Router):
         return self
 
     def _rows(self, emb: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-        self._check_fitted()
+        self.check_fitted()
         if rows is None:
             raise RouterError("the oracle routes with hindsight and needs the prompts' table rows (rows=...)")
         rows = np.asarray(rows, dtype=np.int64)

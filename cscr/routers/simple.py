@@ -6,7 +6,8 @@
   best (most expensive) expert, 1 = its cheapest; in between, the target mean cost is
   interpolated linearly and each prompt goes to one of the two hull experts around it with the
   probability that hits that target. A fixed uniform draw per prompt couples the knob values,
-  so moving the knob moves prompts one way only.
+  so moving the knob moves prompts one way only. Its knob is no cost weight, so it overrides
+  ``route_sweep`` and ``rank`` together (one function, ``_choices``, makes the choice for both).
 * ``single`` (``expert=NAME``): one expert for every prompt, a single point; shown as
   ``single:NAME``.
 """
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cscr.routers.base import Router, RouterContext, RouterError, register
+from cscr.routers.base import Ranked, Router, RouterContext, RouterError, knob_values, register
 
 
 def _uniform(seed: int, emb: np.ndarray, rows: np.ndarray | None, width: int) -> np.ndarray:
@@ -49,7 +50,7 @@ class RandomRouter(Router):
         return self
 
     def utilities(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        self._check_fitted()
+        self.check_fitted()
         return _uniform(int(self.seed or 0), emb, rows, len(self.expert_names))  # argmax: uniform expert
 
     def penalty(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
@@ -102,7 +103,7 @@ class ParetoRandomRouter(Router):
         return idx[upper_hull_experts(self.train_cost[idx], self.train_quality[idx])]
 
     def utilities(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        self._check_fitted()
+        self.check_fitted()
         u = np.full((emb.shape[0], len(self.expert_names)), -np.inf)
         h = self.hull()
         u[:, h] = self.train_quality[h]
@@ -110,26 +111,46 @@ class ParetoRandomRouter(Router):
 
     def knob_grid(self, emb: np.ndarray, n: int = 200, rows: np.ndarray | None = None,
                   candidates: Sequence[str] | None = None) -> np.ndarray:
-        self._check_fitted()
+        self.check_fitted()
         return np.linspace(0.0, 1.0, max(n, 2)) if len(self.hull(candidates)) > 1 else np.zeros(1)
 
-    def route_sweep(self, emb: np.ndarray, lambdas: np.ndarray, rows: np.ndarray | None = None,
-                    candidates: Sequence[str] | None = None) -> np.ndarray:
-        """(L, n) choices; knob t in [0, 1] (values above 1 mean 1): position along the hull."""
-        lambdas = np.asarray(lambdas, dtype=np.float64)
-        if (lambdas < 0).any() or not np.isfinite(lambdas).all():
-            raise RouterError("cost weight lambda must be finite and >= 0")
+    def _choices(self, emb: np.ndarray, lambdas: np.ndarray | Sequence[float], rows: np.ndarray | None,
+                 candidates: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """((L, n) choices, hull (K,) cheapest first, (L,) target mean cost per knob value)."""
+        t = np.minimum(knob_values(lambdas), 1.0)  # (L,) knob: position along the hull
         h = self.hull(candidates)
         n = emb.shape[0]
-        if len(h) == 1:
-            return np.full((len(lambdas), n), h[0], dtype=np.int64)
         hc = self.train_cost[h]  # (K,) increasing
-        target = hc[-1] - np.minimum(lambdas, 1.0) * (hc[-1] - hc[0])  # (L,) target mean cost
+        target = hc[-1] - t * (hc[-1] - hc[0])  # (L,) target mean cost
+        if len(h) == 1:
+            return np.full((len(t), n), h[0], dtype=np.int64), h, target
         seg = np.clip(np.searchsorted(hc, target, side="right") - 1, 0, len(h) - 2)  # (L,)
         p_up = (target - hc[seg]) / (hc[seg + 1] - hc[seg])  # (L,) share of the dearer expert
         u = _uniform(int(self.seed or 0) + 1, emb, rows, 1)[:, 0]  # (n,)
         up = u[None, :] < p_up[:, None]  # (L, n)
-        return np.where(up, h[seg + 1][:, None], h[seg][:, None]).astype(np.int64)
+        return np.where(up, h[seg + 1][:, None], h[seg][:, None]).astype(np.int64), h, target
+
+    def route_sweep(self, emb: np.ndarray, lambdas: np.ndarray | Sequence[float], rows: np.ndarray | None = None,
+                    candidates: Sequence[str] | None = None) -> np.ndarray:
+        """(L, n) choices; knob t in [0, 1] (values above 1 mean 1): position along the hull."""
+        return self._choices(emb, lambdas, rows, candidates)[0]
+
+    def rank(self, emb: np.ndarray, lam: float = 0.0, candidates: Sequence[str] | None = None,
+             rows: np.ndarray | None = None) -> list[list[Ranked]]:
+        """Per prompt: the choice at knob value ``lam``, then the other hull experts by how close
+        their mean train cost is to the knob's target cost, then the other candidates cheapest
+        first. Utility: mean train quality (hull experts); no score (the knob is no cost weight)."""
+        choices, h, target = self._choices(emb, [lam], rows, candidates)
+        mask = self.candidate_mask(candidates)
+        by_target = [int(j) for j in h[np.argsort(np.abs(self.train_cost[h] - target[0]), kind="stable")]]
+        rest = [int(j) for j in np.argsort(self.costs, kind="stable") if mask[j] and j not in set(h.tolist())]
+        out = []
+        for c in choices[0]:
+            order = [int(c)] + [j for j in by_target if j != c]
+            out.append([Ranked(self.expert_names[j], float(self.train_quality[j]), None, float(self.costs[j]))
+                        for j in order]
+                       + [Ranked(self.expert_names[j], None, None, float(self.costs[j])) for j in rest])
+        return out
 
 
 @register("single")
@@ -155,7 +176,7 @@ class SingleExpertRouter(Router):
         return self
 
     def utilities(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        self._check_fitted()
+        self.check_fitted()
         u = np.full((emb.shape[0], len(self.expert_names)), -np.inf)
         u[:, self.expert_names.index(self.expert)] = 0.0
         return u

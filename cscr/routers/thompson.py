@@ -8,8 +8,11 @@ Bernoulli outcome (``a_m += q``, ``b_m += 1 - q``; graded quality counts as a pa
 success); a missing cell leaves the posterior unchanged (the outcome is unknown, not a
 failure). The router therefore needs the table rows of the prompts (hindsight of one cell per
 prompt, as a bandit gets in deployment). Because what it learns depends on its own choices,
-and so on lambda, ``route_sweep`` runs the stream once per knob value: L posteriors updated
-together in one loop over prompts. Prior: uniform Beta(1, 1) by default, so that everything
+and so on lambda, ``route_sweep`` runs the stream once per knob value, each with its own
+generator seeded alike: the choices at a knob value do not depend on which other knob values
+are swept, so ``rank`` at lambda (one stream) makes exactly the choices the sweep makes at
+lambda. The draws meet the knob in the shared scoring function (cscr.routers.envelope.score).
+Prior: uniform Beta(1, 1) by default, so that everything
 is learned on the stream as in the bandit formulation; ``prior="train"`` instead starts from
 each expert's mean train quality worth ``prior_strength`` pseudo-observations
 (``a = 1 + s * mean``, ``b = 1 + s * (1 - mean)``). Seeded by the context's seed: the same
@@ -23,7 +26,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cscr.routers.base import Router, RouterContext, RouterError, register
+from cscr.routers.base import (
+    Ranked,
+    Router,
+    RouterContext,
+    RouterError,
+    knob_values,
+    ranked_lists,
+    register,
+)
+from cscr.routers.envelope import score
 
 
 @dataclass
@@ -69,7 +81,7 @@ class ThompsonRouter(Router):
         return self
 
     def _rows(self, emb: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-        self._check_fitted()
+        self.check_fitted()
         if rows is None:
             raise RouterError("thompson learns from the realised quality of its choices: pass the table rows")
         rows = np.asarray(rows)
@@ -79,37 +91,48 @@ class ThompsonRouter(Router):
             raise RouterError("rows out of range of the fitted table")
         return rows
 
-    def stream(self, emb: np.ndarray, lambdas: np.ndarray, rows: np.ndarray | None,
+    def stream(self, emb: np.ndarray, lambdas: np.ndarray | Sequence[float], rows: np.ndarray | None,
                candidates: Sequence[str] | None = None, record_samples: bool = False) -> ThompsonStream:
-        """Run the stream (rows in order) once per knob value, all knob values in one loop."""
+        """Run the stream (rows in order) once per knob value, each from a generator of this seed."""
         rows = self._rows(emb, rows)
-        lam = np.asarray(lambdas, dtype=np.float64)
-        if lam.ndim != 1 or (lam < 0).any() or not np.isfinite(lam).all():
-            raise RouterError("cost weight lambda must be a 1-d array of finite values >= 0")
+        lam = knob_values(lambdas)
         mask = self.candidate_mask(candidates)  # (M,)
         L, m = len(lam), len(self.expert_names)
         a, b = np.tile(self.a0, (L, 1)), np.tile(self.b0, (L, 1))  # (L, M) each
-        pen = lam[:, None] * self.costs[None, :]  # (L, M)
-        pen[:, ~mask] = np.inf
-        lidx = np.arange(L)
-        rng = np.random.default_rng(self.seed)
         choices = np.empty((L, len(rows)), dtype=np.int64)
         samples = np.empty((len(rows), m)) if record_samples else None
-        for t, r in enumerate(rows):
-            theta = rng.beta(a, b)  # (L, M)
-            if samples is not None:
-                samples[t] = theta[0]
-            ch = np.argmax(theta - pen, axis=1)  # (L,)
-            choices[:, t] = ch
-            q = self.quality[r, ch]  # (L,) realised quality of each knob value's choice
-            obs = ~np.isnan(q)
-            a[lidx[obs], ch[obs]] += q[obs]
-            b[lidx[obs], ch[obs]] += 1.0 - q[obs]
+        q_rows = self.quality[rows].tolist()  # (n, M) as lists: fast scalar reads in the loop
+        excluded = np.flatnonzero(~mask)
+        for li in range(L):
+            draw = np.random.default_rng(self.seed).beta
+            al, bl, lam_l, ch_l = a[li], b[li], float(lam[li]), choices[li]  # views: updated in place
+            for t in range(len(rows)):
+                theta = draw(al, bl)  # (M,)
+                if samples is not None and li == 0:
+                    samples[t] = theta
+                if excluded.size:
+                    theta[excluded] = -np.inf
+                ch = int(score(theta, self.costs, lam_l).argmax())
+                ch_l[t] = ch
+                q = q_rows[t][ch]  # realised quality of the choice; NaN: unknown, no update
+                if q == q:
+                    al[ch] += q
+                    bl[ch] += 1.0 - q
         return ThompsonStream(choices, a, b, samples)
 
-    def route_sweep(self, emb: np.ndarray, lambdas: np.ndarray, rows: np.ndarray | None = None,
+    def route_sweep(self, emb: np.ndarray, lambdas: np.ndarray | Sequence[float], rows: np.ndarray | None = None,
                     candidates: Sequence[str] | None = None) -> np.ndarray:
         return self.stream(emb, lambdas, rows, candidates).choices
+
+    def rank(self, emb: np.ndarray, lam: float = 0.0, candidates: Sequence[str] | None = None,
+             rows: np.ndarray | None = None) -> list[list[Ranked]]:
+        """Per prompt of the stream, the experts by ``draw - lam * c_m`` at that step (the draws the
+        stream made at this knob value), best first; the first is the sweep's choice at ``lam``."""
+        st = self.stream(emb, [lam], rows, candidates, record_samples=True)
+        assert st.samples is not None
+        mask = self.candidate_mask(candidates)
+        u = np.where(mask, st.samples, -np.inf)  # (n, M)
+        return ranked_lists(u, self.costs, float(knob_values(lam)[0]), mask, self.expert_names)
 
     def utilities(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """(n, M) the posterior draws made along the stream at lambda = 0."""

@@ -88,5 +88,5 @@ class UMRRouter(Router):
         return idx[:, 0]
 
     def utilities(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        self._check_fitted()
+        self.check_fitted()
         return -self.err[self.assign(emb)]  # (n, M)

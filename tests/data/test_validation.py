@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from upstream_files import write_embedllm, write_generic, write_llmrouter
@@ -28,7 +29,7 @@ def _load_generic(path):
 
 
 def test_unknown_data_set_lists_the_known_ones():
-    with pytest.raises(TableError, match=r"unknown data set 'routerbnch'; known: embedllm, generic, llmrouter, mixinstruct, routellm, routerbench"):
+    with pytest.raises(TableError, match=r"unknown data set 'routerbnch'; known: embedllm, generic, llmrouter, mixinstruct, routellm, routerarena, routerbench"):
         load_dataset("routerbnch", DataConfig())
 
 
@@ -92,7 +93,7 @@ def test_malformed_json_line(tmp_path):
     lines = path.read_text().splitlines()
     lines[1] = lines[1][:-5]
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(TableError, match=r"logs.jsonl: malformed JSON on line 2"):
+    with pytest.raises(TableError, match=r"logs.jsonl:2: malformed JSON"):
         _load_generic(path)
 
 
@@ -140,3 +141,90 @@ def test_params_cost_without_parameter_counts(shared_data):
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_dataset("llmrouter", DataConfig(data_dir=str(tmp_path / "nowhere")))
+
+
+def test_csv_errors_name_the_file_line(tmp_path):
+    """CSV data row r (0-based) is file line r + 2: the header is line 1."""
+    df = write_generic(tmp_path / "orig.jsonl", n_prompts=6)
+    df.loc[4, "quality"] = 7.0  # data row 4 -> file line 6
+    path = tmp_path / "logs.csv"
+    df.to_csv(path, index=False)
+    assert path.read_text().splitlines()[5].startswith("q2,")  # line 6 of the file holds that row
+    with pytest.raises(TableError, match=rf"{path}:6: quality outside \[0, 1\]: 7.0 for prompt 'q2'"):
+        _load_generic(path)
+
+
+def test_jsonl_errors_name_the_file_line_past_blank_lines(tmp_path):
+    df = write_generic(tmp_path / "orig.jsonl", n_prompts=3)
+    df.loc[3, "cost"] = -1.0
+    lines = [json.dumps(r) for r in df.to_dict(orient="records")]
+    path = tmp_path / "logs.jsonl"
+    path.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")  # a blank line 3
+    with pytest.raises(TableError, match=rf"{path}:5: negative cost -1.0 for prompt 'q1', model 'large'"):
+        _load_generic(path)
+
+
+def test_errors_name_the_prompt_by_its_first_words_without_an_id_column(tmp_path):
+    def no_ids(d):
+        d = d.drop(columns=["prompt_id"])
+        d.loc[2, "prompt"] = "Summarise the following article about river ecology in three short sentences please."
+        d.loc[2, "cost"] = None
+        return d
+
+    path = _logs(tmp_path, no_ids)
+    with pytest.raises(TableError, match=r"logs.jsonl:3: cost is NaN or empty for prompt 'Summarise the following article "
+                                         r"about river ecology in \.\.\.', model 'small'"):
+        _load_generic(path)
+
+
+def test_mixinstruct_errors_name_the_file_line(tmp_path, shared_data):
+    from upstream_files import mix_row
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mix-instruct"
+    folder.mkdir()
+    rows = [mix_row(i, rng) for i in range(3)]
+    del rows[1]["candidates"]
+    (folder / "train_data_prepared.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(TableError, match=r"train_data_prepared.jsonl:2: missing field 'candidates'"):
+        load_dataset("mixinstruct", DataConfig(data_dir=str(tmp_path)),
+                     registry=str(shared_data / "registries" / "registry-mix-instruct.json"))
+
+
+def test_quality_outside_unit_interval_can_be_clipped_on_request(tmp_path):
+    def big(d):
+        d.loc[4, "quality"] = 7.0
+        return d
+
+    t = load_dataset("generic", DataConfig(probe_size=1), file=str(_logs(tmp_path, big)), clip_quality="true")
+    assert t.quality[list(t.prompt_ids).index("q2"), 0] == 1.0 and t.meta["quality_cells_clipped"] == 1
+    with pytest.raises(TableError, match=r"option clip_quality must be true or false"):
+        load_dataset("generic", DataConfig(probe_size=1), file=str(_logs(tmp_path, big)), clip_quality="maybe")
+
+
+def test_routerbench_csv_bad_cell_names_the_file_line(tmp_path, shared_data):
+    folder = tmp_path / "routerbench"
+    folder.mkdir()
+    for f in ("arc_challenge_train.csv", "arc_challenge_test.csv"):
+        df = pd.read_csv(shared_data / "routerbench" / f, index_col=0, nrows=40)
+        if f.endswith("_test.csv"):
+            col = df["gpt-4-1106-preview"].astype(object)
+            col.iloc[6] = "yes?"  # data row 6 -> file line 8
+            df["gpt-4-1106-preview"] = col
+        df.to_csv(folder / f)
+    with pytest.raises(TableError, match=r"arc_challenge_test.csv:8: non-numeric quality 'yes\?' for model "
+                                         r"'gpt-4-1106-preview'"):
+        load_dataset("routerbench", DataConfig(data_dir=str(tmp_path), probe_size=2))
+
+
+def test_csv_line_numbers_count_quoted_newlines(tmp_path):
+    """A prompt with newlines inside a quoted CSV field spans several file lines; later rows are
+    named by the line they start on."""
+    df = write_generic(tmp_path / "orig.jsonl", n_prompts=4)
+    df.loc[0:1, "prompt"] = "Line one of the prompt.\nLine two.\nLine three."  # rows 0-1: prompt q0, 3 lines each
+    df.loc[5, "quality"] = -0.25  # data row 5: after 1 header + 2 x 3 + 3 x 1 lines -> file line 11
+    path = tmp_path / "logs.csv"
+    df.to_csv(path, index=False)
+    assert path.read_text().splitlines()[10].startswith("q2,")
+    with pytest.raises(TableError, match=rf"{path}:11: quality outside \[0, 1\]: -0.25 for prompt 'q2'"):
+        _load_generic(path)

@@ -129,11 +129,17 @@ def test_significance_section_and_report_files(tmp_path):
     assert set(data["routers"]) == set(res.routers)
     assert data["routers"]["random"]["qnc"] is None and data["routers"]["random"]["qnc_reached"] is False
     assert data["routers"]["oracle"]["audc"] == pytest.approx(res.routers["oracle"].audc)
+    for name, r in res.routers.items():  # the second ruler: the write-up's AUDC of the raw points
+        assert data["routers"][name]["audc_paper"] == pytest.approx(
+            M.audc_paper(r.costs, r.qualities, res.pool_lo, res.pool_hi))
     assert data["best_expert"]["name"] == res.best_expert
     assert data["significance"][0]["a"] == "noisy"
     rows = list(csv.DictReader(files["metrics.csv"].open()))
     assert {r["router"] for r in rows} == set(res.routers)
     assert next(r for r in rows if r["router"] == "random")["qnc"] == ""
+    assert float(next(r for r in rows if r["router"] == "oracle")["audc_paper"]) == pytest.approx(
+        res.routers["oracle"].audc_paper)
+    assert "AUDC (write-up)" in format_table(res) and "AUDC (write-up)" in files["report.md"].read_text()
     md = files["report.md"].read_text()
     assert "not reached" in md and "noisy vs" in md and "deferral.png" in md
     table_text = format_table(res)

@@ -194,3 +194,42 @@ def test_audc_matches_numerical_integration_of_the_best_mixture():
         best = np.where(pos > 0, running[np.maximum(pos - 1, 0)], 0.0)
         brute = np.trapezoid(best, grid) / (hi - lo)
         assert M.audc(M.deferral_curve(x, y), lo, hi) == pytest.approx(brute, abs=2e-3)
+
+
+# ---------------------------------------------------------------- the second ruler (the write-up's AUDC)
+
+def test_audc_paper_by_hand_raw_points_no_hull():
+    # raw points sorted by cost: (2, .5), (3, .4), (4, .8); grid 1, 2, 3, 4, 5 over the pool [1, 5]
+    # values .5 (flat left), .5, .4 (a point under the hull counts as it is), .8, .8 (flat right)
+    x, y = np.array([4.0, 2.0, 3.0]), np.array([0.8, 0.5, 0.4])
+    want = ((0.5 + 0.5) + (0.5 + 0.4) + (0.4 + 0.8) + (0.8 + 0.8)) / 2 / 4  # 0.5875
+    assert M.audc_paper(x, y, 1.0, 5.0, n_grid=5) == pytest.approx(want, abs=1e-12)
+    # the hull would interpolate (2, .5)-(4, .8) at cost 3: 0.65, not 0.4
+    assert M.deferral_curve(x, y).value(3.0)[0] == pytest.approx(0.65)
+
+
+def test_audc_paper_flat_left_credit_repeated_cost_and_degenerate_pool():
+    # one point right of the pool's cheapest expert: credited flat to its left (the first ruler is not)
+    assert M.audc_paper(np.array([3.0]), np.array([0.6]), 1.0, 5.0) == pytest.approx(0.6)
+    assert M.audc(M.deferral_curve(np.array([3.0]), np.array([0.6])), 1.0, 5.0) == pytest.approx(0.6 * 2 / 4)
+    # a repeated cost keeps its best quality
+    x, y = np.array([2.0, 2.0, 4.0]), np.array([0.1, 0.5, 0.8])
+    assert M.audc_paper(x, y, 1.0, 5.0, n_grid=5) == pytest.approx(((0.5 + 0.5) + (0.5 + 0.65) + (0.65 + 0.8)
+                                                                     + (0.8 + 0.8)) / 2 / 4)
+    assert M.audc_paper(x, y, 3.0, 3.0) == pytest.approx(0.65)  # hi == lo: the value there
+
+
+def test_audc_paper_default_grid_and_checks():
+    assert M.PAPER_GRID == 25
+    # a straight line from (0, 0) to (1, 1) is integrated exactly by trapezoids: area 0.5
+    assert M.audc_paper(np.array([0.0, 1.0]), np.array([0.0, 1.0]), 0.0, 1.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="non-empty"):
+        M.audc_paper(np.array([]), np.array([]), 0.0, 1.0)
+    with pytest.raises(ValueError, match="one shape"):
+        M.audc_paper(np.array([1.0, 2.0]), np.array([1.0]), 0.0, 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        M.audc_paper(np.array([np.nan]), np.array([1.0]), 0.0, 1.0)
+    with pytest.raises(ValueError, match="hi >= lo"):
+        M.audc_paper(np.array([1.0]), np.array([1.0]), 2.0, 1.0)
+    with pytest.raises(ValueError, match="n_grid"):
+        M.audc_paper(np.array([1.0]), np.array([1.0]), 0.0, 1.0, n_grid=1)

@@ -4,8 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from cscr.fingerprints.backends import prompt_token_ids
-from cscr.fingerprints.backends.hf import HFBackend
 from cscr.fingerprints.basis import TokenBasis
 from cscr.fingerprints.logit import (
     LogitFootprintUDF,
@@ -13,11 +11,13 @@ from cscr.fingerprints.logit import (
     footprint_from_rows,
     logit_footprint,
 )
+from cscr.llm import prompt_ids
+from cscr.llm.hf import HFBackend
 
 
 def _brute_force(backend: HFBackend, text: str, steps: int, ids: list[int]) -> np.ndarray:
     """(T, K) by re-running the whole sequence at every step: no cache, no padding, no batching."""
-    seq = prompt_token_ids(backend.tokenizer, text, backend.max_prompt_tokens)
+    seq = prompt_ids(backend.tokenizer, text, max_prompt_tokens=backend.max_prompt_tokens)
     out = []
     with torch.inference_mode():
         for _ in range(steps):

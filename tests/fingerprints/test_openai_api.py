@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from openai_server import LocalServer, ServerState
 
-from cscr.fingerprints.backends.openai_api import OpenAIBackend
 from cscr.fingerprints.perplexity import GenerateUDF, Scorer, perplexity_fingerprint
+from cscr.llm.openai_api import OpenAIBackend
 
 
 @pytest.fixture(scope="module")

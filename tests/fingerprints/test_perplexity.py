@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from cscr.data.table import Expert, RoutingTable
-from cscr.fingerprints.backends import prompt_token_ids
 from cscr.fingerprints.perplexity import (
     GenerateUDF,
     Scorer,
@@ -14,6 +13,7 @@ from cscr.fingerprints.perplexity import (
     perplexity_descriptor,
     perplexity_fingerprint,
 )
+from cscr.llm import prompt_ids
 
 
 def test_descriptor_is_standardised_then_normalised():
@@ -54,7 +54,7 @@ def test_answer_nll_matches_a_per_example_brute_force(tiny_lm_b, context):
     tok, model = scorer.backend.tokenizer, scorer.backend.model
     for i in (0, 1):
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        ctx = [start] if context == "none" else prompt_token_ids(tok, prompts[i], 256)
+        ctx = [start] if context == "none" else prompt_ids(tok, prompts[i], max_prompt_tokens=256)
         ans = tok.encode(answers[i], add_special_tokens=False)
         with torch.inference_mode():
             logp = torch.log_softmax(model(torch.tensor([ctx + ans])).logits[0].double(), -1)

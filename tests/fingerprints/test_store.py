@@ -12,7 +12,7 @@ from cscr.fingerprints.probe_outcome import (
     probe_outcome_descriptors,
     standardize_normalize,
 )
-from cscr.fingerprints.store import DescriptorError, DescriptorStore
+from cscr.fingerprints.store import DescriptorError, DescriptorStore, FingerprintSettings
 
 
 @pytest.fixture
@@ -32,12 +32,52 @@ def test_write_read_roundtrip_with_schema(store):
     assert sorted(got) == ["a", "b", "c"]
     np.testing.assert_allclose(got["a"], unit([1, 2, 3]), rtol=1e-6)
     table = pq.read_table(store.path)
-    assert table.column_names == ["expert", "kind", "vector", "dimension", "basis_id", "source", "created"]
+    assert table.column_names == ["expert", "kind", "vector", "dimension", "basis_id", "source", "created", "steps",
+                                  "basis_size", "n_probes", "scorer", "scorer_context", "max_prompt_tokens"]
     row = table.to_pylist()[0]
     assert row["dimension"] == 3 and row["basis_id"] == "tok:3" and row["source"] == "hf" and row["created"]
     assert store.info("logit")["experts"] == ["a", "b", "c"]
     # order follows `experts`
     assert list(store.read("logit", experts=["c", "a"])) == ["c", "a"]
+
+
+def test_settings_are_structured_fields(store):
+    logit = FingerprintSettings(steps=10, basis_size=3, n_probes=192, max_prompt_tokens=256)
+    store.write_many({"a": unit([1, 2, 3]), "b": unit([0, 1, 0])}, "logit", basis_id="tok:3", source="model a",
+                     settings=logit)
+    ppl = FingerprintSettings(n_probes=2, scorer="smollm2", scorer_context="none", max_prompt_tokens=256)
+    store.write("c", "perplexity", unit([1, 1, 0]), basis_id="ppl", settings=ppl)
+    assert store.info("logit")["settings"] == logit and store.settings("perplexity") == ppl
+    row = pq.read_table(store.path).to_pylist()[0]
+    assert (row["steps"], row["basis_size"], row["n_probes"], row["scorer"]) == (10, 3, 192, None)
+    # descriptors of one kind made with other settings do not compare: refused
+    with pytest.raises(DescriptorError, match=r"other settings .*'steps': \(10, 5\)"):
+        store.write("d", "logit", unit([1, 0, 0]), basis_id="tok:3",
+                    settings=FingerprintSettings(steps=5, basis_size=3, n_probes=192))
+    store.write("a", "logit", unit([1, 0, 0]), basis_id="tok:3", settings=logit)  # replacing one's own row is fine
+
+
+def test_a_store_with_settings_as_prose_is_read_and_upgraded(store):
+    """Stores written before the settings had columns: the prose is parsed once."""
+    import pyarrow as pa
+
+    store.path.parent.mkdir(parents=True)
+    old = pa.table({"expert": ["a", "b"], "kind": ["logit", "perplexity"],
+                    "vector": [unit([1, 2]).tolist(), unit([2, 1]).tolist()],
+                    "dimension": pa.array([2, 2], pa.int32()), "basis_id": ["tok2-x", "ppl2-y"],
+                    "source": ["logit T=7 K=2 /models/a", "perplexity scorer=gpt2 N=2 recorded"],
+                    "created": ["2026-01-01T00:00:00Z"] * 2})
+    pq.write_table(old, store.path)
+    assert store.settings("logit") == FingerprintSettings(steps=7, basis_size=2)  # N was never written
+    assert store.settings("perplexity") == FingerprintSettings(n_probes=2, scorer="gpt2")
+    np.testing.assert_allclose(store.read("logit")["a"], unit([1, 2]), rtol=1e-6)
+    store.write("c", "logit", unit([0, 1]), basis_id="tok2-x",
+                settings=FingerprintSettings(steps=7, basis_size=2, n_probes=2, max_prompt_tokens=256))
+    rows = {r["expert"]: r for r in pq.read_table(store.path).to_pylist()}
+    assert rows["a"]["steps"] == 7 and rows["b"]["scorer"] == "gpt2" and rows["c"]["n_probes"] == 2
+    assert store.settings("logit") == FingerprintSettings(steps=7, basis_size=2, n_probes=2, max_prompt_tokens=256)
+    with pytest.raises(DescriptorError, match="other settings"):
+        store.write("d", "logit", unit([1, 1]), basis_id="tok2-x", settings=FingerprintSettings(steps=10))
 
 
 def test_rewrite_replaces_and_kinds_share_the_file(store):

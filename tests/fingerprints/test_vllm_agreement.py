@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cscr.fingerprints.backends.hf import HFBackend
 from cscr.fingerprints.basis import TokenBasis
 from cscr.fingerprints.logit import footprint_from_probs
+from cscr.llm.hf import HFBackend
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")]

@@ -14,8 +14,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import numpy as np
 
-    from cscr.fingerprints.backends.vllm_backend import VLLMBackend
     from cscr.fingerprints.basis import TokenBasis
+    from cscr.llm.vllm_engine import VLLMBackend
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     backend = VLLMBackend(spec["model"], max_model_len=1024, max_prompt_tokens=spec["max_prompt_tokens"])

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cscr.jobs.embed import EmbedBatch, embed_table_ray
+from cscr.jobs.data_options import EmbedJob
+from cscr.jobs.embed import EmbedBatch
+from cscr.jobs.embed import run as embed_job
 
+from cscr.config import EncoderConfig
 from cscr.data.table import Expert, RoutingTable
 from cscr.encoder import embed_table, load_run_embeddings, text_hash
-from cscr.run import RunPaths
+from cscr.runs.paths import RunPaths
 
 TEXTS = [f"Prompt {i}: {w}" for i, w in enumerate(
     ["what is two plus two?", "name the largest ocean", "write a haiku about rain", "define entropy",
@@ -41,7 +44,9 @@ def test_ray_job_matches_the_plain_encoder(ray_start_2_cpus, encoder, tmp_path):
     table.save(run.table)
     # a third of the prompts are already cached: the job computes only the rest
     embed_table(table.subset(np.arange(4)), encoder, run.embeddings, progress=None)
-    vecs = embed_table_ray(table, run.embeddings, workers=2, cpus_per_worker=0.5, batch_size=4, progress=False)
+    res = embed_job(EmbedJob(run=str(run.root), encoder=EncoderConfig(batch_size=4), workers=2, cpus_per_worker=0.5))
+    vecs = res.vectors
+    assert res.cache == run.embeddings
     plain = encoder.encode(TEXTS)
     assert vecs.shape == (len(TEXTS), 384)
     np.testing.assert_allclose(vecs, plain, atol=1e-5)

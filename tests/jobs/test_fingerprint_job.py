@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cscr.jobs.fingerprint import build_parser, run_fingerprint
+from cscr.jobs.data_options import FingerprintJob
+from cscr.jobs.fingerprint import run as fingerprint_job
 
+from cscr.config import FingerprintConfig
 from cscr.data.table import Expert, RoutingTable
 from cscr.errors import InputError
 from cscr.fingerprints.store import DescriptorStore
 from cscr.models import tiny_random_lm
 from cscr.pool import pool_from_dict
-from cscr.run import RunPaths
+from cscr.runs.paths import RunPaths
 from cscr.tasks import builtin_tasks
 
 pytestmark = pytest.mark.slow
@@ -55,9 +57,11 @@ def _run_with_table(tmp_path, n: int = 12) -> RunPaths:
     return run
 
 
-def _args(*extra: str):
-    return build_parser().parse_args(["--n-probes", "12", "--steps", "2", "--max-new-tokens", "4",
-                                      "--cpus-per-worker", "0.5", "--batch-size", "4", *extra])
+def _job(run_dir, scorer: str | None = None, force: bool = False, workers: int = 1,
+         basis_size: int = 256) -> FingerprintJob:
+    fp = FingerprintConfig(n_probes=12, steps=2, max_new_tokens=4, scorer=scorer, basis_size=basis_size)
+    return FingerprintJob(run=str(run_dir), fingerprint=fp, cpus_per_worker=0.5, batch_size=4, force=force,
+                          workers=workers)
 
 
 def test_mixed_pool_on_two_nodes_then_resume_and_force(cluster, models, tmp_path):
@@ -71,9 +75,9 @@ def test_mixed_pool_on_two_nodes_then_resume_and_force(cluster, models, tmp_path
         {"name": "rec", "kind": "recorded", "source": {}, "cost": {"n_params": 3}},
     ]})
     run = _run_with_table(tmp_path)
-    args = _args("--scorer", str(a))
-    out = run_fingerprint(pool, run.root, args)
-    assert sorted(out["done"]) == ["a", "b", "rec"]
+    job = _job(run.root, scorer=str(a))
+    out = fingerprint_job(job, pool)  # Ray is up (the fixture): joined, left running
+    assert sorted(out.done) == ["a", "b", "rec"] and out.descriptors == str(run.descriptors)
     store = DescriptorStore(run.descriptors)
     logit, ppl = store.read("logit"), store.read("perplexity")
     assert sorted(logit) == ["a", "b"] and sorted(ppl) == ["rec"]
@@ -84,21 +88,21 @@ def test_mixed_pool_on_two_nodes_then_resume_and_force(cluster, models, tmp_path
     assert not np.allclose(logit["a"], logit["b"], atol=1e-3)
     assert store.info("logit")["basis_id"].startswith("tok12-")
 
-    again = run_fingerprint(pool, run.root, args)  # resumable: nothing left to do
-    assert again["done"] == [] and sorted(again["skipped"]) == ["a", "b", "rec"]
+    again = fingerprint_job(job, pool)  # resumable: nothing left to do
+    assert again.done == [] and sorted(again.skipped) == ["a", "b", "rec"]
     rec_only = pool_from_dict({"experts": [pool.get("rec").model_dump()]})
-    forced = run_fingerprint(rec_only, run.root, _args("--scorer", str(a), "--force"))
-    assert forced["done"] == ["rec"]
+    forced = fingerprint_job(_job(run.root, scorer=str(a), force=True), rec_only)
+    assert forced.done == ["rec"]
     np.testing.assert_allclose(store.read("perplexity")["rec"], ppl["rec"], atol=1e-6)  # deterministic
 
     with pytest.raises(InputError, match="under another basis"):
-        run_fingerprint(pool, run.root, _args("--scorer", str(b)))  # another scorer: other coordinates
+        fingerprint_job(_job(run.root, scorer=str(b)), pool)  # another scorer: other coordinates
 
 
 def test_no_table_uses_generated_probes_and_logit_only_pool(cluster, models, tmp_path):
     a, _ = models
     pool = pool_from_dict({"experts": [
         {"name": "a", "kind": "open-weights", "source": {"model": str(a)}, "cost": {"n_params": 1}}]})
-    out = run_fingerprint(pool, tmp_path / "fresh", _args("--basis-size", "16", "--workers", "2"))
-    assert out["done"] == ["a"] and out["probes"] == 12
+    out = fingerprint_job(_job(tmp_path / "fresh", basis_size=16, workers=2), pool)
+    assert out.done == ["a"] and out.probes == 12
     assert DescriptorStore(RunPaths.of(tmp_path / "fresh").descriptors).read("logit")["a"].shape == (16,)

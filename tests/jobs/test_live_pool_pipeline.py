@@ -16,7 +16,7 @@ from cscr.data.table import RoutingTable
 from cscr.encoder import load_run_embeddings
 from cscr.fingerprints.store import DescriptorStore
 from cscr.models import tiny_random_lm
-from cscr.run import RunPaths
+from cscr.runs.paths import RunPaths
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from cscr.config import TrainConfig
-from cscr.run import RunPaths
+from cscr.runs.heads import load_trained
+from cscr.runs.paths import RunPaths
 from cscr.synthetic import synthetic_table, write_synthetic_run
-from cscr.trained import load_trained
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -105,11 +105,14 @@ def test_training_on_a_simulated_two_node_cluster(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_test_runs_end_to_end():
-    out = subprocess.run([sys.executable, "jobs/train.py", "--smoke-test", "--workers", "2"], cwd=REPO, env=_env(),
+def test_smoke_test_runs_end_to_end(tmp_path):
+    env = dict(_env(), TMPDIR=str(tmp_path), RAY_TMPDIR="/tmp")  # the smoke run folder here; Ray as usual
+    out = subprocess.run([sys.executable, "jobs/train.py", "--smoke-test", "--workers", "2"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=500)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "cscr: best epoch" in out.stdout
+    assert "train[cscr] epoch 2/2" in out.stderr  # the rank-0 worker's progress reaches the driver
+    assert not list(tmp_path.glob("cscr-train-smoke-*"))  # removed afterwards
 
 
 def test_changed_config_refuses_to_resume(tmp_path):
@@ -133,3 +136,43 @@ def test_job_needs_a_run_or_smoke_test(capsys):
 
     assert job.main([]) == 2
     assert "--run is required" in capsys.readouterr().err
+
+
+def test_job_and_cli_share_every_option(tmp_path, capsys):
+    """jobs/train.py has the CLI's options (one definition): here --plain with the loss and head options."""
+    import cscr.jobs.train as job
+
+    table, emb, _ = synthetic_table(n=240, n_experts=3, seed=14, probe_size=24)
+    run = write_synthetic_run(tmp_path / "run", table, emb)
+    argv = ["--run", str(run), "--plain", "--epochs", "1", "--batch-size", "64", "--gamma", "0.3", "--bands", "2",
+            "--hidden", "32", "--top-k", "2", "--seed", "7", "--threads", "1"]
+    assert job.main(argv) == 0
+    assert "cscr: best epoch 1" in capsys.readouterr().out
+    back = load_trained(run, "cscr")
+    cfg = back.config
+    assert (cfg.loss.gamma, cfg.loss.bands, cfg.head.hidden, cfg.index.top_k, cfg.seed) == (0.3, 2, 32, 2, 7)
+    assert _options(job.build_parser()) == _options(_cli_subparser("train"))
+    assert job.main(["--run", str(run), "--plain", "--gamma", "-1"]) == 2
+    assert "gamma must be >= 0" in capsys.readouterr().err
+
+
+def _options(parser) -> set[str]:
+    """The options of a parser, less -v/--log-level (global options of `cscr`, before the command)."""
+    return {opt for a in parser._actions for opt in a.option_strings} - {"-v", "--verbose", "--log-level"}
+
+
+def _cli_subparser(name: str):
+    import argparse
+
+    from cscr.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def test_sweep_job_and_cli_share_every_option():
+    import cscr.jobs.sweep as job
+
+    opts = _options(job.build_parser())
+    assert opts == _options(_cli_subparser("sweep"))
+    assert {"--allow-failed-trials", "--smoke-test", "--address", "--config", "--gamma"} <= opts

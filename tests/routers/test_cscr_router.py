@@ -1,5 +1,5 @@
 """The CSCR router: top-k then similarity minus lambda * cost, candidates, live pool updates,
-loading trained heads from a run folder, evaluation through the shared interface."""
+loading trained heads from a run folder (cscr.runs.loader), evaluation through the shared interface."""
 
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ from cscr.fingerprints.probe_outcome import probe_outcome_descriptors
 from cscr.head import Head
 from cscr.routers import RouterContext, RouterError, get_router
 from cscr.routers.cscr import CSCRRouter, VanillaRouter
+from cscr.runs.descriptors import compute_probe_outcome
+from cscr.runs.heads import save_trained
+from cscr.runs.loader import load_router
+from cscr.runs.paths import RunError, RunPaths
 from cscr.synthetic import synthetic_table, write_synthetic_run
-from cscr.train import fit_head, prepare_arrays, train_run
+from cscr.training import fit_head, prepare_arrays
 
 
 def random_parts(m=6, d_out=8, d_in=16, seed=0):
@@ -71,7 +75,7 @@ def test_a_removed_expert_is_never_chosen():
     lambdas = router.knob_grid(emb, 50)
     chosen = {router.expert_names[j] for j in np.unique(router.route_sweep(emb, lambdas))}
     assert name not in chosen
-    assert name not in {n for r in router.rank(emb, 0.2) for n, _, _ in r}
+    assert name not in {e.expert for r in router.rank(emb, 0.2) for e in r}
     with pytest.raises(RouterError, match="unknown expert"):
         router.remove_expert(name)
 
@@ -105,7 +109,7 @@ def test_an_added_expert_is_chosen_for_prompts_near_it_without_retraining():
     q = router.queries(emb[test])
     sims = q @ router.index.vectors().T  # (n, M)
     near = sims.argmax(axis=1) == router.expert_names.index("newcomer")
-    assert near.any() and (np.array(router.route_embeddings(emb[test][near], 0.0)) == "newcomer").all()
+    assert near.any() and (np.array(router.expert_names)[router.route(emb[test][near], 0.0)] == "newcomer").all()
     for k, v in router.head.state_dict().items():  # nothing was retrained
         torch.testing.assert_close(v, weights[k])
     with pytest.raises(RouterError, match="already in the index"):
@@ -118,12 +122,27 @@ def test_rank_orders_by_score_and_bad_inputs_are_refused():
     head, desc, costs, emb = random_parts()
     router = CSCRRouter.from_parts(head, desc, costs, top_k=3)
     ranked = router.rank(emb[:2], lam=0.5)
-    assert len(ranked[0]) == 3
-    scores = [s for _, _, s in ranked[0]]
+    assert len(ranked[0]) == 6  # the top-3 scored, then the other three as fallbacks, cheapest first
+    scored, fallbacks = ranked[0][:3], ranked[0][3:]
+    scores = [e.score for e in scored]
     assert scores == sorted(scores, reverse=True)
-    assert ranked[0][0][0] == router.route_embeddings(emb[:1], 0.5)[0]
+    for e in scored:
+        assert e.score == pytest.approx(e.utility - 0.5 * e.cost)
+    assert all(e.utility is None and e.score is None for e in fallbacks)
+    assert [e.cost for e in fallbacks] == sorted(e.cost for e in fallbacks)
+    assert ranked[0][0].expert == router.expert_names[router.route(emb[:1], 0.5)[0]]
+    # with candidates: only they, the top-k searched within them
+    ranked = router.rank(emb[:4], 0.1, candidates=["e1", "e4"])
+    assert all({e.expert for e in r} == {"e1", "e4"} for r in ranked)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(RouterError, match="lambda") as err:
+            router.rank(emb[:2], lam=bad)
+        assert err.value.param == "lambda"
     with pytest.raises(RouterError, match="lambda"):
-        router.rank(emb[:2], lam=-1)
+        router.route_sweep(emb[:2], [0.1, -0.1])
+    with pytest.raises(RouterError, match="unknown expert") as err:
+        router.rank(emb[:2], 0.0, candidates=["e1", "zz"])
+    assert (err.value.param, err.value.code) == ("candidates", "unknown_expert")
     with pytest.raises(RouterError, match=r"prompt embeddings must be \(n, 16\)"):
         router.route(emb[:, :5])
     with pytest.raises(RouterError, match="encoder gives 384"):
@@ -134,36 +153,66 @@ def test_rank_orders_by_score_and_bad_inputs_are_refused():
         CSCRRouter().route(emb)
 
 
+def _train_and_save(run, table, emb, variant):
+    basis = compute_probe_outcome(run, table)
+    desc = probe_outcome_descriptors(table)
+    arrays = prepare_arrays(table, emb, desc, 0.0, "probe-outcome", basis)
+    return save_trained(run, fit_head(arrays, TrainConfig(epochs=2, batch_size=128), variant, log=None))
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     table, emb, _ = synthetic_table(n=700, n_experts=5, seed=7, probe_size=48)
     run = write_synthetic_run(tmp_path_factory.mktemp("cscr") / "run", table, emb)
     for v in ("cscr", "vanilla"):
-        train_run(str(run), v, TrainConfig(epochs=2, batch_size=128), log=None)
+        _train_and_save(run, table, emb, v)
     return table, emb, run
 
 
-def test_fit_loads_the_trained_heads_and_evaluates_beside_baselines(trained_run):
+def test_load_router_builds_the_trained_heads_and_evaluates_beside_baselines(trained_run):
     table, emb, run = trained_run
-    ctx = RouterContext.from_table(table, emb, run_dir=run)
-    routers = {n: get_router(n).fit(ctx) for n in ("cscr", "vanilla", "random")}
-    assert isinstance(routers["vanilla"], VanillaRouter) and routers["vanilla"].model_variant == "vanilla"
-    assert routers["cscr"].expert_names == table.expert_names and routers["cscr"].top_k == 4
-    np.testing.assert_allclose(routers["cscr"].costs, table.expert_costs())
+    routers = {n: load_router(run, n) for n in ("cscr", "vanilla", "random")}
+    assert isinstance(routers["vanilla"], VanillaRouter) and routers["vanilla"].name == "vanilla"
+    assert routers["cscr"].expert_names == table.expert_names and routers["cscr"].top_k == TrainConfig().index.top_k
+    np.testing.assert_allclose(routers["cscr"].costs, table.expert_costs(table.split_index("train")))
+    basis = routers["cscr"].descriptor_basis
+    assert basis is not None and basis.kind == "probe-outcome" and basis.basis_id.startswith("probe:48:")
     result = evaluate_routers(routers, table, emb, table.split_index("test"), EvalConfig(n_lambdas=40, bootstrap=50),
                               compare="cscr")
     assert result.routers["cscr"].audc > result.routers["random"].audc
     assert result.significance[0].a == "cscr"
-    # a different k from the constructor
-    assert get_router("cscr", top_k=1).fit(ctx).top_k == 1
-    assert (np.isfinite(get_router("cscr", top_k=1).fit(ctx).utilities(emb[:5])).sum(1) == 1).all()
+    # a different k than the one trained with
+    one = load_router(run, "cscr", top_k=1)
+    assert one.top_k == 1 and (np.isfinite(one.utilities(emb[:5])).sum(1) == 1).all()
 
 
-def test_fit_without_a_trained_head_says_what_to_run(tmp_path):
+def test_loading_without_a_head_or_descriptors_says_what_to_run(tmp_path, trained_run):
     table, emb, _ = synthetic_table(n=200, n_experts=3, seed=8, probe_size=20)
     run = write_synthetic_run(tmp_path / "run", table, emb)
-    ctx = RouterContext.from_table(table, emb, run_dir=run)
     with pytest.raises(FileNotFoundError, match="cscr train --run .* --variant vanilla"):
-        get_router("vanilla").fit(ctx)
-    with pytest.raises(RouterError, match="needs a run folder"):
+        load_router(run, "vanilla")
+    with pytest.raises(RouterError, match="load_router"):  # a CSCR router is built, never fitted
         get_router("cscr").fit(RouterContext.from_table(table, emb))
+    # a trained head whose descriptors were removed: loading computes nothing, it names the command
+    _train_and_save(run, table, emb, "cscr")
+    RunPaths.of(run).descriptors.unlink()
+    with pytest.raises(FileNotFoundError, match=r"no 'probe-outcome' descriptors .*`cscr train --run"):
+        load_router(run, "cscr")
+    assert not RunPaths.of(run).descriptors.exists()  # loading wrote nothing
+
+
+def test_loading_refuses_descriptors_of_another_basis(tmp_path):
+    table, emb, _ = synthetic_table(n=200, n_experts=3, seed=9, probe_size=20)
+    run = write_synthetic_run(tmp_path / "run", table, emb)
+    _train_and_save(run, table, emb, "cscr")
+    # the probe split changes (the table re-prepared) and the descriptors are recomputed: the
+    # head was trained on the old coordinates
+    splits = table.splits.copy()
+    probe = np.flatnonzero(splits == "probe")
+    train = np.flatnonzero(splits == "train")
+    splits[probe[0]], splits[train[0]] = "train", "probe"
+    table.splits = splits
+    table.save(RunPaths.of(run).table)
+    compute_probe_outcome(run)
+    with pytest.raises(RunError, match="not the ones the head was trained with.*retrain"):
+        load_router(run, "cscr")

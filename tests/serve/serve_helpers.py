@@ -49,21 +49,9 @@ class DotRouter(Router):
 
 def make_tiny_lm(out_dir: Path, seed: int) -> Path:
     """A 2-layer random GPT-2 with SmolLM2's tokenizer (and chat template), saved as an HF folder."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from cscr.models import tiny_random_lm
 
-    from cscr.models import local_model
-
-    if (out_dir / "config.json").is_file():
-        return out_dir
-    tok = AutoTokenizer.from_pretrained(local_model("smollm2"))
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    model = GPT2LMHeadModel(cfg).eval()
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
+    return tiny_random_lm(out_dir, seed, tokenizer="smollm2")
 
 
 def free_port() -> int:
@@ -113,8 +101,8 @@ def make_trained_run(run_dir: Path, data_dir: Path, experts: list[str] = RB_EXPE
     from cscr.config import DataConfig, IndexConfig, TrainConfig
     from cscr.data import load_dataset
     from cscr.encoder import Encoder, embed_table
-    from cscr.run import RunPaths
-    from cscr.train import train_run
+    from cscr.runs.paths import RunPaths
+    from cscr.training.plain import train_run
 
     sizes = sizes or {"train": 120, "val": 30, "probe": 16, "test": 16}
     table = load_dataset("routerbench", DataConfig(data_dir=str(data_dir), probe_size=sizes["probe"]))
@@ -129,3 +117,176 @@ def make_trained_run(run_dir: Path, data_dir: Path, experts: list[str] = RB_EXPE
     cfg = TrainConfig(epochs=epochs, batch_size=64, index=IndexConfig(top_k=len(experts)))
     train_run(str(paths.root), "cscr", cfg, log=None)
     return paths.root
+
+
+# ---- in-process parts of the CompletionService tests (no Ray) ----
+# normalised costs: at a high cost weight the order is broken, hung, tiny-a, tiny-b
+COSTS = {"broken": 0.05, "hung": 0.1, "tiny-a": 0.3, "tiny-b": 1.0}
+
+
+def reference():
+    from cscr.serve.service import CostReference
+
+    return CostReference(best_expert="tiny-b", best_cost=1.0, scale=2.5, unit="usd")
+
+
+class BrokenExpert:
+    """Fails every call at once, like a replica that raises."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def generate(self, req):
+        self.calls += 1
+        raise RuntimeError("expert crashed")
+
+    async def stream(self, req):
+        self.calls += 1
+        raise RuntimeError("expert crashed")
+        yield ""  # makes this an async generator
+
+
+class HungExpert:
+    """Never answers (an upstream that hangs); counts the abandoned calls that were cancelled."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.cancelled = 0
+
+    async def _wait(self) -> None:
+        import asyncio
+
+        self.started += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    async def generate(self, req):
+        await self._wait()
+
+    async def stream(self, req):
+        await self._wait()
+        yield ""
+
+
+class MidStreamFailure:
+    """Streams two pieces, then fails (too late to fall back)."""
+
+    async def generate(self, req):
+        from cscr.serve.protocol import GenerationResult
+
+        return GenerationResult(text="ab")
+
+    async def stream(self, req):
+        yield "a"
+        yield "b"
+        raise RuntimeError("connection reset")
+
+
+def router_service(encoder):
+    """A real RouterService: CSCR from parts (a seeded random head) over the COSTS experts."""
+    import torch
+    from cscr.serve.service import RouterService
+
+    from cscr.config import HeadConfig
+    from cscr.head import Head
+    from cscr.routers.cscr import CSCRRouter
+
+    torch.manual_seed(0)
+    head = Head(HeadConfig(in_dim=384, hidden=32, out_dim=16))
+    rng = np.random.default_rng(0)
+    desc = {n: rng.standard_normal(16) for n in COSTS}
+    router = CSCRRouter.from_parts(head, desc, dict(COSTS), top_k=len(COSTS))
+    return RouterService(encoder, router, reference=reference())
+
+
+def tiny_backends(tiny_lms) -> dict:
+    """tiny-a and tiny-b: the tiny LMs behind the real serving backend (transformers)."""
+    from cscr.serve.experts import build_backend
+
+    from cscr.pool import ExpertSpec
+
+    return {name: build_backend(ExpertSpec(name=name, model=str(tiny_lms[lm]), max_new_tokens=limit))
+            for name, lm, limit in (("tiny-a", "a", 32), ("tiny-b", "b", 64))}
+
+
+class FlakyExpert:
+    """A real backend that can be switched to be dead (``ExpertUnavailable``: its replicas are
+    gone), to fail (raise), to hang, and back to answering ("ok"); counts the calls it got."""
+
+    def __init__(self, inner, mode: str = "ok") -> None:
+        self.inner = inner
+        self.mode = mode
+        self.calls = 0
+
+    async def _check(self) -> None:
+        import asyncio
+
+        from cscr.serve.health import ExpertUnavailable
+
+        self.calls += 1
+        if self.mode == "dead":
+            raise ExpertUnavailable("its replicas are dead")
+        if self.mode == "fail":
+            raise RuntimeError("expert crashed")
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+
+    async def generate(self, req):
+        await self._check()
+        return await self.inner.generate(req)
+
+    async def stream(self, req):
+        await self._check()
+        async for piece in self.inner.stream(req):
+            yield piece
+
+
+def long_expert(tiny_lms, max_new_tokens: int = 1000):
+    """tiny-b behind the real transformers backend, allowed long answers (about a minute of
+    generation here: long enough to see whether an abandoned one stops)."""
+    from cscr.serve.experts import build_backend
+
+    from cscr.pool import ExpertSpec
+
+    return build_backend(ExpertSpec(name="long", model=str(tiny_lms["b"]), max_new_tokens=max_new_tokens))
+
+
+def seconds_until_idle(expert, within: float) -> float:
+    """Seconds until a transformers expert generates nothing (its one-generation lock is free),
+    failing after ``within`` seconds."""
+    import time
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < within:
+        if not expert.llm._lock.locked():
+            return time.perf_counter() - t0
+        time.sleep(0.02)
+    raise AssertionError(f"the expert still generates {within} s after its request was abandoned")
+
+
+class LiveServer:
+    """An ASGI app behind a real uvicorn server on a loopback port, in a thread (real HTTP: a
+    client that disconnects is seen as a disconnect)."""
+
+    def __init__(self, app) -> None:
+        import time
+
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        t0 = time.perf_counter()
+        while not self.server.started:
+            if time.perf_counter() - t0 > 30:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

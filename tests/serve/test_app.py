@@ -27,6 +27,7 @@ from serve_helpers import HangingServer, free_port
 pytestmark = pytest.mark.slow
 
 KEY = "test-key-5f3a"
+ADMIN_KEY = "admin-key-9c1e"
 MISTRAL, MIXTRAL, GPT4 = "mistralai/mistral-7b-chat", "mistralai/mixtral-8x7b-chat", "gpt-4-1106-preview"
 PROMPTS = [
     "Write a python function to find the first repeated character in a given string.",
@@ -58,7 +59,7 @@ def app(trained_run, tiny_lms, tmp_path_factory, encoder):
     ]}))
     os.environ["CSCR_TEST_UPSTREAM_KEY"] = KEY  # inherited by the Ray workers started below
     local = RouterService.from_run(trained_run, encoder=encoder)  # the expected decisions
-    application = build_app({"run": str(trained_run), "pool": str(pool), "api_key": KEY,
+    application = build_app({"run": str(trained_run), "pool": str(pool), "api_key": KEY, "admin_key": ADMIN_KEY,
                              "expert_num_cpus": 0.1, "expert_timeout_s": 15, "max_prompt_chars": 4000,
                              "default_max_tokens": 8})
     hang = HangingServer()
@@ -73,7 +74,8 @@ def app(trained_run, tiny_lms, tmp_path_factory, encoder):
         yield SimpleNamespace(
             base=base, port=port, metrics_port=metrics_port, local=local, hang=hang,
             client=openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120),
-            http=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=300))
+            http=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=300),
+            admin=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=300))
     finally:
         ray_serve.shutdown()
         ray.shutdown()
@@ -98,7 +100,8 @@ def query_vector(app, prompt: str) -> list[float]:
 def test_models_and_health(app):
     ids = [m.id for m in app.client.models.list().data]
     assert ids == ["cscr", MISTRAL, MIXTRAL, GPT4]
-    health = httpx.get(f"{app.base}/healthz").json()  # no key needed
+    assert httpx.get(f"{app.base}/healthz").json() == {"status": "ok"}  # no key: nothing more
+    health = app.admin.get("/healthz").json()  # the details need the admin key
     assert health["status"] == "ok" and set(health["experts"]) == {MISTRAL, MIXTRAL, GPT4}
     assert health["best_expert"] == GPT4 and health["experts"][GPT4] == 1.0
 
@@ -219,46 +222,62 @@ def test_api_key_is_enforced(app):
         wrong.models.list()
     r = httpx.delete(f"{app.base}/v1/experts/{MISTRAL}", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert app.http.get("/v1/experts").status_code == 401  # the API key is not an admin key
+    lower = httpx.get(f"{app.base}/v1/models", headers={"Authorization": f"bearer {KEY}"})
+    assert lower.status_code == 200  # the scheme is case-insensitive (RFC 6750)
+    assert httpx.get(f"{app.base}/docs").status_code == 404 and httpx.get(f"{app.base}/openapi.json").status_code == 404
 
 
 def test_live_add_and_remove(app):
     prompt = "Name three prime numbers larger than one hundred."
     spec = {"name": "newcomer", "backend": "openai", "model": MISTRAL, "base_url": f"{app.base}/v1",
             "api_key_env": "CSCR_TEST_UPSTREAM_KEY", "num_cpus": 0.05}
-    bad = app.http.post("/v1/experts", json={"expert": spec, "cost": 0.0, "descriptor": [1.0, 0.0]})
+    bad = app.admin.post("/v1/experts", json={"expert": spec, "cost": 0.0, "descriptor": [1.0, 0.0]})
     assert bad.status_code == 400 and "dimension 2" in bad.json()["error"]["message"]
-    dup = app.http.post("/v1/experts", json={"expert": {**spec, "name": MISTRAL}, "cost": 0.0,
+    dup = app.admin.post("/v1/experts", json={"expert": {**spec, "name": MISTRAL}, "cost": 0.0,
                                              "descriptor": query_vector(app, prompt)})
     assert dup.status_code == 409
-    fp = app.http.post("/v1/experts", json={"expert": {**spec, "backend": "transformers"}, "cost": 0.0,
-                                            "fingerprint": True})
+    fp = app.admin.post("/v1/experts", json={"expert": {"name": "newcomer", "model": "smollm2"}, "cost": 0.0,
+                                             "fingerprint": True})
     assert fp.status_code == 400 and "probe-outcome" in fp.json()["error"]["message"]
-    assert "newcomer" not in app.http.get("/healthz").json()["experts"]  # nothing half-added
+    assert "newcomer" not in app.admin.get("/healthz").json()["experts"]  # nothing half-added
 
-    added = app.http.post("/v1/experts", json={"expert": spec, "cost": 0.0, "descriptor": query_vector(app, prompt)})
+    huge = app.admin.post("/v1/experts", json={"expert": {**spec, "num_cpus": 1000}, "cost": 0.0,
+                                               "descriptor": query_vector(app, prompt)})
+    assert huge.status_code == 400 and huge.json()["error"]["code"] == "insufficient_resources"  # at once
+    from ray import serve as ray_serve
+
+    apps = set(ray_serve.status().applications)
+    version = app.admin.get("/healthz").json()["pool_version"]
+    added = app.admin.post("/v1/experts", json={"expert": spec, "cost": 0.0, "descriptor": query_vector(app, prompt)})
     assert added.status_code == 201, added.text
+    assert added.json()["pool_version"] == version + 1 and added.json()["replicas"]["lagging"] == []
     for lam in (0.0, 5.0):  # right on the prompt and free: chosen whatever the knob
-        assert app.http.post("/v1/route", json={"prompt": prompt, "cost_weight": lam}).json()["chosen"] == "newcomer"
+        r = app.http.post("/v1/route", json={"prompt": prompt, "cost_weight": lam})
+        assert r.json()["chosen"] == "newcomer" and r.json()["pool_version"] == version + 1
+        assert r.headers["x-cscr-pool-version"] == str(version + 1)
     _, resp = chat(app, prompt)
     assert resp.model == "newcomer" and resp.choices[0].message.content
     assert "newcomer" in [m.id for m in app.client.models.list().data]
 
-    gone = app.http.delete("/v1/experts/newcomer")
+    gone = app.admin.delete("/v1/experts/newcomer")
     assert gone.status_code == 200 and "newcomer" not in gone.json()["experts"]
+    assert gone.json()["pool_version"] == version + 2
+    assert set(ray_serve.status().applications) == apps  # its application (and replica) is gone
     for lam in (0.0, 5.0):
         ranked = app.http.post("/v1/route", json={"prompt": prompt, "cost_weight": lam}).json()["ranked"]
         assert "newcomer" not in [r["name"] for r in ranked]
     assert chat(app, prompt)[1].model != "newcomer"
     with pytest.raises(openai.NotFoundError):
         chat(app, prompt, model="newcomer")
-    assert app.http.delete("/v1/experts/newcomer").status_code == 404
+    assert app.admin.delete("/v1/experts/newcomer").status_code == 404
 
 
 def test_fallback_when_an_expert_times_out(app):
     prompt = "Summarise the plot of Hamlet in ten words."
     spec = {"name": "hung", "backend": "openai", "model": "m", "base_url": f"http://127.0.0.1:{app.hang.port}/v1",
             "timeout_s": 1.0, "retries": 0, "num_cpus": 0.05}
-    r = app.http.post("/v1/experts", json={"expert": spec, "cost": 0.0, "descriptor": query_vector(app, prompt)})
+    r = app.admin.post("/v1/experts", json={"expert": spec, "cost": 0.0, "descriptor": query_vector(app, prompt)})
     assert r.status_code == 201, r.text
     try:
         assert app.http.post("/v1/route", json={"prompt": prompt}).json()["chosen"] == "hung"
@@ -273,15 +292,15 @@ def test_fallback_when_an_expert_times_out(app):
         with pytest.raises(openai.APIStatusError, match="every expert tried failed") as err:
             chat(app, prompt, model="cscr", candidates=["hung"])
         assert err.value.status_code == 502
-        assert app.http.get("/healthz").json()["metrics"]["failures"]["hung"] >= 3
+        assert app.admin.get("/healthz").json()["metrics"]["failures"]["hung"] >= 3
     finally:
-        app.http.delete("/v1/experts/hung")
+        app.admin.delete("/v1/experts/hung")
 
 
 def test_metrics_count_routing_and_savings(app):
     for lam in (0.0, 1000.0):
         chat(app, PROMPTS[5], model=f"cscr:{lam}")
-    tally = app.http.get("/healthz").json()["metrics"]
+    tally = app.admin.get("/healthz").json()["metrics"]
     assert sum(tally["routed"].values()) >= 2 and tally["cost_unit"] == "usd"
     assert tally["estimated_cost_saved"] == pytest.approx(
         tally["estimated_cost_best_expert"] - tally["estimated_cost_chosen"])

@@ -30,7 +30,7 @@ def test_cscr_serve_answers_then_stops_cleanly_on_sigterm(trained_run, tiny_lms,
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cscr.cli", "serve", "--run", str(trained_run),
                                  "--pool", str(pool), "--port", str(port), "--num-cpus", "2",
-                                 "--expert-cpus", "0.1", "--api-key", "k"],
+                                 "--expert-cpus", "0.1", "--api-key", "k", "--state-dir", str(tmp_path / "state")],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.time() + 240
@@ -44,6 +44,7 @@ def test_cscr_serve_answers_then_stops_cleanly_on_sigterm(trained_run, tiny_lms,
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers=h, timeout=120, json={
             "model": "cscr:1000", "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 4})
         assert r.status_code == 200 and r.json()["model"] == MISTRAL  # the cheapest, at a high cost weight
+        assert r.headers["x-cscr-pool-version"] == "1" and (tmp_path / "state" / "pool.json").is_file()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
         assert "cscr: stopping" in log.read_text()

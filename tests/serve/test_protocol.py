@@ -12,6 +12,7 @@ from cscr.serve.protocol import (
     ErrorResponse,
     ProtocolError,
     RouteRequest,
+    check_bearer,
     parse_model,
 )
 from pydantic import ValidationError
@@ -85,3 +86,24 @@ def test_error_shape_and_pickling_keeps_status():
                               "code": "model_not_found"}}
     back = pickle.loads(pickle.dumps(exc))  # crosses Ray's process boundary like this
     assert (back.status, back.code, back.param, str(back)) == (404, "model_not_found", "model", "nope")
+
+
+def test_a_boolean_is_not_a_number():
+    base = {"model": "cscr", "messages": [{"role": "user", "content": "hi"}]}
+    ok = ChatCompletionRequest.model_validate({**base, "cost_weight": 1, "max_tokens": 3, "stream": True})
+    assert (ok.cost_weight, ok.max_tokens, ok.stream) == (1.0, 3, True)
+    for field, value in (("cost_weight", True), ("max_cost", False), ("max_tokens", True), ("top_p", True),
+                         ("stream", "true"), ("stream", 1), ("n", True)):
+        with pytest.raises(ValidationError, match=field):
+            ChatCompletionRequest.model_validate({**base, field: value})
+    with pytest.raises(ValidationError, match="cost"):
+        AddExpertRequest.model_validate({"expert": {"name": "m", "model": "smollm2"}, "cost": True})
+
+
+def test_bearer_scheme_is_case_insensitive():
+    for header in ("Bearer k1", "bearer k1", "BEARER  k1", " Bearer k1 "):
+        check_bearer(header, "k1")
+    for header in (None, "", "k1", "Basic k1", "Bearer k2", "Bearer", "Bearerk1"):
+        with pytest.raises(ProtocolError, match="invalid or missing API key") as err:
+            check_bearer(header, "k1")
+        assert err.value.status == 401 and err.value.code == "invalid_api_key"

@@ -1,4 +1,5 @@
-"""RouterService without Ray: real MiniLM, a CSCR router from parts and from a trained run."""
+"""RouterService without Ray: real MiniLM, a CSCR router from parts and from a trained run, a
+baseline without a live pool; router errors become protocol errors (4xx) here."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from cscr.serve.service import (
     RouterService,
     ServiceError,
     check_encoder,
-    load_router,
     pool_mismatch,
 )
 
 from cscr.config import HeadConfig
 from cscr.head import Head
 from cscr.routers.cscr import CSCRRouter
+from cscr.runs.inputs import Run
+from cscr.runs.loader import load_router
 
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a list.",
            "Solve 12 * 7 + 3.", "Translate 'good morning' into German."]
@@ -56,8 +58,9 @@ def test_candidates_and_max_cost_restrict_the_choice(service):
     assert {r.name for r in d.ranked} == {"mid", "pricey"} and d.routing_ms > 0
     d = service.route(PROMPTS[:1], 0.0, max_cost=0.3)[0]
     assert {r.name for r in d.ranked} == {"cheap", "mid"}
-    with pytest.raises(ProtocolError, match=r"unknown expert\(s\) in candidates: \['gpt-9'\]"):
+    with pytest.raises(ProtocolError, match=r"unknown expert\(s\) \['gpt-9'\] in candidates") as err:
         service.route(PROMPTS[:1], 0.0, candidates=["gpt-9"])
+    assert (err.value.status, err.value.code, err.value.param) == (400, "unknown_expert", "candidates")
     with pytest.raises(ProtocolError, match="no candidate expert costs at most max_cost=0.01"):
         service.route(PROMPTS[:1], 0.0, max_cost=0.01)
     with pytest.raises(ProtocolError, match="max_cost must be a finite number >= 0"):
@@ -70,10 +73,10 @@ def test_bad_prompts_and_knobs(service):
     with pytest.raises(ProtocolError, match="201 characters; the limit is 200") as err:
         service.route(["x" * 201])
     assert err.value.code == "prompt_too_long"
-    with pytest.raises(ProtocolError, match="lambda"):
-        service.route(PROMPTS[:1], -1.0)
-    with pytest.raises(ProtocolError, match="lambda"):
-        service.route(PROMPTS[:1], float("nan"))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ProtocolError, match="lambda") as err:
+            service.route(PROMPTS[:1], bad)
+        assert (err.value.status, err.value.code, err.value.param) == (400, "invalid_cost_weight", "cost_weight")
 
 
 def test_live_add_is_chosen_near_its_descriptor_and_remove_is_never_chosen(service):
@@ -89,6 +92,9 @@ def test_live_add_is_chosen_near_its_descriptor_and_remove_is_never_chosen(servi
             service.add_expert("bad", 0.1, [1.0, 0.0, 0.0])
         with pytest.raises(ProtocolError, match="zero or not finite"):
             service.add_expert("bad", 0.1, [0.0] * 16)
+        with pytest.raises(ProtocolError, match="cost of 'bad' must be a finite number >= 0") as err:
+            service.add_expert("bad", -0.1, q.tolist())
+        assert err.value.param == "cost" and "bad" not in service.expert_names
     finally:
         service.remove_expert("newcomer")
     for lam in (0.0, 0.3, 10.0):
@@ -107,8 +113,9 @@ def test_pool_check_names_the_differences(service):
 
 def test_from_run_loads_the_trained_router(trained_run, encoder):
     svc = RouterService.from_run(trained_run, encoder=encoder)
-    router, table, meta = load_router(trained_run)
-    assert svc.expert_names == table.expert_names and meta["kind"] == "probe-outcome"
+    router, table = load_router(trained_run), Run.of(trained_run).table
+    assert svc.expert_names == router.expert_names == table.expert_names
+    assert svc.router.descriptor_basis is not None and svc.router.descriptor_basis.kind == "probe-outcome"
     # c_m from the train split, the best expert by train quality, raw USD scale
     np.testing.assert_allclose(list(svc.expert_costs().values()), table.expert_costs(table.split_index("train")))
     assert svc.reference.best_expert == "gpt-4-1106-preview" and svc.reference.unit == "usd"
@@ -129,3 +136,18 @@ def test_an_encoder_other_than_the_runs_is_refused(trained_run, encoder):
 
     with pytest.raises(ServiceError, match="embedded with encoder all-MiniLM-L6-v2-.*loaded some-other-encoder"):
         RouterService.from_run(trained_run, encoder=Other())
+
+
+def test_a_router_without_a_live_pool_serves_and_refuses_pool_changes(trained_run, encoder):
+    """Any registered router serves decisions (here knn, from the same run through the same
+    loader); live pool changes are refused with a 4xx, not probed for."""
+    svc = RouterService.from_run(trained_run, "knn", encoder=encoder)
+    emb = svc.embed(PROMPTS)
+    router = svc.router
+    lam = 0.1
+    assert [d.chosen for d in svc.decide(emb, lam)] == [router.expert_names[j] for j in router.route(emb, lam)]
+    with pytest.raises(ProtocolError, match="does not support live expert changes") as err:
+        svc.remove_expert(svc.expert_names[0])
+    assert err.value.code == "unsupported"
+    with pytest.raises(ProtocolError, match="'knn' takes no expert descriptors"):
+        svc.fingerprint_plan()

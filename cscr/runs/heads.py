@@ -1,13 +1,14 @@
-"""Trained heads on disk and the run-folder inputs of training.
+"""Trained heads on disk.
 
     runs/<name>/models/<variant>/
       head.pt        {"state_dict", "head_config"}: the best epoch's head
       config.json    variant, the full TrainConfig, descriptor kind and basis, the trained pool
       history.json   one entry per epoch (train loss, val AUDC, prompts/s, best epoch so far)
 
-The folder is written into a temporary sibling and renamed into place, so a reader sees either the
-previous model or the new one, never a mix. ``load_trained(run_dir, variant)`` gives the head back
-with its record; the CSCR router (cscr/routers/cscr.py) and serving use it.
+The folder is written into a temporary sibling and renamed into place (cscr.atomic), so a reader
+sees either the previous model or the new one, never a mix. ``save_trained`` takes any training
+result with the fields of ``HeadResult`` (the training layer's TrainResult); ``load_trained``
+gives the head back with its record as a ``TrainedHead``.
 """
 
 from __future__ import annotations
@@ -17,22 +18,26 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from cscr.atomic import atomic_dir
 from cscr.config import HeadConfig, TrainConfig, from_dict
-from cscr.data.table import RoutingTable
-from cscr.fingerprints.probe_outcome import KIND as PROBE_OUTCOME
-from cscr.fingerprints.probe_outcome import probe_basis_id, probe_outcome_descriptors
-from cscr.fingerprints.store import DescriptorStore
 from cscr.head import Head
-from cscr.run import RunPaths
-from cscr.train import Log, TrainArrays, TrainResult, prepare_arrays
+from cscr.runs.paths import RunPaths
 
-DEFAULT_KIND = PROBE_OUTCOME
+
+class HeadResult(Protocol):
+    """What training hands over to be saved (cscr's TrainResult has these fields)."""
+
+    head: Head
+    config: TrainConfig
+    variant: str
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_val_audc: float | None
+    meta: dict[str, Any]
 
 
 @dataclass
@@ -49,9 +54,7 @@ class TrainedHead:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-
-
-def save_trained(run_dir: str | os.PathLike[str] | None, result: TrainResult,
+def save_trained(run_dir: str | os.PathLike[str] | RunPaths | None, result: HeadResult,
                  out_dir: str | os.PathLike[str] | None = None) -> Path:
     """Write the trained head to ``RunPaths.of(run_dir).model(variant)`` (or ``out_dir``), atomically."""
     if out_dir is None and run_dir is None:
@@ -104,58 +107,13 @@ def load_trained_from(folder: str | os.PathLike[str]) -> TrainedHead:
     )
 
 
-def load_trained(run_dir: str | os.PathLike[str], variant: str = "cscr") -> TrainedHead:
+def load_trained(run_dir: str | os.PathLike[str] | RunPaths, variant: str = "cscr") -> TrainedHead:
     """The trained head of ``variant`` in a run folder (clear error when it was never trained)."""
-    folder = RunPaths.of(run_dir).model(variant)
+    paths = RunPaths.of(run_dir)
+    folder = paths.model(variant)
     if not (folder / "head.pt").exists():
         base, _, kind = variant.partition("@")
         how = f"--variant {base}" + (f" --descriptor-kind {kind}" if kind else "")
         raise FileNotFoundError(f"no trained {variant!r} head in {folder}: run "
-                                f"`cscr train --run {RunPaths.of(run_dir).root} {how}` first")
+                                f"`cscr train --run {paths.root} {how}` first")
     return load_trained_from(folder)
-
-
-# ---------------------------------------------------------------- run inputs
-
-def ensure_descriptors(run_dir: str | os.PathLike[str], table: RoutingTable, kind: str | None = None,
-                       log: Log | None = None) -> tuple[dict[str, np.ndarray], str, str]:
-    """(descriptors of every table expert in table order, kind, basis id) from the run's store.
-
-    Probe-outcome descriptors (the default kind) are computed from the table's probe split and
-    written to the store when missing or computed on another probe set; other kinds must be in
-    the store already (``cscr fingerprint``).
-    """
-    kind = kind or DEFAULT_KIND
-    store = DescriptorStore(RunPaths.of(run_dir).descriptors)
-    names = table.expert_names
-    if kind == PROBE_OUTCOME:
-        basis = probe_basis_id(table)
-        have = store.experts(kind)
-        stale = bool(have) and store.info(kind)["basis_id"] != basis
-        if stale or set(names) - set(have):
-            if stale:
-                store.remove(kind=kind)
-            store.write_many(probe_outcome_descriptors(table), kind, basis_id=basis,
-                             source=f"probe split of {table.source}")
-            if log:
-                log(f"descriptors: wrote {len(names)} probe-outcome descriptors "
-                    f"(D' = {len(table.split_index('probe'))}) to {store.path}")
-    elif kind not in store.kinds():
-        raise FileNotFoundError(f"no {kind!r} descriptors in {store.path} (kinds present: {store.kinds() or 'none'}): "
-                                "compute them with `cscr fingerprint` or train with the probe-outcome kind")
-    desc = store.read(kind, experts=names)
-    return desc, kind, str(store.info(kind)["basis_id"])
-
-
-def load_training_arrays(run_dir: str | os.PathLike[str], tolerance: float = 0.0, kind: str | None = None,
-                         log: Log | None = None) -> TrainArrays:
-    """TrainArrays from a prepared run folder (table, embeddings, descriptors)."""
-    from cscr.encoder import load_run_embeddings
-
-    paths = RunPaths.of(run_dir)
-    table = RoutingTable.load(paths.require_table())
-    emb = load_run_embeddings(paths.root)
-    desc, kind, basis = ensure_descriptors(paths.root, table, kind, log)
-    arrays = prepare_arrays(table, emb, desc, tolerance, kind, basis)
-    arrays.meta["run_dir"] = str(paths.root)
-    return arrays

@@ -1,16 +1,14 @@
-"""Training the routing head (SPEC.md section 4): the plain single-process loop and its parts.
+"""The one epoch loop (SPEC.md section 4) and its steps, over plain data.
 
-The parts are plain functions over plain data so that the Ray Train worker (jobs/train.py) runs
-exactly the same steps on its shard of the data:
+``run_epochs`` is the only loop that trains a head: ``fit_head`` (cscr/training/fit.py) runs it
+in one process, and the Ray Train worker of jobs/train.py runs it on its shard of every epoch
+(``rank`` / ``world``) with a DDP-wrapped ``model`` and its own ``on_epoch`` hook (report and
+checkpoint). What differs between them is passed in, never branched on here:
 
-* ``prepare_arrays(table, emb, descriptors, ...) -> TrainArrays``: everything a worker needs as
-  numpy arrays (picklable; shipped once through the Ray object store);
-* ``init_training(arrays, cfg)`` -> (head, optimizer, TrainState); ``epoch_batches`` (seeded,
-  sharded by rank); ``train_epoch`` (one pass, AdamW on the cost-spectrum loss);
-  ``validation_audc`` (the CSCR router on the validation prompts, AUDC of its deferral curve);
-  ``record_epoch`` (history and the best epoch); ``TrainState.to_dict``/``from_dict`` (checkpoints).
-* ``fit_head`` runs them in one process; ``train_run`` does it for a run folder and saves the best
-  epoch's head (cscr/trained.py).
+* ``validate(head) -> float | None``: the epoch's validation score (AUDC; None: no validation,
+  the best epoch is then the lowest train loss). cscr/training/validation.py builds the default;
+* ``on_epoch(state)``: called after each epoch with the TrainState (checkpoints, reports);
+* ``extra``: fields added to each epoch's record (workers, nodes, attempt).
 
 A variant picks the loss: ``cscr`` (cost-spectrum, the config's bands / gamma / alpha) or
 ``vanilla`` (B = 1, gamma = 0, alpha = 0: multi-positive InfoNCE at temperature tau_min).
@@ -20,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,16 +27,13 @@ import numpy as np
 import torch
 
 from cscr.config import LossConfig, TrainConfig
-from cscr.data.table import RoutingTable
 from cscr.head import Head
-from cscr.losses import cost_bands, cost_spectrum_infonce, positives_from_quality
+from cscr.losses import cost_bands, cost_spectrum_infonce
+from cscr.training.arrays import TrainArrays
 
 VARIANTS = ("cscr", "vanilla")
 Log = Callable[[str], None]
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+Validator = Callable[[Head], "float | None"]
 
 
 def variant_config(cfg: TrainConfig, variant: str) -> TrainConfig:
@@ -51,62 +45,6 @@ def variant_config(cfg: TrainConfig, variant: str) -> TrainConfig:
         return dataclasses.replace(cfg, loss=loss)
     raise ValueError(f"unknown training variant {variant!r}; expected one of {VARIANTS}")
 
-
-@dataclass
-class TrainArrays:
-    """The training inputs as plain arrays (train prompts with >= 1 positive; complete val rows)."""
-
-    x: np.ndarray  # (n, d) float32 train prompt embeddings
-    positives: np.ndarray  # (n, M) bool P(i)
-    observed: np.ndarray  # (n, M) bool, False for a missing quality cell
-    descriptors: np.ndarray  # (M, D') float32 expert descriptors, unit rows
-    costs: np.ndarray  # (M,) float64 c_m in [0, 1]
-    expert_names: list[str]  # (M,)
-    val_x: np.ndarray  # (v, d) float32 validation prompt embeddings (rows with every cell)
-    val_quality: np.ndarray  # (v, M) float64
-    val_cost: np.ndarray  # (v, M) float64
-    meta: dict[str, Any] = field(default_factory=dict)  # descriptor kind, basis id, counts
-
-    @property
-    def n(self) -> int:
-        return int(self.x.shape[0])
-
-
-def prepare_arrays(table: RoutingTable, emb: np.ndarray, descriptors: Mapping[str, np.ndarray],
-                   tolerance: float = 0.0, descriptor_kind: str = "", basis_id: str = "") -> TrainArrays:
-    """Train arrays from a table, its embeddings (table.n, d) and one descriptor per table expert."""
-    if emb.shape[0] != table.n:
-        raise ValueError(f"embeddings have {emb.shape[0]} rows, the table has {table.n}")
-    names = table.expert_names
-    missing = [n for n in names if n not in descriptors]
-    if missing:
-        raise ValueError(f"no descriptor for expert(s) {missing}")
-    desc = np.stack([np.asarray(descriptors[n], dtype=np.float32).reshape(-1) for n in names])  # (M, D')
-    if len({v.size for v in desc}) > 1:
-        raise ValueError("expert descriptors differ in dimension")
-    desc = desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
-    train = table.split_index("train")
-    if train.size == 0:
-        raise ValueError("the table has no train prompts")
-    pos, obs = positives_from_quality(table.quality[train], tolerance)
-    pos_np, obs_np = pos.numpy(), obs.numpy()
-    keep = pos_np.any(axis=1)  # prompts without a positive are skipped by the loss anyway
-    if not keep.any():
-        raise ValueError("no train prompt has a positive expert (every quality is 0 or missing)")
-    val = table.split_index("val")
-    val = val[~np.isnan(table.quality[val]).any(axis=1)]
-    return TrainArrays(
-        x=np.ascontiguousarray(emb[train][keep], dtype=np.float32),
-        positives=pos_np[keep], observed=obs_np[keep], descriptors=desc.astype(np.float32),
-        costs=table.expert_costs(train).astype(np.float64), expert_names=list(names),
-        val_x=np.ascontiguousarray(emb[val], dtype=np.float32),
-        val_quality=table.quality[val], val_cost=table.cost[val],
-        meta={"descriptor_kind": descriptor_kind, "basis_id": basis_id, "n_train": int(train.size),
-              "n_train_with_positive": int(keep.sum()), "n_val": int(val.size), "source": table.source},
-    )
-
-
-# ---------------------------------------------------------------- the steps of one training run
 
 @dataclass
 class TrainState:
@@ -151,7 +89,7 @@ def init_training(arrays: TrainArrays, cfg: TrainConfig, state: TrainState | Non
 
 @dataclass
 class Tensors:
-    """TrainArrays on a device (built once per worker)."""
+    """TrainArrays on a device (built once per loop)."""
 
     x: torch.Tensor  # (n, d)
     positives: torch.Tensor  # (n, M) bool
@@ -206,23 +144,6 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, t: Tensors, 
     return {"train_loss": total / max(count, 1), "prompts": float(count), "train_seconds": seconds}
 
 
-def validation_audc(head: Head, arrays: TrainArrays, top_k: int, n_lambdas: int = 100) -> float | None:
-    """AUDC of the CSCR router (this head, top-k) on the validation prompts; None without any."""
-    if arrays.val_x.shape[0] == 0:
-        return None
-    from cscr.eval import metrics as M
-    from cscr.routers.cscr import CSCRRouter
-
-    router = CSCRRouter.from_parts(head, dict(zip(arrays.expert_names, arrays.descriptors, strict=True)),
-                                   dict(zip(arrays.expert_names, arrays.costs, strict=True)), top_k=top_k,
-                                   use_gpu=False)
-    lambdas = router.knob_grid(arrays.val_x, n_lambdas)
-    choices = router.route_sweep(arrays.val_x, lambdas)
-    x, y = M.operating_points(choices, arrays.val_quality, arrays.val_cost)
-    lo, hi = M.pool_range(arrays.val_cost.mean(axis=0))
-    return M.audc(M.deferral_curve(x, y), lo, hi)
-
-
 def record_epoch(state: TrainState, head: Head, opt: torch.optim.Optimizer, metrics: dict[str, Any]) -> TrainState:
     """Append the epoch's metrics, advance the epoch, keep the best head (by val AUDC, else -loss)."""
     state.epoch += 1
@@ -245,6 +166,36 @@ def epoch_line(variant: str, m: Mapping[str, Any], epochs: int) -> str:
             f"{m['prompts'] / max(m['train_seconds'], 1e-9):,.0f} prompts/s, best epoch {m['best_epoch']}")
 
 
+def run_epochs(arrays: TrainArrays, cfg: TrainConfig, head: Head, opt: torch.optim.Optimizer, state: TrainState,
+               validate: Validator | None, *, variant: str = "cscr", model: torch.nn.Module | None = None,
+               rank: int = 0, world: int = 1, extra: Mapping[str, Any] | None = None,
+               on_epoch: Callable[[TrainState], None] | None = None, log: Log | None = None) -> TrainState:
+    """Train from ``state.epoch`` to ``cfg.epochs``: the one epoch loop of every trainer.
+
+    ``cfg`` is the variant's config (``variant_config``); ``head`` and ``opt`` come from
+    ``init_training``; ``model`` is what the forward pass runs (``head`` itself, or a DDP wrapper
+    of it); worker ``rank`` of ``world`` trains its shard of each epoch's permutation.
+    ``validate(head)`` scores the epoch (None: not validated on this worker). After each epoch
+    the record is logged (``log``) and ``on_epoch(state)`` is called.
+    """
+    model = head if model is None else model
+    t = Tensors.of(arrays, cfg, next(head.parameters()).device)
+    for epoch in range(state.epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        batches = epoch_batches(arrays.n, cfg.batch_size, cfg.seed, epoch, rank, world)
+        m: dict[str, Any] = train_epoch(model, opt, t, batches, cfg.loss)
+        m["prompts"] = m["prompts"] * world  # every worker trains an equal shard
+        m["val_audc"] = validate(head) if validate is not None else None
+        m["epoch_seconds"] = time.perf_counter() - t0
+        m.update(extra or {})
+        state = record_epoch(state, head, opt, m)
+        if log:
+            log(epoch_line(variant, state.history[-1], cfg.epochs))
+        if on_epoch:
+            on_epoch(state)
+    return state
+
+
 @dataclass
 class TrainResult:
     head: Head  # the best epoch's head, eval mode
@@ -254,26 +205,6 @@ class TrainResult:
     best_epoch: int
     best_val_audc: float | None
     meta: dict[str, Any]
-
-
-def fit_head(arrays: TrainArrays, cfg: TrainConfig | None = None, variant: str = "cscr",
-             log: Log | None = _stderr, state: TrainState | None = None,
-             on_epoch: Callable[[TrainState], None] | None = None) -> TrainResult:
-    """The plain single-process loop: ``cfg.epochs`` epochs, validation AUDC after each, best kept."""
-    cfg = variant_config(cfg or TrainConfig(), variant)
-    head, opt, state = init_training(arrays, cfg, state)
-    t = Tensors.of(arrays, cfg)
-    for epoch in range(state.epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        m: dict[str, Any] = train_epoch(head, opt, t, epoch_batches(arrays.n, cfg.batch_size, cfg.seed, epoch), cfg.loss)
-        m["val_audc"] = validation_audc(head, arrays, cfg.index.top_k)
-        m["epoch_seconds"] = time.perf_counter() - t0
-        state = record_epoch(state, head, opt, m)
-        if log:
-            log(epoch_line(variant, state.history[-1], cfg.epochs))
-        if on_epoch:
-            on_epoch(state)
-    return result_from_state(state, arrays, cfg, variant)
 
 
 def result_from_state(state: TrainState, arrays: TrainArrays, cfg: TrainConfig, variant: str) -> TrainResult:
@@ -286,30 +217,3 @@ def result_from_state(state: TrainState, arrays: TrainArrays, cfg: TrainConfig, 
     cfg = dataclasses.replace(cfg, head=head.cfg)
     return TrainResult(head, cfg, variant, list(state.history), state.best_epoch, best.get("val_audc"),
                        dict(arrays.meta, experts=list(arrays.expert_names)))
-
-
-# ---------------------------------------------------------------- a run folder
-
-def train_run(run_dir: str, variant: str = "cscr", cfg: TrainConfig | None = None,
-              descriptor_kind: str | None = None, log: Log | None = _stderr) -> TrainResult:
-    """Load the run's table, embeddings and descriptors, train with the plain loop, save the head."""
-    from cscr.trained import load_training_arrays, save_trained
-
-    cfg = cfg or TrainConfig()
-    arrays = load_training_arrays(run_dir, cfg.loss.tolerance, descriptor_kind, log=log)
-    if log:
-        log(f"train[{variant}]: {arrays.n} train prompts with a positive, {arrays.val_x.shape[0]} val prompts, "
-            f"{len(arrays.expert_names)} experts, {arrays.meta['descriptor_kind']} descriptors "
-            f"(D' = {arrays.descriptors.shape[1]}), plain loop")
-    result = fit_head(arrays, cfg, variant, log=log)
-    path = save_trained(run_dir, result)
-    if log:
-        log(f"train[{variant}]: best epoch {result.best_epoch} (val AUDC {result.best_val_audc}); saved {path}")
-    return result
-
-
-def load_trained(run_dir: str, variant: str = "cscr") -> Any:
-    """``cscr.trained.load_trained``: the trained head of a variant in a run folder."""
-    from cscr.trained import load_trained as _load
-
-    return _load(run_dir, variant)

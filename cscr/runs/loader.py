@@ -1,0 +1,46 @@
+"""The one way from a run folder to a fitted router: ``load_router(run, variant) -> Router``.
+
+Serving, ``cscr evaluate`` and the experiment commands all load routers here:
+
+* CSCR variants (``cscr``, ``vanilla``, ``cscr@KIND``): the head trained for
+  ``models/<variant>`` (cscr.runs.heads), the run's descriptors of the table's experts of the
+  kind the head was trained with, refused when their basis is not the one the head was trained
+  on (cscr.runs.descriptors), and c_m from the train split; built with
+  ``CSCRRouter.from_trained``. The prompt embeddings are not read.
+* any other registered router (``kwargs`` go to its constructor): fitted on the run's table and
+  prompt embeddings with the given seed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cscr.routers.base import Router, RouterContext, RouterError, router_class
+from cscr.routers.cscr import CSCRRouter
+from cscr.runs.descriptors import DEFAULT_KIND
+from cscr.runs.heads import load_trained
+from cscr.runs.inputs import Run
+from cscr.runs.paths import RunPaths
+
+
+def load_router(run: Run | str | os.PathLike[str] | RunPaths, variant: str = "cscr", *, seed: int = 0,
+                top_k: int | None = None, use_gpu: bool | None = None, **kwargs: Any) -> Router:
+    """The fitted router ``variant`` of a run (``top_k`` / ``use_gpu``: CSCR variants only)."""
+    run = Run.of(run)
+    base, at, _ = variant.partition("@")
+    cls = router_class(base)
+    if issubclass(cls, CSCRRouter):
+        if kwargs:
+            raise RouterError(f"{base}: unexpected option(s) {sorted(kwargs)} (a trained head takes top_k, use_gpu)")
+        trained = load_trained(run.paths, variant)
+        desc, kind, basis = run.descriptors(trained.descriptor_kind or DEFAULT_KIND, trained.basis_id)
+        return cls.from_trained(trained, desc, run.train_costs(), top_k=top_k, use_gpu=use_gpu, kind=kind,
+                                basis_id=basis)
+    if at:
+        raise RouterError(f"{variant!r}: '@KIND' names a head trained with descriptor kind KIND; "
+                          f"{base!r} has no trained head")
+    if top_k is not None or use_gpu is not None:
+        raise RouterError(f"{base}: top_k and use_gpu are options of trained CSCR heads")
+    router = cls(**kwargs)
+    return router.fit(RouterContext.from_table(run.table, run.embeddings, seed=seed))

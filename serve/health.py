@@ -1,0 +1,107 @@
+"""Which experts take requests now: a circuit breaker per expert, with a cooldown.
+
+In the style of LiteLLM's cooldowns. Per expert name:
+
+- **closed** (healthy): every request may call it. ``failures`` failures in a row (errors or
+  timeouts), or one ``ExpertUnavailable`` (its replicas are dead, or none took the request
+  within the connect timeout), open the circuit;
+- **open**: the expert is skipped at once, without a call, for ``cooldown_s`` seconds;
+- **half-open**: after the cooldown one request is let through as a trial (the others still
+  skip it); a success closes the circuit, a failure opens it for another cooldown.
+
+A client error of the expert (a prompt longer than its context: a 4xx) is an answer, not a
+failure. The breaker is a plain object, no Ray and no I/O; ``CompletionService`` owns one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+
+
+class ExpertUnavailable(RuntimeError):
+    """An expert that cannot take a request now: its replicas are dead or unreachable (the
+    breaker opens at once, without waiting for repeated failures)."""
+
+
+@dataclass
+class _State:
+    failures: int = 0  # in a row
+    opened_at: float | None = None  # None: closed
+    trial: bool = False  # a half-open trial is in flight
+    opened: int = 0  # times the circuit opened (reported)
+
+
+@dataclass
+class CircuitBreaker:
+    """Per-expert circuits (see the module docstring). ``clock`` is ``time.monotonic``."""
+
+    failures: int = 3  # failures in a row that open the circuit
+    cooldown_s: float = 10.0  # how long an open circuit skips the expert
+    clock: Callable[[], float] = time.monotonic
+    _states: dict[str, _State] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.failures < 1 or self.cooldown_s < 0:
+            raise ValueError(f"bad breaker settings: failures={self.failures}, cooldown_s={self.cooldown_s}")
+
+    def _get(self, name: str) -> _State:
+        return self._states.setdefault(name, _State())
+
+    def state(self, name: str) -> str:
+        s = self._states.get(name)
+        if s is None or s.opened_at is None:
+            return CLOSED
+        if s.trial or self.clock() - s.opened_at >= self.cooldown_s:
+            return HALF_OPEN
+        return OPEN
+
+    def available(self, name: str) -> bool:
+        """Whether a request may plan to call it (closed, or its cooldown is over). No side effect."""
+        s = self._states.get(name)
+        return s is None or s.opened_at is None or (not s.trial and self.clock() - s.opened_at >= self.cooldown_s)
+
+    def acquire(self, name: str) -> bool:
+        """Whether this request may call it now; after the cooldown the first caller gets the
+        half-open trial (and must report ``success``, ``failure`` or ``release``)."""
+        s = self._get(name)
+        if s.opened_at is None:
+            return True
+        if s.trial or self.clock() - s.opened_at < self.cooldown_s:
+            return False
+        s.trial = True
+        return True
+
+    def success(self, name: str) -> None:
+        s = self._get(name)
+        s.failures, s.opened_at, s.trial = 0, None, False
+
+    def failure(self, name: str, dead: bool = False) -> None:
+        """One failed call; ``dead`` (the replicas are gone) opens the circuit at once."""
+        s = self._get(name)
+        s.failures += 1
+        if dead or s.trial or s.failures >= self.failures:
+            if s.opened_at is None or s.trial:
+                s.opened += 1
+            s.opened_at, s.trial = self.clock(), False
+
+    def release(self, name: str) -> None:
+        """A call that ended without a verdict (the client left): a trial may be taken again."""
+        s = self._states.get(name)
+        if s is not None:
+            s.trial = False
+
+    def retry_after(self, name: str) -> float:
+        """Seconds until an open circuit allows a trial (0 when it does now)."""
+        s = self._states.get(name)
+        if s is None or s.opened_at is None:
+            return 0.0
+        return max(0.0, self.cooldown_s - (self.clock() - s.opened_at))
+
+    def snapshot(self) -> dict[str, dict[str, object]]:
+        """Every expert that ever failed: its state, failures in a row and how often it opened."""
+        return {n: {"state": self.state(n), "failures": s.failures, "opened": s.opened}
+                for n, s in sorted(self._states.items()) if s.failures or s.opened}

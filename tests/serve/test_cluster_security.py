@@ -1,0 +1,97 @@
+"""The embedded cluster of `cscr serve` is not a back door (issue 13, item 8).
+
+Ray binds its GCS, raylet and worker ports on every interface (a node cannot be bound to
+loopback: ray.init turns 127.0.0.1 into the host's address), so `cscr serve` starts its embedded
+cluster with Ray's token auth and a fresh random token: a driver that connects with no token,
+or with a wrong one, is refused. Its HTTP port listens on loopback only. When the cluster dies,
+`cscr serve` logs one line and exits with code 3 (not a live process with a dead port)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+import yaml
+from serve_helpers import RB_EXPERTS, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def descendants(pid: int, name: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if name in p.name() or name in " ".join(p.cmdline()[:1]):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def listening(procs: list[psutil.Process]) -> list[tuple[str, int]]:
+    pids = {p.pid for p in procs}
+    return sorted({(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+                   if c.status == psutil.CONN_LISTEN and c.pid in pids})
+
+
+def connect_attempt(address: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env.update(env_extra)
+    code = (f"import os, ray; ray.init(address={address!r}, log_to_driver=False); "
+            "print('CONNECTED', ray.get(ray.remote(lambda: sorted(os.environ)).remote())[:3])")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_embedded_cluster_needs_a_token_and_its_death_stops_the_server(trained_run, tiny_lms, tmp_path):
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(yaml.safe_dump({"name": "sec", "experts": [
+        {"name": n, "kind": "open-weights", "source": {"model": str(tiny_lms["a"])}, "cost": {"n_params": c},
+         "num_cpus": 0.1} for n, c in zip(RB_EXPERTS, (7.0, 46.7, 1000.0), strict=True)]}))
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cscr.cli", "serve", "--run", str(trained_run),
+                                 "--pool", str(pool), "--port", str(port), "--num-cpus", "2",
+                                 "--state-dir", str(tmp_path / "state"), "--api-key", "k"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 400
+        while "serving on" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json() == {"status": "ok"}
+        # the HTTP port: loopback only
+        http_socks = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        assert http_socks and {ip for ip, _ in http_socks} <= {"127.0.0.1"}, http_socks
+        gcs = descendants(proc.pid, "gcs_server")
+        raylet = descendants(proc.pid, "raylet")
+        assert len(gcs) == 1 and raylet, "no embedded GCS/raylet under cscr serve"
+        assert gcs[0].environ().get("RAY_AUTH_MODE") == "token" and len(gcs[0].environ().get("RAY_AUTH_TOKEN", "")) >= 32
+        gcs_port = next(int(a.split("=", 1)[1]) for a in gcs[0].cmdline() if a.startswith("--gcs_server_port="))
+        assert any(p == gcs_port for _, p in listening(gcs))
+        # no token, a wrong token: refused (the same credentials an attacker on the network has)
+        for extra in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "x" * 43}):
+            r = connect_attempt(f"127.0.0.1:{gcs_port}", extra)
+            assert r.returncode != 0 and "CONNECTED" not in r.stdout, r.stdout + r.stderr[-2000:]
+            assert "token" in (r.stdout + r.stderr).lower()
+        # the cluster dies: the server says so and exits non-zero
+        os.kill(gcs[0].pid, signal.SIGKILL)
+        code = proc.wait(timeout=60)
+        text = log.read_text()
+        assert code == 3, text[-3000:]
+        assert "cscr: the Ray cluster died" in text
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in raylet)  # nothing left behind
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,160 @@
+"""Two Router and two Ingress replicas on a simulated two-node Ray cluster (ray.cluster_utils.Cluster):
+every replica follows the one versioned pool record, decisions agree whichever replica serves them,
+a live add or remove reaches all of them before the admin call answers, and admin adds are bounded.
+
+The router is a real trained CSCR run on a RouterBench slice; the three experts are tiny random
+GPT-2s, each in its own Serve application (as under `cscr serve`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import yaml
+from cscr.serve.service import RouterService
+from serve_helpers import RB_EXPERTS, free_port
+
+pytestmark = pytest.mark.slow
+
+KEY, ADMIN = "k-replicas", "admin-replicas"
+PROMPTS = ["What is the capital of France?", "Solve for x: 3x + 5 = 20.",
+           "Write a function to compute the n-th Fibonacci number.", "Explain why the sky is blue."]
+
+
+def write_pool(path, tiny_lms):
+    path.write_text(yaml.safe_dump({"name": "replicas", "experts": [
+        {"name": name, "kind": "open-weights", "source": {"model": str(tiny_lms["ab"[i % 2]])},
+         "cost": {"n_params": n}} for i, (name, n) in enumerate(zip(RB_EXPERTS, (7.0, 46.7, 1000.0), strict=True))]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(trained_run, tiny_lms, tmp_path_factory, encoder):
+    import ray
+    from cscr.serve.app import ExpertLauncher, ServeArgs, launch_expert_apps, plan_app
+    from ray import serve as ray_serve
+    from ray.cluster_utils import Cluster
+
+    tmp = tmp_path_factory.mktemp("replicas")
+    state_dir = tmp / "state"
+    args = ServeArgs(run=str(trained_run), pool=str(write_pool(tmp / "pool.yaml", tiny_lms)), api_key=KEY,
+                     admin_key=ADMIN, state_dir=str(state_dir), router_replicas=2, ingress_replicas=2,
+                     expert_apps=True, expert_num_cpus=0.1, router_num_cpus=0.1, ingress_num_cpus=0.1,
+                     default_max_tokens=4, expert_deploy_timeout_s=300)
+    app, record, a = plan_app(args)
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    c.add_node(num_cpus=2)
+    port = free_port()
+    try:
+        ray.init(address=c.address, log_to_driver=False)
+        ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        launch_expert_apps(record, ExpertLauncher(deploy_timeout_s=300))
+        ray_serve.run(app, name="cscr", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        yield SimpleNamespace(
+            base=base, state_dir=state_dir, local=RouterService.from_run(trained_run, encoder=encoder),
+            http=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=300),
+            admin=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=300))
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
+        c.shutdown()
+
+
+def replicas(cl, want_version: int, timeout: float = 60.0) -> dict:
+    """The replicas the pool controller sees, once all four serve ``want_version``."""
+    deadline, seen = time.time() + timeout, {}
+    while time.time() < deadline:
+        seen = cl.admin.get("/healthz").json()["replicas"]
+        roles = sorted(r["role"] for r in seen.values() if r["version"] == want_version)
+        if roles == ["Ingress", "Ingress", "Router", "Router"]:
+            return seen
+        time.sleep(1)
+    raise AssertionError(f"replicas did not converge on version {want_version}: {seen}")
+
+
+def routes(cl, prompt: str, lam: float, n: int = 24) -> list[httpx.Response]:
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda _: cl.http.post("/v1/route", json={"prompt": prompt, "cost_weight": lam}),
+                             range(n)))
+
+
+def test_every_replica_serves_the_first_version(cluster):
+    seen = replicas(cluster, 1)
+    assert len(seen) == 4
+    health = cluster.admin.get("/healthz").json()
+    assert health["pool_version"] == 1 and set(health["experts"]) == set(RB_EXPERTS)
+    stored = json.loads((cluster.state_dir / "pool.json").read_text())
+    assert stored["version"] == 1 and sorted(e["spec"]["name"] for e in stored["experts"]) == sorted(RB_EXPERTS)
+
+
+def test_decisions_agree_across_replicas(cluster):
+    for prompt in PROMPTS[:2]:
+        for lam in (0.0, 1000.0):
+            want = cluster.local.route([prompt], lam)[0]
+            got = routes(cluster, prompt, lam)
+            assert all(r.status_code == 200 for r in got)
+            assert {r.json()["chosen"] for r in got} == {want.chosen}
+            assert {tuple(x["name"] for x in r.json()["ranked"]) for r in got} == {tuple(x.name for x in want.ranked)}
+            assert {r.headers["x-cscr-pool-version"] for r in got} == {"1"}
+            assert {r.json()["pool_version"] for r in got} == {1}
+    r = cluster.http.post("/v1/chat/completions", json={"model": "cscr:1000", "max_tokens": 3,
+                                                        "messages": [{"role": "user", "content": PROMPTS[0]}]})
+    assert r.status_code == 200 and r.headers["x-cscr-pool-version"] == "1" and r.json()["cscr"]["pool_version"] == 1
+
+
+def test_live_add_and_remove_reach_every_replica(cluster, tiny_lms):
+    from ray import serve as ray_serve
+
+    prompt = PROMPTS[2]
+    query = cluster.local.router.queries(cluster.local.embed([prompt]))[0].tolist()
+    spec = {"name": "newcomer", "model": str(tiny_lms["a"]), "num_cpus": 0.1}
+    apps_before = set(ray_serve.status().applications)
+    added = cluster.admin.post("/v1/experts", json={"expert": spec, "cost": 0.0, "descriptor": query})
+    assert added.status_code == 201, added.text
+    body = added.json()
+    assert body["pool_version"] == 2 and body["replicas"]["lagging"] == [] and len(body["replicas"]["serving"]) == 4
+    got = routes(cluster, prompt, 0.0)  # the admin call answered: every replica routes with it already
+    assert {r.json()["chosen"] for r in got} == {"newcomer"} and {r.headers["x-cscr-pool-version"] for r in got} == {"2"}
+    r = cluster.http.post("/v1/chat/completions", json={"model": "cscr", "max_tokens": 3,
+                                                        "messages": [{"role": "user", "content": prompt}]})
+    assert r.status_code == 200 and r.json()["model"] == "newcomer"
+    assert json.loads((cluster.state_dir / "pool.json").read_text())["version"] == 2  # durable
+    new_apps = set(ray_serve.status().applications) - apps_before
+    assert len(new_apps) == 1 and next(iter(new_apps)).startswith("cscr-expert-newcomer")
+
+    gone = cluster.admin.delete("/v1/experts/newcomer")
+    assert gone.status_code == 200 and gone.json()["pool_version"] == 3 and gone.json()["replicas"]["lagging"] == []
+    got = routes(cluster, prompt, 0.0)
+    assert all("newcomer" not in [x["name"] for x in r.json()["ranked"]] for r in got)
+    assert {r.headers["x-cscr-pool-version"] for r in got} == {"3"}
+    assert set(ray_serve.status().applications) == apps_before  # DELETE removed its application
+    replicas(cluster, 3)
+
+
+def test_admin_adds_are_bounded(cluster, tiny_lms):
+    from ray import serve as ray_serve
+
+    apps_before = set(ray_serve.status().applications)
+    version = cluster.admin.get("/healthz").json()["pool_version"]
+    t0 = time.perf_counter()
+    r = cluster.admin.post("/v1/experts", json={"expert": {"name": "huge", "model": str(tiny_lms["a"]),
+                                                           "num_cpus": 1000}, "cost": 0.1, "descriptor": [1.0] * 64})
+    assert r.status_code == 400 and r.json()["error"]["code"] in ("insufficient_resources", "bad_descriptor")
+    dim = len(cluster.local.router.queries(cluster.local.embed(["x"]))[0])
+    r = cluster.admin.post("/v1/experts", json={"expert": {"name": "huge", "model": str(tiny_lms["a"]),
+                                                           "num_cpus": 1000}, "cost": 0.1, "descriptor": [1.0] * dim})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "insufficient_resources", r.text
+    assert "1000 CPU" in r.json()["error"]["message"] and time.perf_counter() - t0 < 30
+    # a model that cannot load: the deploy fails, its application is deleted, the pool is unchanged
+    r = cluster.admin.post("/v1/experts", json={"expert": {"name": "broken", "model": str(tiny_lms["a"] / "nope"),
+                                                           "num_cpus": 0.1}, "cost": 0.1, "descriptor": [1.0] * dim})
+    assert r.status_code in (400, 504), r.text
+    assert set(ray_serve.status().applications) == apps_before  # no orphan application
+    assert cluster.admin.get("/healthz").json()["pool_version"] == version
