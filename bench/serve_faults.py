@@ -234,9 +234,9 @@ def run_faults(run: Path, pool: Path, workdir: Path, clients: int = 8, requests:
     def remove_and_readd() -> None:
         r = admin.delete(f"/v1/experts/{victim.name}")
         assert r.status_code == 200, r.text
-        spec = victim.model_dump(exclude_unset=True, exclude={"kind"})
-        r = admin.post("/v1/experts", json={"expert": {**spec, "name": victim.name}, "cost": cost,
-                                            "descriptor": descriptor})
+        spec = victim.model_dump(mode="json", exclude_unset=True)
+        r = admin.post("/v1/experts", json={"expert": {**spec, "name": victim.name, "kind": victim.kind},
+                                            "cost": cost, "descriptor": descriptor})
         assert r.status_code == 201, r.text
 
     def restart() -> None:

@@ -8,7 +8,11 @@ reference taken in the same process, same machine, same moment:
 
 1. route decision latency: p50 / p99 of POST /v1/route (HTTP + proxy + ingress + router with
    its batched MiniLM forward + FAISS + the cost knob) against a bare MiniLM forward of the same
-   prompt in this process (one torch thread, as in the router replica);
+   prompt in this process (one torch thread, as in the router replica), and where the time goes,
+   per request (p50 of each stage): the router replica's own time (the decision's
+   ``routing_ms``: batch wait, MiniLM, FAISS, the knob), the ingress-to-router hop (the
+   ``x-cscr-routing-ms`` header, measured by the ingress around its router call, minus the
+   former) and proxy + ingress (the client's time minus the header);
 2. throughput under concurrency: /v1/route requests/s with C concurrent clients against bare
    batched MiniLM throughput (batches of the router's max batch size, one torch thread); the
    router's mean encoder batch size is printed;
@@ -96,7 +100,9 @@ def free_port() -> int:
 
 
 # ---- measurements ----
-def route_latency(base: str, n: int) -> list[float]:
+def route_latency(base: str, n: int, stages: dict[str, list[float]] | None = None) -> list[float]:
+    """Client-side ms per sequential /v1/route; ``stages`` gets each request's router-replica
+    time and ingress-measured router call time (ms)."""
     import httpx
 
     out = []
@@ -106,6 +112,9 @@ def route_latency(base: str, n: int) -> list[float]:
             r = c.post("/v1/route", json={"prompt": PROMPTS[i % len(PROMPTS)], "cost_weight": 0.1})
             out.append((time.perf_counter() - t0) * 1e3)
             r.raise_for_status()
+            if stages is not None:
+                stages.setdefault("router", []).append(float(r.json()["routing_ms"]))
+                stages.setdefault("ingress_call", []).append(float(r.headers["x-cscr-routing-ms"]))
     return out
 
 
@@ -212,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="sequential /v1/route requests (latency)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--throughput-requests", type=int, default=400)
-    p.add_argument("--load-seconds", type=float, default=40.0)
+    p.add_argument("--load-seconds", type=float, default=40.0, help="0: skip the load run")
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes")
     args = p.parse_args(argv)
     if args.smoke_test:
@@ -260,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         route_latency(base, 10)  # warm
 
         enc_ms = encoder_latency(encoder, args.requests)
-        route_ms = route_latency(base, args.requests)
+        stages: dict[str, list[float]] = {}
+        route_ms = route_latency(base, args.requests, stages)
         enc_ms += encoder_latency(encoder, args.requests)  # interleaved: both see the same load
         rps, failed_tp = asyncio.run(route_throughput(base, args.concurrency, args.throughput_requests))
         enc_ps = encoder_throughput(encoder, 32, args.throughput_requests)
@@ -268,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         victim = names[0]
         readd = {"expert": {"name": victim, "model": str(lms[victim]), "num_cpus": 0.1}, "cost": costs[victim],
                  "descriptor": [float(x) for x in descriptors[victim]]}
-        load = asyncio.run(load_run(base, args.concurrency, args.load_seconds, victim, readd))
+        load: dict[str, Any] = {"ok": 0, "failed": 0, "errors": {}, "fallbacks": 0, "victim_while_out": 0,
+                                "by_expert": {}}
+        if args.load_seconds > 0:
+            load = asyncio.run(load_run(base, args.concurrency, args.load_seconds, victim, readd))
     finally:
         ray_serve.shutdown()
         ray.shutdown()
@@ -281,6 +294,18 @@ def main(argv: list[str] | None = None) -> int:
            f"{num(pct(route_ms, q) / pct(enc_ms, q), '.2f')}x"] for q in (50, 99)],
         [f"throughput (req/s, {args.concurrency} clients)", num(rps, ".1f"), f"batched MiniLM {num(enc_ps, '.1f')} prompts/s",
          f"{num(rps / enc_ps, '.2f')}x"]], "llll"))
+    client, ingress_call, router_ms = (np.asarray(route_ms), np.asarray(stages["ingress_call"]),
+                                       np.asarray(stages["router"]))
+    enc50 = pct(enc_ms, 50)
+    print("\nwhere the time of one route decision goes (p50 per stage, ms):")
+    print(markdown_table(["stage", "ms", "share of the client's p50"], [
+        [name, num(value, ".2f"), f"{num(100 * value / pct(route_ms, 50), '.0f')}%"] for name, value in (
+            ("MiniLM forward (bare, this process)", enc50),
+            ("router replica beyond the forward (batch wait, thread hop, FAISS, knob)",
+             float(np.median(router_ms)) - enc50),
+            ("ingress -> router hop (handle call)", float(np.median(ingress_call - router_ms))),
+            ("HTTP proxy + ingress (FastAPI, checks, JSON)", float(np.median(client - ingress_call))),
+            ("client total", pct(route_ms, 50)))], "lrr"))
     print(f"\nrouter encoder batches: {batches['batches']}, mean size "
           f"{batches['prompts'] / max(batches['batches'], 1):.2f}, largest {batches['largest']}; "
           f"failed route requests under concurrency: {failed_tp}")
@@ -288,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{load['ok']} ok, {load['failed']} failed {load['errors'] or ''}, fallbacks {load['fallbacks']}, "
           f"answered by the removed expert while out: {load['victim_while_out']}, "
           f"remove HTTP {load.get('remove_status')}, re-add HTTP {load.get('readd_status')} "
-          f"in {load.get('readd_s', float('nan')):.1f}s; answers per expert {load['by_expert']}")
+          f"in {load.get('readd_s', float('nan')):.1f}s; answers per expert {load['by_expert']}"
+          if args.load_seconds > 0 else "load run skipped (--load-seconds 0)")
     return 0 if load["failed"] == 0 and load["victim_while_out"] == 0 else 1
 
 

@@ -103,9 +103,14 @@ class HeadConfig:
     out_dim: int = 192  # D': descriptor width; set from the descriptors at train time
     activation: Literal["gelu", "relu"] = "gelu"  # hidden activation
     dropout: float = 0.0  # dropout after the hidden layer
+    # what the router scores (beyond the write-up for "quality"): similarity q.d_m (SPEC 5), or
+    # quality = sigmoid(a q.d_m + b(d_m)), P(good) with a shared slope and a descriptor-computed bias
+    utility: Literal["similarity", "quality"] = "similarity"
 
     def __post_init__(self) -> None:
         _check(min(self.in_dim, self.hidden, self.out_dim) > 0, "head widths must be > 0")
+        _check(self.utility in ("similarity", "quality"),
+               f"utility must be 'similarity' or 'quality', got {self.utility!r}")
         _check(self.activation in ("gelu", "relu"), f"activation must be gelu or relu, got {self.activation!r}")
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -117,8 +122,10 @@ class LossConfig:
     alpha: float = 0.25  # temperature slope in band mean cost
     gamma: float = 0.2  # negative cost penalty (denominator only)
     tolerance: float = 0.0  # positives: quality >= best - tolerance (graded data)
+    bce_weight: float = 0.0  # weight of the quality BCE added to the InfoNCE (needs head utility "quality")
 
     def __post_init__(self) -> None:
+        _check(self.bce_weight >= 0, f"bce_weight must be >= 0, got {self.bce_weight}")
         _check(self.bands >= 1, f"bands must be >= 1, got {self.bands}")
         _check(self.tau_min >= 0 and self.alpha >= 0, "tau_min and alpha must be >= 0")
         _check(self.tau_min + self.alpha > 0, "tau_min + alpha must be > 0 (temperature would be 0)")
@@ -145,9 +152,15 @@ class TrainConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    select_window: int = 1  # best epoch by the trailing mean of this many epochs' val AUDC (1: its own)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.select_window >= 1, f"select_window must be >= 1, got {self.select_window}")
+        quality = self.head.utility == "quality"
+        _check(quality == (self.loss.bce_weight > 0),
+               "head utility 'quality' and loss bce_weight > 0 go together (the quality map is trained by "
+               f"the BCE); got utility {self.head.utility!r}, bce_weight {self.loss.bce_weight}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
 

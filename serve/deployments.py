@@ -33,6 +33,7 @@ import numpy as np
 from cscr.serve.admin import AdminService
 from cscr.serve.completion import CompletionService, CompletionSettings
 from cscr.serve.experts import build_backend
+from cscr.serve.health import ExpertUnavailable
 from cscr.serve.protocol import (
     ExpertSpec,
     GenerationRequest,
@@ -133,7 +134,8 @@ class PoolFollower:
 
 def make_service(source: dict[str, Any]) -> RouterService:
     """A RouterService from a source: a run folder, or factories (tests, programmatic use)."""
-    kwargs = {k: source[k] for k in ("default_lambda", "max_prompt_chars") if k in source}
+    kwargs = {k: source[k] for k in ("default_lambda", "max_prompt_chars", "default_budget",
+                                     "default_quality_target") if source.get(k) is not None}
     encoder = source["encoder_factory"]() if source.get("encoder_factory") else None
     if encoder is None:
         from cscr.config import EncoderConfig
@@ -189,15 +191,18 @@ class RouterDeployment:
         emb = await asyncio.to_thread(self.service.embed, texts)  # (n, d)
         return list(emb)
 
-    async def route(self, text: str, lam: float, max_cost: float | None = None,
-                    candidates: list[str] | None = None) -> RouteDecision:
+    async def route(self, text: str, lam: float | None, max_cost: float | None = None,
+                    candidates: list[str] | None = None, budget: float | None = None,
+                    quality_target: float | str | None = None) -> RouteDecision:
         t0 = time.perf_counter()
         self.service.check_prompt(text, param="prompt")
-        check_lambda(lam)
+        if lam is not None:  # None: the service picks it (operating point or its default)
+            check_lambda(lam)
         self.service.candidate_names(candidates, max_cost)  # refuse bad filters before encoding
         emb = await self.embed_batch(text)
         version = self.follower.version  # the index the decision is made on (apply runs on this loop)
-        decision = self.service.decide(np.asarray(emb)[None, :], lam, max_cost, candidates)[0]
+        decision = self.service.decide(np.asarray(emb)[None, :], lam, max_cost, candidates, budget,
+                                       quality_target)[0]
         decision.routing_ms = (time.perf_counter() - t0) * 1e3
         decision.pool_version = version
         return decision
@@ -298,9 +303,11 @@ class HandleRouter:
                 raise _unwrap(exc) from None
         raise AssertionError("unreachable")
 
-    async def route(self, text: str, lam: float, max_cost: float | None = None,
-                    candidates: list[str] | None = None) -> RouteDecision:
-        return await self._call("route", text, lam, max_cost, candidates)  # type: ignore[no-any-return]
+    async def route(self, text: str, lam: float | None, max_cost: float | None = None,
+                    candidates: list[str] | None = None, budget: float | None = None,
+                    quality_target: float | str | None = None) -> RouteDecision:
+        return await self._call("route", text, lam, max_cost, candidates, budget,  # type: ignore[no-any-return]
+                                quality_target)
 
     async def experts(self) -> dict[str, float]:
         return await self._call("experts")  # type: ignore[no-any-return]
@@ -358,9 +365,10 @@ class ServeExperts:
     use the handles bound there, the others are looked up by application name, so every ingress
     replica holds the same map."""
 
-    def __init__(self, bound: dict[str, Any], launcher: Launcher) -> None:
+    def __init__(self, bound: dict[str, Any], launcher: Launcher, connect_timeout_s: float = 2.0) -> None:
         self.bound = dict(bound)  # the main application's expert handles (constructor args)
         self.launcher = launcher
+        self.connect_timeout_s = connect_timeout_s  # a replica must take a call within this
         self.handles: dict[str, Any] = {}
         self.specs: dict[str, ExpertSpec] = {}
         self.apps: dict[str, str] = {}  # expert -> its own application (record or pending start)
@@ -393,21 +401,37 @@ class ServeExperts:
         spec = self.specs.get(name)
         return spec.backend if spec is not None else None
 
+    async def _assigned(self, name: str, resp: Any) -> None:
+        """Wait until a replica took the call (``connect_timeout_s`` at most: a dead expert's
+        calls wait for a replica that is not there, or meet a dead one: ExpertUnavailable)."""
+        try:
+            await asyncio.wait_for(resp._fetch_future_result_async(), self.connect_timeout_s)
+        except TimeoutError:
+            raise ExpertUnavailable(f"no replica of expert {name!r} took the call within "
+                                    f"{self.connect_timeout_s:g} s") from None
+
     async def generate(self, name: str, req: GenerationRequest) -> GenerationResult:
         resp = self.handles[name].generate.remote(req)
         try:
+            await self._assigned(name, resp)
             return await resp  # type: ignore[no-any-return]
         except asyncio.CancelledError:  # timed out or the client left: stop the replica's work
             resp.cancel()
             raise
+        except Exception as exc:
+            resp.cancel()
+            raise _expert_error(name, exc) from None
 
     async def stream(self, name: str, req: GenerationRequest) -> AsyncIterator[str]:
         gen = self.handles[name].options(stream=True).stream.remote(req)
         finished = False
         try:
+            await self._assigned(name, gen)
             async for piece in gen:
                 yield piece
             finished = True
+        except Exception as exc:
+            raise _expert_error(name, exc) from None
         finally:
             if not finished:
                 gen.cancel()
@@ -461,9 +485,9 @@ class Ingress:
         from cscr.serve.metrics import ServeMetrics
 
         self.router = HandleRouter(router)
-        self.experts = ServeExperts(experts, launcher)
-        self.completion = CompletionService(self.router, self.experts, CompletionSettings(**completion),
-                                            ServeMetrics())
+        settings = CompletionSettings(**completion)
+        self.experts = ServeExperts(experts, launcher, settings.connect_timeout_s)
+        self.completion = CompletionService(self.router, self.experts, settings, ServeMetrics())
         self.admin = AdminService(self.router, self.experts, self.completion, state=HandleState(controller),
                                   **admin)
         self.edge = EdgeSettings(**edge)

@@ -29,9 +29,10 @@ class LocalRouter:
         async with self._lock:
             return await asyncio.to_thread(fn, *args)
 
-    async def route(self, text: str, lam: float, max_cost: float | None = None,
-                    candidates: list[str] | None = None) -> RouteDecision:
-        decisions = await self._run(self.service.route, [text], lam, max_cost, candidates)
+    async def route(self, text: str, lam: float | None, max_cost: float | None = None,
+                    candidates: list[str] | None = None, budget: float | None = None,
+                    quality_target: float | str | None = None) -> RouteDecision:
+        decisions = await self._run(self.service.route, [text], lam, max_cost, candidates, budget, quality_target)
         return decisions[0]  # type: ignore[no-any-return]
 
     async def experts(self) -> dict[str, float]:

@@ -4,9 +4,16 @@ Pure pydantic (no Ray, no FastAPI). Requests accept unknown OpenAI fields (the o
 sends some we do not use) and ignore them; cscr's own extensions are:
 
 - ``cost_weight`` (lambda >= 0): the per-request cost knob of SPEC.md section 5;
-- ``max_cost``: only experts whose normalised cost ``c_m`` (in [0, 1], 1 = the most expensive
-  expert of the trained pool) is at most this value;
+- ``budget``: the expected mean cost per request, in the run's cost unit (USD or parameters):
+  the server routes at the best-quality operating point within it (``cscr.operating``);
+- ``quality_target``: an expected quality, absolute (``0.7``) or relative to the best single
+  expert (``"0.95x"``): the server routes at the cheapest operating point meeting it;
+- ``max_cost``: a hard cap per request: only experts whose cost (``c_m`` times the run's scale,
+  in the run's unit, as ``cscr route --max-cost``) is at most this value;
 - ``candidates``: route among these expert names only.
+
+``cost_weight`` excludes ``budget`` / ``quality_target``; an unreachable or conflicting request
+is a 400 whose message says what is reachable.
 
 The model name selects the mode: ``"cscr"`` (the router chooses, lambda from ``cost_weight`` or
 the server default), ``"cscr:<lambda>"`` (RouteLLM style, e.g. ``cscr:0.3``), or an expert's own
@@ -40,20 +47,32 @@ Count = Annotated[int, BeforeValidator(_not_bool)]
 Flag = Annotated[bool, Field(strict=True)]
 
 
+def _quality_target(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float | str) or (isinstance(value, str) and len(value) > 32):
+        raise ValueError("must be a number (absolute quality) or a string such as '0.95x' (relative to the best expert)")
+    return value
+
+
+# a JSON number or a string such as "0.95x" (checked against the operating-point table)
+QualityTarget = Annotated[float | str, BeforeValidator(_quality_target)]
+
+
 class ProtocolError(ValueError):
     """A request that cannot be served as sent; ``status`` and ``code`` go into the HTTP error."""
 
     def __init__(self, message: str, status: int = 400, code: str = "invalid_request",
-                 param: str | None = None, type_: str = "invalid_request_error") -> None:
+                 param: str | None = None, type_: str = "invalid_request_error",
+                 reachable: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
         self.param = param
         self.type = type_
+        self.reachable = reachable  # an unreachable operating point: what is (cscr.operating)
 
     def __reduce__(self) -> tuple:  # keep status and code across Ray's pickling
-        return (type(self), (self.message, self.status, self.code, self.param, self.type))
+        return (type(self), (self.message, self.status, self.code, self.param, self.type, self.reachable))
 
 
 def check_bearer(authorization: str | None, key: str, what: str = "API key",
@@ -69,6 +88,8 @@ def check_bearer(authorization: str | None, key: str, what: str = "API key",
 
 # ---- errors (OpenAI's shape) ----
 class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # "reachable" on an unreachable operating point
+
     message: str
     type: str = "invalid_request_error"
     param: str | None = None
@@ -80,8 +101,9 @@ class ErrorResponse(BaseModel):
 
     @staticmethod
     def of(exc: ProtocolError) -> ErrorResponse:
+        extra = {"reachable": exc.reachable} if getattr(exc, "reachable", None) else {}
         return ErrorResponse(error=ErrorDetail(message=exc.message, type=exc.type, param=exc.param,
-                                               code=exc.code))
+                                               code=exc.code, **extra))
 
 
 # ---- cscr extensions shared by every generation request ----
@@ -89,7 +111,10 @@ class RoutingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     cost_weight: Number | None = Field(None, description="lambda >= 0: the cost knob")
-    max_cost: Number | None = Field(None, description="only experts with normalised cost <= this")
+    budget: Number | None = Field(None, description="expected mean cost per request (run's unit)")
+    quality_target: QualityTarget | None = Field(
+        None, description="expected quality: absolute (0.7) or relative to the best expert ('0.95x')")
+    max_cost: Number | None = Field(None, description="hard cap: only experts costing <= this (run's unit)")
     candidates: list[str] | None = Field(None, description="route among these experts only")
 
 
@@ -215,6 +240,10 @@ class RouteDecision(BaseModel):
     ranked: list[RankedExpert]  # best first; the fallback order
     routing_ms: float = 0.0
     pool_version: int | None = None  # version of the live pool the decision was made on
+    # the operating point of cost_weight (cscr.operating; None: the run has no table)
+    expected_cost: float | None = None  # expected mean cost per request, cost_unit
+    expected_quality: float | None = None  # expected mean quality
+    cost_unit: str | None = None
 
 
 # ---- admin ----
@@ -260,6 +289,10 @@ class CscrInfo(BaseModel):
     fallback: bool = False
     failed: list[str] = Field(default_factory=list)  # experts tried first that failed or timed out
     pool_version: int | None = None  # version of the live pool the request was routed under
+    expected_cost: float | None = None  # the operating point's expected mean cost per request
+    expected_quality: float | None = None  # and its expected mean quality
+    cost_unit: str | None = None
+    cost: float | None = None  # this answer's estimated cost (c_m x the run's scale), cost_unit
 
 
 class ChatChoiceMessage(BaseModel):

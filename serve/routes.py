@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from cscr.serve.admin import AdminService, admin_routes
+from cscr.serve.budgets import KeyBudget, KeyBudgets
 from cscr.serve.completion import CompletionService, info_headers
 from cscr.serve.protocol import (
     ChatCompletionRequest,
@@ -53,6 +54,7 @@ class EdgeSettings(BaseModel):
 
     api_key: str | None = None  # bearer key every /v1 request must carry (None: open)
     admin_key: str | None = None  # key of the admin endpoints (None: admin API disabled)
+    key_budgets: list[dict[str, Any]] | None = None  # API keys with spend budgets (serve.budgets)
     enable_docs: bool = False  # serve /docs, /redoc and /openapi.json
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)  # larger request bodies: 413
     max_json_depth: int = Field(32, ge=2)  # deeper JSON nesting: 400
@@ -136,7 +138,7 @@ def checked_route(settings: EdgeSettings) -> type[APIRoute]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProtocolError)
     async def _protocol(_: FastAPIRequest, exc: ProtocolError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.code, exc.param, exc.type)
+        return JSONResponse(ErrorResponse.of(exc).model_dump(), status_code=exc.status)  # + "reachable"
 
     @app.exception_handler(RouterError)
     async def _router(_: FastAPIRequest, exc: RouterError) -> JSONResponse:
@@ -168,8 +170,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal server error", "internal_error")
 
 
-def build_api(completion: CompletionService, admin: AdminService, settings: EdgeSettings) -> FastAPI:
-    """The FastAPI app of one ingress."""
+def build_api(completion: CompletionService, admin: AdminService, settings: EdgeSettings,
+              budgets: KeyBudgets | None = None) -> FastAPI:
+    """The FastAPI app of one ingress; ``budgets``: per-key spend budgets (default: a tally in
+    this process of ``settings.key_budgets``)."""
+    if budgets is None and settings.key_budgets:
+        budgets = KeyBudgets.from_entries(settings.key_budgets)
     docs = settings.enable_docs
     app = FastAPI(title="cscr", description="Cost-aware LLM routing behind an OpenAI-compatible API",
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
@@ -178,9 +184,18 @@ def build_api(completion: CompletionService, admin: AdminService, settings: Edge
     route_class = checked_route(settings)
     app.router.route_class = route_class
 
-    def require_key(request: FastAPIRequest) -> None:
+    def require_key(request: FastAPIRequest) -> KeyBudget | None:
+        """The declared key with a budget the request carries (None: the plain API key, or open)."""
+        if budgets is not None:
+            found = budgets.identify(request.headers.get("authorization"))
+            if found is not None:
+                return found
+            if settings.api_key is None:  # declared keys only
+                raise ProtocolError("invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                    status=401, code="invalid_api_key")
         if settings.api_key is not None:
             check_bearer(request.headers.get("authorization"), settings.api_key)
+        return None
 
     errors: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorResponse, "description": "bad request"},
@@ -189,21 +204,38 @@ def build_api(completion: CompletionService, admin: AdminService, settings: Edge
         502: {"model": ErrorResponse, "description": "every expert tried failed"}}
     auth = [Depends(require_key)]
 
-    async def serve(req: ChatCompletionRequest | CompletionRequest) -> Response:
+    async def charge(key: KeyBudget | None, info: Any) -> None:
+        """Add an answer's estimated cost (c_m x the run's scale) to its key's spend."""
+        if key is None or budgets is None:
+            return
+        ref = await completion.reference()
+        budgets.unit = ref.unit
+        cost = info.cost
+        if cost is None:  # the client named the expert
+            cost = (await completion.router.experts()).get(info.expert, ref.best_cost) * ref.scale
+        budgets.charge(key, float(cost))
+
+    async def serve(req: ChatCompletionRequest | CompletionRequest, key: KeyBudget | None) -> Response:
+        if key is not None and budgets is not None:
+            budgets.admit(key)
         if req.stream:
             streamed = await completion.stream(req)
+            await charge(key, streamed.info)
             return StreamingResponse(streamed.events, media_type="text/event-stream",
                                      headers=info_headers(streamed.info))
         answer = await completion.complete(req)
+        await charge(key, answer.info)
         return JSONResponse(answer.body.model_dump(), headers=info_headers(answer.info))
 
     @app.post("/v1/chat/completions", dependencies=auth, responses=errors)
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
-        return await serve(body)
+    async def chat_completions(body: ChatCompletionRequest,
+                               key: KeyBudget | None = Depends(require_key)) -> Response:  # noqa: B008
+        return await serve(body, key)
 
     @app.post("/v1/completions", dependencies=auth, responses=errors)
-    async def completions(body: CompletionRequest) -> Response:
-        return await serve(body)
+    async def completions(body: CompletionRequest,
+                          key: KeyBudget | None = Depends(require_key)) -> Response:  # noqa: B008
+        return await serve(body, key)
 
     @app.post("/v1/route", dependencies=auth, responses=errors)
     async def route(body: RouteRequest) -> Response:
@@ -235,6 +267,14 @@ def _document_400_not_422(app: FastAPI) -> None:
                         responses["400"] = {"description": "bad request",
                                             "content": {"application/json": {"schema": {
                                                 "$ref": "#/components/schemas/ErrorResponse"}}}}
+                    for code, response in responses.items():  # every error is in OpenAI's shape
+                        if code[0] in "45" and "content" not in response:
+                            response["content"] = {"application/json": {"schema": {
+                                "$ref": "#/components/schemas/ErrorResponse"}}}
+            health = schema.get("paths", {}).get("/healthz", {}).get("get")
+            if health is not None:  # details with the admin key; a wrong one is refused
+                health["responses"].setdefault("401", {"description": "wrong admin key", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
             models = schema.setdefault("components", {}).setdefault("schemas", {})
             for unused in ("HTTPValidationError", "ValidationError"):
                 models.pop(unused, None)

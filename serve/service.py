@@ -11,13 +11,23 @@ The ranked list is also the fallback order when an expert fails. Live pool chang
 (``add_expert`` / ``remove_expert``) go to routers that support them (``supports_live_pool``;
 CSCR: index updates, the head is never retrained). A ``RouterError`` (bad knob value, unknown
 candidate, ...) becomes the ``ProtocolError`` the HTTP edge answers with here, and only here.
+
+Operating points (``cscr.operating``, issue 11): the service holds the run's operating-point
+table and picks lambda per request from a ``budget`` (the best point within it) or a
+``quality_target`` (the cheapest point meeting it); every decision carries the chosen lambda and
+the table's expected cost and quality. ``max_cost`` / ``candidates`` narrow the pool: the table
+is then recomputed for the allowed experts (cached per set). A pool change recomputes it for the
+current pool (an added expert's columns are estimated as ``cscr.operating.pool_columns`` says).
+A server-wide ``default_budget`` / ``default_quality_target`` sets the lambda of requests that
+ask for nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +36,20 @@ import numpy as np
 from cscr.serve.protocol import ProtocolError, RankedExpert, RouteDecision
 
 from cscr.data.table import RoutingTable
+from cscr.operating import (
+    NewExpert,
+    OperatingPoint,
+    OperatingPointError,
+    OperatingTable,
+    at_cost_weight,
+    choose,
+)
 from cscr.routers.base import Router, RouterError
+
+log = logging.getLogger("cscr.serve")
+#: (new experts, candidates or None) -> the operating points of the router's current pool
+Calibrator = Callable[[Mapping[str, NewExpert], Sequence[str] | None], OperatingTable]
+_MAX_CACHED_TABLES = 32  # candidate sets whose table is kept (each costs one sweep of the val prompts)
 
 
 class ServiceError(ValueError):
@@ -43,7 +66,8 @@ def protocol_errors(param: str | None = None, status: int = 400) -> Iterator[Non
         yield
     except RouterError as exc:
         field = _PROTOCOL_PARAM.get(exc.param or "", exc.param) or param
-        raise ProtocolError(str(exc), status=status, code=exc.code or "invalid_request", param=field) from exc
+        raise ProtocolError(str(exc), status=status, code=exc.code or "invalid_request", param=field,
+                            reachable=getattr(exc, "reachable", None)) from exc
 
 
 class TextEncoder(Protocol):
@@ -64,7 +88,9 @@ class RouterService:
     """Encoder + router + cost knob. Thread-compatible, not thread-safe: call from one thread."""
 
     def __init__(self, encoder: TextEncoder, router: Router, default_lambda: float = 0.0,
-                 max_prompt_chars: int = 32_000, reference: CostReference | None = None) -> None:
+                 max_prompt_chars: int = 32_000, reference: CostReference | None = None,
+                 table: OperatingTable | None = None, calibrator: Calibrator | None = None,
+                 default_budget: float | None = None, default_quality_target: float | str | None = None) -> None:
         from cscr.routers.base import knob_values
 
         router.check_fitted()
@@ -75,6 +101,30 @@ class RouterService:
         self.max_prompt_chars = int(max_prompt_chars)
         self.reference = reference or _default_reference(router)
         self.run_dir: Path | None = None  # the trained run, when loaded from one
+        # operating points: the table of the current pool, how to recompute it, the defaults
+        self.calibrator = calibrator
+        self.new_experts: dict[str, NewExpert] = {}  # experts added at run time (estimated columns)
+        self.default_budget = default_budget
+        self.default_quality_target = default_quality_target
+        self._tables: dict[tuple[str, ...], OperatingTable] = {}  # narrowed pools -> table
+        self.table = table
+        if table is not None and list(table.expert_names) != self.expert_names:
+            if calibrator is None:
+                raise ServiceError(f"the operating-point table covers {list(table.expert_names)}, the router "
+                                   f"{self.expert_names}: run `cscr calibrate --run RUN`")
+            self.table = calibrator({}, None)
+        if self.has_default_point:
+            if self.table is None:
+                raise ServiceError("a default budget or quality target needs the run's operating-point table "
+                                   "(cscr calibrate --run RUN writes it)")
+            try:
+                self.default_lambda = choose(self.table, default_budget, default_quality_target).lam  # type: ignore[union-attr]
+            except OperatingPointError as exc:
+                raise ServiceError(f"the server default cannot be met: {exc}") from None
+
+    @property
+    def has_default_point(self) -> bool:
+        return self.default_budget is not None or self.default_quality_target is not None
 
     def fingerprint_plan(self) -> Any:
         """What an on-the-fly fingerprint of a new expert must compute (serve.fingerprint)."""
@@ -106,6 +156,8 @@ class RouterService:
             encoder = Encoder.from_run(run_dir)
         check_encoder(run, encoder)
         kwargs.setdefault("reference", reference_from_table(run.table, router))
+        if "table" not in kwargs:
+            kwargs["table"], kwargs["calibrator"] = run_operating_points(run, variant, router)
         service = RouterService(encoder, router, **kwargs)
         service.run_dir = run.root
         return service
@@ -151,6 +203,8 @@ class RouterService:
         unit = (vec / np.linalg.norm(vec)).astype(np.float32)  # any scale: non-zero, finite (checked above)
         with protocol_errors(param="descriptor"):  # cost and dimension checked by the router
             self.router.add_expert(name, unit, float(cost))
+        self.new_experts[name] = NewExpert(unit, float(cost))
+        self.refresh_table()
 
     def remove_expert(self, name: str) -> None:
         if name not in self.expert_names:
@@ -161,6 +215,65 @@ class RouterService:
         self._live_pool()
         with protocol_errors(param="expert"):
             self.router.remove_expert(name)
+        self.new_experts.pop(name, None)
+        self.refresh_table()
+
+    # ---- operating points ----
+    def refresh_table(self) -> None:
+        """Recompute the table for the current pool (after a pool change); without a calibrator,
+        or when it fails, the service keeps routing with the knob and has no table."""
+        self._tables.clear()
+        if self.calibrator is None:
+            self.table = None
+            return
+        try:
+            self.table = self.calibrator(dict(self.new_experts), None)
+        except (ValueError, OSError) as exc:
+            log.warning("operating points not recomputed for the pool %s: %s", self.expert_names, exc)
+            self.table = None
+            return
+        if self.has_default_point:
+            try:
+                self.default_lambda = choose(self.table, self.default_budget, self.default_quality_target).lam  # type: ignore[union-attr]
+            except OperatingPointError as exc:
+                log.warning("the server default cannot be met by the new pool (%s); keeping lambda %g",
+                            exc, self.default_lambda)
+
+    def table_for(self, allowed: Sequence[str]) -> OperatingTable | None:
+        """The operating points of routing among ``allowed`` (the whole pool: ``self.table``)."""
+        if self.table is None or len(allowed) == len(self.expert_names):
+            return self.table
+        key = tuple(allowed)
+        if key not in self._tables:
+            if self.calibrator is None:
+                return None
+            if len(self._tables) >= _MAX_CACHED_TABLES:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[key] = self.calibrator(dict(self.new_experts), list(allowed))
+        return self._tables[key]
+
+    def operating_point(self, allowed: Sequence[str], cost_weight: float | None = None,
+                        budget: float | None = None,
+                        quality_target: float | str | None = None) -> OperatingPoint | None:
+        """The point a request routes at (``cscr.operating.choose`` on the allowed pool's table);
+        a request that asks for nothing gets the server default. None: no table (knob only)."""
+        asks = budget is not None or quality_target is not None
+        table = self.table_for(allowed)
+        if table is None:
+            if asks:
+                raise ProtocolError("budget and quality_target need the run's operating-point table, and this "
+                                    "server has none for this pool (cscr calibrate --run RUN writes it); send "
+                                    "cost_weight instead", param="budget" if budget is not None else "quality_target",
+                                    code="no_operating_points")
+            return None
+        with protocol_errors():
+            point = choose(table, budget, quality_target, cost_weight)
+        if point is not None:
+            return point
+        if self.has_default_point and len(allowed) < len(self.expert_names):
+            with contextlib.suppress(OperatingPointError):  # the default within the narrowed pool
+                return choose(table, self.default_budget, self.default_quality_target)
+        return at_cost_weight(table, self.default_lambda)
 
     # ---- requests ----
     def check_prompt(self, text: str, param: str = "messages") -> None:
@@ -175,15 +288,16 @@ class RouterService:
         with protocol_errors(param="candidates"):
             mask = self.router.candidate_mask(candidates)
         names = [n for n, ok in zip(self.expert_names, mask, strict=True) if ok]
-        if max_cost is not None:
+        if max_cost is not None:  # a hard cap, in the run's unit (c_m x scale), as `cscr route --max-cost`
             if not np.isfinite(max_cost) or max_cost < 0:
                 raise ProtocolError(f"max_cost must be a finite number >= 0, got {max_cost}",
                                     param="max_cost")
-            costs = self.expert_costs()
-            names = [n for n in names if costs[n] <= max_cost + 1e-12]
+            costs = {n: c * self.reference.scale for n, c in self.expert_costs().items()}
+            names = [n for n in names if costs[n] <= max_cost * (1 + 1e-9) + 1e-12]
             if not names:
-                raise ProtocolError(f"no candidate expert costs at most max_cost={max_cost} "
-                                    f"(costs: {costs})", param="max_cost", code="no_candidate")
+                shown = {n: float(f"{c:.4g}") for n, c in costs.items()}
+                raise ProtocolError(f"no candidate expert costs at most max_cost={max_cost} {self.reference.unit} "
+                                    f"per request (costs: {shown})", param="max_cost", code="no_candidate")
         return names
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -193,29 +307,61 @@ class RouterService:
         return emb
 
     def decide(self, emb: np.ndarray, lam: float | None = None, max_cost: float | None = None,
-               candidates: Sequence[str] | None = None) -> list[RouteDecision]:
-        """One decision per embedding row (n, d) at one knob value: ``Router.rank``."""
-        lam = self.default_lambda if lam is None else float(lam)
+               candidates: Sequence[str] | None = None, budget: float | None = None,
+               quality_target: float | str | None = None) -> list[RouteDecision]:
+        """One decision per embedding row (n, d) at one knob value: ``Router.rank``. The knob is
+        ``lam`` (the request's cost_weight), else the operating point ``budget`` /
+        ``quality_target`` choose, else the server default."""
         allowed = self.candidate_names(candidates, max_cost)
         cands = None if len(allowed) == len(self.expert_names) else allowed
+        point = self.operating_point(allowed, lam, budget, quality_target)
+        lam = float(lam) if lam is not None else (point.lam if point is not None else self.default_lambda)
         with protocol_errors():
             ranked = self.router.rank(emb, lam, cands)
+        expected: dict[str, Any] = {} if point is None else {
+            "expected_cost": point.cost, "expected_quality": point.quality, "cost_unit": point.cost_unit}
         return [RouteDecision(chosen=r[0].expert, cost_weight=lam,
                               ranked=[RankedExpert(name=e.expert, score=e.score, similarity=e.utility, cost=e.cost)
-                                      for e in r])
+                                      for e in r], **expected)
                 for r in ranked]
 
     def route(self, texts: Sequence[str], lam: float | None = None, max_cost: float | None = None,
-              candidates: Sequence[str] | None = None) -> list[RouteDecision]:
+              candidates: Sequence[str] | None = None, budget: float | None = None,
+              quality_target: float | str | None = None) -> list[RouteDecision]:
         """Encode then decide; ``routing_ms`` is the wall time of both, per request."""
         for t in texts:
             self.check_prompt(t, param="prompt")
         t0 = time.perf_counter()
-        decisions = self.decide(self.embed(texts), lam, max_cost, candidates)
+        decisions = self.decide(self.embed(texts), lam, max_cost, candidates, budget, quality_target)
         ms = (time.perf_counter() - t0) * 1e3
         for d in decisions:
             d.routing_ms = ms
         return decisions
+
+
+def run_operating_points(run: Any, variant: str, router: Router) -> tuple[OperatingTable | None, Calibrator]:
+    """(the run's operating-point table of ``variant``, or None when it has none and none can be
+    computed (no validation prompts), a calibrator for changed pools and narrowed candidates).
+    A missing table is computed and written to the run (``cscr calibrate`` does the same)."""
+    from cscr.operating_run import calibrate, table_path
+
+    def calibrator(new: Mapping[str, NewExpert], candidates: Sequence[str] | None) -> OperatingTable:
+        return calibrate(run, variant, router, new=new, candidates=candidates, save=False)
+
+    path = table_path(run, variant)
+    try:
+        if path.exists():
+            table = OperatingTable.load(path)
+            if list(table.expert_names) == list(router.expert_names):
+                return table, calibrator
+        try:
+            return calibrate(run, variant, router), calibrator
+        except OSError:  # a read-only run folder: serve the table without storing it
+            return calibrator({}, None), calibrator
+    except ValueError as exc:
+        log.warning("no operating points for %s/%s (%s): budget and quality_target are refused", run.root,
+                    variant, exc)
+        return None, calibrator
 
 
 def pool_mismatch(index: Sequence[str], pool: Sequence[str]) -> str | None:

@@ -13,6 +13,8 @@ from cscr.losses import (
     cost_bands,
     cost_spectrum_infonce,
     positives_from_quality,
+    quality_bce,
+    quality_logits,
     vanilla_infonce,
 )
 
@@ -203,3 +205,52 @@ def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match="costs must be"):
         cost_spectrum_infonce(q, e, pos, costs[:2], 2)
     assert math.isfinite(cost_spectrum_infonce(q.float(), e.float(), pos, costs.float(), 2).item())
+
+
+def reference_bce(q, e, quality, scale, bias, mask):
+    """The quality BCE written out cell by cell: mean over observed cells of -[y log p + (1-y) log(1-p)]."""
+    n, m = quality.shape
+    cells = []
+    for i in range(n):
+        for j in range(m):
+            if not mask[i, j]:
+                continue
+            p = 1.0 / (1.0 + torch.exp(-(scale * torch.dot(q[i], e[j]) + bias[j])))
+            y = quality[i, j]
+            cells.append(-(y * torch.log(p) + (1 - y) * torch.log(1 - p)))
+    return sum(cells) / len(cells)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("graded", [False, True])
+def test_quality_bce_matches_loop_reference_values_and_gradients(seed, graded):
+    q, e, quality, _ = random_case(seed)
+    if graded:
+        g = torch.Generator().manual_seed(100 + seed)
+        quality = torch.where(torch.isnan(quality), quality, torch.rand(quality.shape, generator=g, dtype=torch.float64))
+    mask = ~torch.isnan(quality)
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.linspace(-1, 1, e.shape[0], dtype=torch.float64).requires_grad_()
+    got = quality_bce(quality_logits(q, e, scale, bias), quality, mask)
+    want = reference_bce(q, e, quality, scale, bias, mask)
+    assert torch.allclose(got, want, atol=1e-10)
+    g1 = torch.autograd.grad(got, (q, e, scale, bias))
+    g2 = torch.autograd.grad(want, (q, e, scale, bias))
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_quality_bce_skips_missing_cells_and_is_zero_without_any():
+    q, e, quality, _ = random_case(3, missing=0.4)
+    mask = ~torch.isnan(quality)
+    scale, bias = torch.tensor(5.0, dtype=torch.float64), torch.zeros(e.shape[0], dtype=torch.float64)
+    logits = quality_logits(q, e, scale, bias)
+    base = quality_bce(logits, quality, mask)
+    changed = torch.where(mask, quality, torch.full_like(quality, 0.7))  # a missing cell's value never counts
+    assert torch.equal(quality_bce(logits, changed, mask), base)
+    none = quality_bce(logits, quality, torch.zeros_like(mask))
+    assert none.item() == 0.0 and none.requires_grad
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        quality_bce(logits, torch.full_like(logits, 2.0), mask)
+    with pytest.raises(ValueError, match="bias must be"):
+        quality_logits(q, e, scale, bias[:2])

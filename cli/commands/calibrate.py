@@ -105,7 +105,7 @@ def plot_table(table: OperatingTable, path: str | os.PathLike[str], marked: list
         ax.set_ylabel("expected mean quality")
         ax.set_title(title or f"Operating points: {table.variant}, {table.n_prompts} {table.split} prompts")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         return atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png", bbox_inches="tight"))
     finally:
         plt.close(fig)

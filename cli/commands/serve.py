@@ -42,6 +42,15 @@ def register(subparsers: Any) -> None:
                    help="serve /docs, /redoc and /openapi.json (off by default)")
     p.add_argument("--cost-weight", type=float, default=0.0,
                    help="lambda when a request names none (default: 0)")
+    p.add_argument("--default-budget", type=float, default=None,
+                   help="instead of --cost-weight: route requests that name nothing at the best operating point "
+                        "within this expected mean cost per request (run's unit; see cscr calibrate)")
+    p.add_argument("--default-quality-target", default=None,
+                   help="instead of --cost-weight: the cheapest operating point meeting this quality "
+                        "(absolute, e.g. 0.7, or relative to the best expert, e.g. 0.95x)")
+    p.add_argument("--keys", default=None,
+                   help="YAML/JSON file of API keys with spend budgets ([{key, name, budget}], budget in the "
+                        "run's unit): spend is tallied per key and a key over its budget gets a 429")
     p.add_argument("--expert-timeout", type=float, default=120.0,
                    help="seconds before an expert call falls back to the next candidate")
     p.add_argument("--expert-cpus", type=float, default=None, help="Ray CPUs per expert replica")
@@ -62,6 +71,16 @@ def register(subparsers: Any) -> None:
                    help="seconds an expert added at run time may take to start (default: 600)")
     add_cluster_options(p)
     p.set_defaults(func=run)
+
+
+def quality_target(text: str | None) -> float | str | None:
+    """--default-quality-target: a number (absolute) or a string such as 0.95x (relative)."""
+    if text is None or text.strip().lower().endswith("x"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--default-quality-target must be a number or a multiple such as 0.95x, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     sargs = ServeArgs(
         run=args.run, pool=args.pool, variant=args.variant, api_key=args.api_key, admin_key=args.admin_key,
         enable_docs=args.enable_docs,
-        default_lambda=args.cost_weight, expert_timeout_s=args.expert_timeout,
+        default_lambda=args.cost_weight, default_budget=args.default_budget,
+        default_quality_target=quality_target(args.default_quality_target), keys=args.keys, expert_timeout_s=args.expert_timeout,
         expert_num_cpus=args.expert_cpus, expert_num_gpus=args.expert_gpus,
         state_dir=args.state_dir or os.path.join(args.run, "serve-state"),
         router_replicas=args.router_replicas, ingress_replicas=args.ingress_replicas,

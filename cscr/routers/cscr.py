@@ -7,6 +7,11 @@ Utilities are those similarities for the top-k and -inf elsewhere; the shared ba
 
     r(x) = argmax_{m in top-k(x)}  q . d_m  -  lambda * c_m
 
+With a head trained for quality utilities (``HeadConfig.utility == "quality"``, beyond the
+write-up, labelled so) the retrieved experts' utilities are expected quality instead,
+``sigmoid(a * q.d_m + b(d_m))`` (cscr/head.py), so that lambda trades P(good) against cost in
+commensurate units; the bias comes from the descriptor, so a new expert still needs only that.
+
 Adding or removing an expert is an index update (``add_expert`` / ``remove_expert``): the head is
 not retrained. The router does no file I/O: ``from_parts`` builds it from a head, descriptors and
 costs, ``from_trained`` from a trained head's record; ``cscr.runs.loader.load_router`` builds it
@@ -152,6 +157,10 @@ class CSCRRouter(Router):
         u = np.full((q.shape[0], len(self.expert_names)), -np.inf)  # (n, M)
         ok = pos >= 0  # (n, k)
         rows = np.broadcast_to(np.arange(q.shape[0])[:, None], pos.shape)
+        if self.head.cfg.utility == "quality":  # type: ignore[union-attr]
+            a, bias = self.head.quality_map(self.index.vectors())  # type: ignore[union-attr]
+            safe = np.where(ok, pos, 0)  # (n, k)
+            scores = 1.0 / (1.0 + np.exp(-(a * scores.astype(np.float64) + bias[safe])))  # (n, k) P(good)
         u[rows[ok], pos[ok]] = scores[ok]
         return u
 

@@ -30,6 +30,7 @@ class TrainArrays:
     val_quality: np.ndarray  # (v, M) float64
     val_cost: np.ndarray  # (v, M) float64
     meta: dict[str, Any] = field(default_factory=dict)  # descriptor kind, basis id, counts
+    quality: np.ndarray | None = None  # (n, M) float32 quality in [0, 1], 0 where missing (the BCE target)
 
     @property
     def n(self) -> int:
@@ -57,6 +58,7 @@ def prepare_arrays(table: RoutingTable, emb: np.ndarray, descriptors: Mapping[st
     keep = pos_np.any(axis=1)  # prompts without a positive are skipped by the loss anyway
     if not keep.any():
         raise ValueError("no train prompt has a positive expert (every quality is 0 or missing)")
+    quality = np.nan_to_num(table.quality[train][keep].astype(np.float32), nan=0.0)  # (n, M) masked by observed
     val = table.split_index("val")
     val = val[~np.isnan(table.quality[val]).any(axis=1)]
     return TrainArrays(
@@ -67,4 +69,5 @@ def prepare_arrays(table: RoutingTable, emb: np.ndarray, descriptors: Mapping[st
         val_quality=table.quality[val], val_cost=table.cost[val],
         meta={"descriptor_kind": descriptor_kind, "basis_id": basis_id, "n_train": int(train.size),
               "n_train_with_positive": int(keep.sum()), "n_val": int(val.size), "source": table.source},
+        quality=np.clip(quality, 0.0, 1.0),
     )

@@ -11,7 +11,10 @@ checkpoint). What differs between them is passed in, never branched on here:
 * ``extra``: fields added to each epoch's record (workers, nodes, attempt).
 
 A variant picks the loss: ``cscr`` (cost-spectrum, the config's bands / gamma / alpha) or
-``vanilla`` (B = 1, gamma = 0, alpha = 0: multi-positive InfoNCE at temperature tau_min).
+``vanilla`` (B = 1, gamma = 0, alpha = 0: multi-positive InfoNCE at temperature tau_min). A head
+with quality utilities (beyond the write-up) adds ``bce_weight * BCE`` of its quality map to the
+InfoNCE (cscr/losses.py). The best epoch is the one with the best trailing mean of
+``cfg.select_window`` epochs' validation AUDC (1: its own AUDC).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 from cscr.config import LossConfig, TrainConfig
 from cscr.head import Head
-from cscr.losses import cost_bands, cost_spectrum_infonce
+from cscr.losses import cost_bands, cost_spectrum_infonce, quality_bce
 from cscr.training.arrays import TrainArrays
 
 VARIANTS = ("cscr", "vanilla")
@@ -41,7 +44,8 @@ def variant_config(cfg: TrainConfig, variant: str) -> TrainConfig:
     if variant == "cscr":
         return cfg
     if variant == "vanilla":
-        loss = LossConfig(bands=1, tau_min=cfg.loss.tau_min, alpha=0.0, gamma=0.0, tolerance=cfg.loss.tolerance)
+        loss = LossConfig(bands=1, tau_min=cfg.loss.tau_min, alpha=0.0, gamma=0.0, tolerance=cfg.loss.tolerance,
+                          bce_weight=cfg.loss.bce_weight)
         return dataclasses.replace(cfg, loss=loss)
     raise ValueError(f"unknown training variant {variant!r}; expected one of {VARIANTS}")
 
@@ -97,6 +101,7 @@ class Tensors:
     descriptors: torch.Tensor  # (M, D')
     costs: torch.Tensor  # (M,)
     bands: torch.Tensor  # (M,) int64 band ids
+    quality: torch.Tensor  # (n, M) float32 BCE targets (0 where missing)
 
     @staticmethod
     def of(arrays: TrainArrays, cfg: TrainConfig, device: torch.device | str = "cpu") -> Tensors:
@@ -107,6 +112,8 @@ class Tensors:
             descriptors=torch.from_numpy(arrays.descriptors).to(device),
             costs=torch.from_numpy(arrays.costs.astype(np.float32)).to(device),
             bands=cost_bands(arrays.costs, cfg.loss.bands).to(device),
+            quality=torch.from_numpy(arrays.quality if arrays.quality is not None
+                                     else arrays.positives.astype(np.float32)).to(device),
         )
 
 
@@ -135,6 +142,10 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, t: Tensors, 
         q = model(t.x[ib])  # (b, D') unit queries
         loss = cost_spectrum_infonce(q, t.descriptors, t.positives[ib], t.costs, t.bands,
                                      loss_cfg.tau_min, loss_cfg.alpha, loss_cfg.gamma, t.observed[ib])
+        if loss_cfg.bce_weight > 0:
+            head: Head = getattr(model, "module", model)  # a DDP wrapper holds the head as .module
+            logits = head.logits(q, t.descriptors)  # (b, M)
+            loss = loss + loss_cfg.bce_weight * quality_bce(logits, t.quality[ib], t.observed[ib])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -144,12 +155,20 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, t: Tensors, 
     return {"train_loss": total / max(count, 1), "prompts": float(count), "train_seconds": seconds}
 
 
-def record_epoch(state: TrainState, head: Head, opt: torch.optim.Optimizer, metrics: dict[str, Any]) -> TrainState:
-    """Append the epoch's metrics, advance the epoch, keep the best head (by val AUDC, else -loss)."""
+def record_epoch(state: TrainState, head: Head, opt: torch.optim.Optimizer, metrics: dict[str, Any],
+                 window: int = 1) -> TrainState:
+    """Append the epoch's metrics, advance the epoch, keep the best head (by the trailing mean of
+    ``window`` epochs' val AUDC, else -loss)."""
     state.epoch += 1
     metrics = {"epoch": state.epoch, **metrics}
     score = metrics.get("val_audc")
-    score = -float(metrics["train_loss"]) if score is None else float(score)
+    if score is None:
+        score = -float(metrics["train_loss"])
+    else:
+        recent = [h["val_audc"] for h in state.history[-(window - 1):] if h.get("val_audc") is not None] \
+            if window > 1 else []
+        score = float(np.mean([*recent, float(score)]))
+        metrics["val_select"] = score
     if score > state.best_score:
         state.best_score, state.best_epoch = score, state.epoch
         state.best_model = copy.deepcopy({k: v.detach().cpu() for k, v in head.state_dict().items()})
@@ -188,7 +207,7 @@ def run_epochs(arrays: TrainArrays, cfg: TrainConfig, head: Head, opt: torch.opt
         m["val_audc"] = validate(head) if validate is not None else None
         m["epoch_seconds"] = time.perf_counter() - t0
         m.update(extra or {})
-        state = record_epoch(state, head, opt, m)
+        state = record_epoch(state, head, opt, m, cfg.select_window)
         if log:
             log(epoch_line(variant, state.history[-1], cfg.epochs))
         if on_epoch:

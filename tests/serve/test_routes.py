@@ -14,7 +14,16 @@ from cscr.serve.local import LocalExperts, LocalRouter
 from cscr.serve.metrics import Tally
 from cscr.serve.routes import EdgeSettings, build_api
 from fastapi.testclient import TestClient
-from serve_helpers import COSTS, BrokenExpert, HungExpert, router_service, tiny_backends
+from serve_helpers import (
+    COSTS,
+    BrokenExpert,
+    HungExpert,
+    LiveServer,
+    long_expert,
+    router_service,
+    seconds_until_idle,
+    tiny_backends,
+)
 
 KEY, ADMIN = "api-key-1", "admin-key-2"
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
@@ -208,3 +217,38 @@ def test_live_add_and_remove_through_the_admin_api(parts, tiny_lms):
     openai_error(c.post("/v1/chat/completions", headers=auth(), json={"model": "newcomer", "messages": MSG}),
                  404, "model_not_found")
     openai_error(c.delete("/v1/experts/newcomer", headers=admin), 404, "expert_not_found")
+
+
+def test_a_client_that_disconnects_mid_stream_stops_the_generation(parts, tiny_lms):
+    """Real HTTP (uvicorn on loopback): the client reads a few events and hangs up; the expert (a
+    tiny LM asked for 1,000 tokens, about a minute of work here) is idle within seconds."""
+    import time
+
+    import httpx
+
+    long = long_expert(tiny_lms)
+    local = LocalRouter(parts[0])
+    experts = LocalExperts({"long": long}, {"long": 1000})
+    completion = CompletionService(local, experts, CompletionSettings(), Tally())
+    server = LiveServer(build_api(completion, AdminService(local, experts, completion), EdgeSettings(api_key=KEY)))
+    try:
+        before = long.llm.streamed_tokens
+        body = {"model": "long", "max_tokens": 1000, "stream": True,
+                "messages": [{"role": "user", "content": "Once upon a time"}]}
+        with httpx.Client(base_url=server.base, headers=auth(), timeout=60) as c, \
+                c.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            events = 0
+            for line in r.iter_lines():
+                events += line.startswith("data: ")
+                if events == 3:
+                    break  # hang up: the connection closes with the client
+        at_leave = long.llm.streamed_tokens - before
+        waited = seconds_until_idle(long, within=10)
+        made = long.llm.streamed_tokens - before
+        time.sleep(1.0)
+        assert long.llm.streamed_tokens - before == made < 900  # stopped, far from the 1,000 asked
+        print(f"\nclient hung up (HTTP) after {at_leave} tokens: expert idle {waited:.2f} s later, "
+              f"{made - at_leave} tokens more")
+    finally:
+        server.close()

@@ -1,0 +1,154 @@
+"""Per-API-key spend budgets (issue 11): the operator declares keys, each with a budget in the
+run's cost unit (USD or parameters), in a YAML or JSON file (``cscr serve --keys FILE``):
+
+    keys:
+      - {key: sk-team-a-..., name: team-a, budget: 5.0}     # 5 USD of estimated expert cost
+      - {key: sk-batch-...,  name: batch,  budget: 0.25}
+
+(a bare list of entries works too). A declared key is accepted as an API key; each answered
+request adds its estimated cost (the answering expert's c_m times the run's scale: what the
+``x-cscr-*`` accounting and ``/metrics`` count) to the key's tally; once the tally reaches the
+budget, requests with that key get a 429 in OpenAI's error shape (type ``insufficient_quota``).
+A request is admitted while the tally is below the budget, so concurrent requests can overshoot
+it by at most their own costs.
+
+Where the tally lives: ``SpendLedger`` is the interface (``spent`` / ``charge``); ``MemoryLedger``
+keeps it in this process, so each ingress replica counts only what it served. A ledger shared by
+every replica (an actor or the durable state folder) plugs in through ``KeyBudgets(..., ledger=)``.
+No Ray, no HTTP here.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from cscr.serve.protocol import ProtocolError
+
+
+@dataclass(frozen=True)
+class KeyBudget:
+    """One declared API key and its spend budget (run's cost unit)."""
+
+    key: str
+    name: str
+    budget: float
+
+    def __post_init__(self) -> None:
+        if not self.key or not self.key.strip():
+            raise ValueError(f"key {self.name!r}: the key is empty")
+        if not self.name:
+            raise ValueError("every key needs a name (it labels its spend)")
+        if isinstance(self.budget, bool) or not math.isfinite(self.budget) or self.budget < 0:
+            raise ValueError(f"key {self.name!r}: budget must be a finite number >= 0, got {self.budget!r}")
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "budget": self.budget}
+
+
+class SpendLedger(Protocol):
+    """Where spend is tallied, by key name (thread-safe)."""
+
+    def spent(self, name: str) -> float: ...
+
+    def charge(self, name: str, amount: float) -> float: ...  # returns the new tally
+
+
+class MemoryLedger:
+    """The tally in this process (one ingress replica's view)."""
+
+    def __init__(self) -> None:
+        self._spent: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def spent(self, name: str) -> float:
+        with self._lock:
+            return self._spent.get(name, 0.0)
+
+    def charge(self, name: str, amount: float) -> float:
+        with self._lock:
+            self._spent[name] = self._spent.get(name, 0.0) + float(amount)
+            return self._spent[name]
+
+
+class KeyBudgets:
+    """The declared keys, their budgets and a ledger: identify a key, admit or refuse, charge."""
+
+    def __init__(self, keys: Iterable[KeyBudget], unit: str = "usd", ledger: SpendLedger | None = None) -> None:
+        self.keys = list(keys)
+        names = [k.name for k in self.keys]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        secrets = [k.key for k in self.keys]
+        if dup or len(set(secrets)) != len(secrets):
+            raise ValueError(f"every key and every key name must be unique (repeated names: {dup})")
+        self.unit = unit
+        self.ledger: SpendLedger = ledger if ledger is not None else MemoryLedger()
+
+    @staticmethod
+    def from_entries(entries: Iterable[Mapping[str, Any]], unit: str = "usd",
+                     ledger: SpendLedger | None = None) -> KeyBudgets:
+        out = []
+        for i, e in enumerate(entries):
+            if not isinstance(e, Mapping) or set(e) - {"key", "name", "budget"} or not {"key", "name", "budget"} <= set(e):
+                raise ValueError(f"key entry {i}: expected {{key, name, budget}}, got {e!r:.120}")
+            budget = e["budget"]
+            if isinstance(budget, bool) or not isinstance(budget, int | float):
+                raise ValueError(f"key {e['name']!r}: budget must be a number, got {budget!r}")
+            out.append(KeyBudget(str(e["key"]), str(e["name"]), float(budget)))
+        return KeyBudgets(out, unit, ledger)
+
+    @staticmethod
+    def load_entries(path: str | Path) -> list[dict[str, Any]]:
+        """The entries of a keys file (YAML or JSON: ``{keys: [...]}`` or a bare list), checked."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"keys file not found: {path}")
+        text = path.read_text()
+        obj = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if isinstance(obj, Mapping):
+            obj = obj.get("keys")
+        if not isinstance(obj, list) or not obj:
+            raise ValueError(f"{path}: expected a list of {{key, name, budget}} entries (or keys: [...])")
+        KeyBudgets.from_entries(obj)  # one clear error now, not at the first request
+        return [dict(e) for e in obj]
+
+    # ---- per request ----
+    def identify(self, authorization: str | None) -> KeyBudget | None:
+        """The declared key an ``Authorization: Bearer <key>`` header carries (None: none of them);
+        every key is compared in constant time."""
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        raw = given.strip().encode()
+        found = None
+        for k in self.keys:
+            if hmac.compare_digest(raw, k.key.encode()):
+                found = k
+        return found
+
+    def remaining(self, key: KeyBudget) -> float:
+        return key.budget - self.ledger.spent(key.name)
+
+    def admit(self, key: KeyBudget) -> None:
+        """Refuse (429) a key whose tally has reached its budget."""
+        spent = self.ledger.spent(key.name)
+        if spent >= key.budget:
+            raise ProtocolError(f"the spend budget of key {key.name!r} is exhausted: {spent:.6g} of "
+                                f"{key.budget:.6g} {self.unit} spent; ask the operator to raise it",
+                                status=429, code="budget_exhausted", type_="insufficient_quota")
+
+    def charge(self, key: KeyBudget, amount: float) -> float:
+        if not math.isfinite(amount) or amount < 0:
+            raise ValueError(f"a charge must be a finite number >= 0, got {amount}")
+        return self.ledger.charge(key.name, amount)
+
+    def usage(self) -> list[dict[str, Any]]:
+        return [{**k.public(), "spent": self.ledger.spent(k.name), "unit": self.unit} for k in self.keys]

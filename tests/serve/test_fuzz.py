@@ -1,0 +1,133 @@
+"""A bounded schema fuzz of the HTTP API (schemathesis over the app's own OpenAPI schema).
+
+Every operation of ``/openapi.json`` (the admin endpoints and /healthz included) gets
+``EXAMPLES`` valid and ``EXAMPLES`` invalid requests generated from its schema, sent in-process
+to the FastAPI app over a real CompletionService (CSCR router on MiniLM, tiny LMs behind the
+transformers backend, experts that fail or hang). Two servers: one whose admin key the fuzzer
+does not have (it sends the API key), one with the admin API disabled. Asserted: no response
+with status >= 500, every error in OpenAI's shape, no admin operation ever succeeds, and every
+status is one the schema documents for that operation. The counts are printed (``-s``)."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+from cscr.serve.admin import AdminService
+from cscr.serve.completion import CompletionService, CompletionSettings
+from cscr.serve.local import LocalExperts, LocalRouter
+from cscr.serve.metrics import Tally
+from cscr.serve.routes import EdgeSettings, build_api
+from fastapi.testclient import TestClient
+from serve_helpers import BrokenExpert, HungExpert, router_service, tiny_backends
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis.errors import Unsatisfiable  # noqa: E402
+from schemathesis.generation import GenerationMode  # noqa: E402
+
+KEY, ADMIN = "fuzz-api-key", "admin-key-the-fuzzer-does-not-have"
+EXAMPLES = 100  # per operation and mode (valid, invalid): 200 requests per operation and server
+ADMIN_PATHS = {"/v1/experts", "/v1/experts/{name}"}
+
+
+@pytest.fixture(scope="module")
+def parts(encoder, tiny_lms):
+    return router_service(encoder), tiny_backends(tiny_lms)
+
+
+def make_app(parts, admin_key: str | None):
+    router, tiny = parts
+    local = LocalRouter(router)
+    experts = LocalExperts({"broken": BrokenExpert(), "hung": HungExpert(), **tiny}, {"tiny-a": 4, "tiny-b": 4})
+    completion = CompletionService(local, experts, CompletionSettings(expert_timeout_s=0.5, default_max_tokens=2),
+                                   Tally())
+    admin = AdminService(local, experts, completion)
+    return build_api(completion, admin, EdgeSettings(api_key=KEY, admin_key=admin_key, enable_docs=True))
+
+
+def openai_shaped(body: bytes) -> bool:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return False
+    return (isinstance(obj, dict) and set(obj) == {"error"} and isinstance(obj["error"], dict)
+            and set(obj["error"]) == {"message", "type", "param", "code"} and isinstance(obj["error"]["message"], str))
+
+
+def fuzz_operation(client, op, mode, codes: set[str], statuses: collections.Counter, problems: list[str],
+                   samples: list[str]) -> None:
+    """Up to ``EXAMPLES`` generated requests of one operation in one mode (valid or invalid)."""
+    label = f"{op.method.upper()} {op.path}"
+
+    @given(case=op.as_strategy(generation_mode=mode, headers={"Authorization": f"Bearer {KEY}"}))
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    def send(case) -> None:
+        kw = case.as_transport_kwargs(base_url="http://testserver")
+        body = kw.get("data") if kw.get("json") is None else json.dumps(kw["json"]).encode()
+        r = client.request(kw["method"], kw["url"], params=kw.get("params"), headers=kw.get("headers"),
+                           content=body)
+        statuses[r.status_code] += 1
+        if r.status_code == 400 and mode == GenerationMode.POSITIVE and len(samples) < 3:
+            samples.append(r.json()["error"]["message"][:100])
+        what = f"{label} -> {r.status_code}: {r.content[:200]!r}"
+        if r.status_code >= 500:
+            problems.append(f"server error: {what}")
+        if r.status_code >= 400 and not openai_shaped(r.content):
+            problems.append(f"not OpenAI's error shape: {what}")
+        if op.path in ADMIN_PATHS and r.status_code < 300:
+            problems.append(f"admin operation succeeded without the admin key: {what}")
+        if str(r.status_code) not in codes:
+            problems.append(f"undocumented status: {what}")
+
+    try:
+        send()
+    except Unsatisfiable:  # no invalid request exists (no body; any string is a valid path part)
+        assert mode == GenerationMode.NEGATIVE and not op.body, label
+
+
+def fuzz(app) -> tuple[dict[str, collections.Counter], list[str]]:
+    """Send the generated requests; returns the status counts per operation and the problems."""
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    documented = app.openapi()["paths"]
+    client = TestClient(app, raise_server_exceptions=False)
+    counts: dict[str, collections.Counter] = {}
+    problems: list[str] = []
+    for result in schema.get_all_operations():
+        op = result.ok()
+        label = f"{op.method.upper()} {op.path}"
+        counts[label] = collections.Counter()
+        samples: list[str] = []  # why schema-valid requests got a 400
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            fuzz_operation(client, op, mode, set(documented[op.path][op.method.lower()]["responses"]),
+                           counts[label], problems, samples)
+        if samples:
+            print(f"  {label}: schema-valid requests refused, e.g. {samples}")
+    return counts, problems
+
+
+def report(name: str, counts: dict[str, collections.Counter]) -> None:
+    total = collections.Counter()
+    print(f"\nschema fuzz, {name}:")
+    for label, statuses in counts.items():
+        total.update(statuses)
+        print(f"  {label:32s} {sum(statuses.values()):4d} requests  {dict(sorted(statuses.items()))}")
+    print(f"  {'all':32s} {sum(total.values()):4d} requests  {dict(sorted(total.items()))}")
+
+
+@pytest.mark.parametrize("admin_key", [ADMIN, None], ids=["admin-key-unknown-to-the-fuzzer", "admin-disabled"])
+def test_the_schema_fuzz_finds_no_server_error(parts, admin_key):
+    counts, problems = fuzz(make_app(parts, admin_key))
+    report("admin key the fuzzer lacks" if admin_key else "admin API disabled", counts)
+    assert {"POST /v1/chat/completions", "POST /v1/completions", "POST /v1/route", "GET /v1/models",
+            "GET /v1/experts", "POST /v1/experts", "DELETE /v1/experts/{name}", "GET /healthz"} <= set(counts)
+    for label in ("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/route", "POST /v1/experts"):
+        assert sum(counts[label].values()) >= EXAMPLES, counts  # (a GET without parameters is one request)
+    assert not problems, "\n".join(dict.fromkeys(problems))
+    admin = collections.Counter()
+    for label, statuses in counts.items():
+        if label.split()[1] in ADMIN_PATHS:
+            admin.update(statuses)
+    assert set(admin) <= ({400, 401, 413} if admin_key else {400, 403, 413}), admin
