@@ -142,6 +142,9 @@ def wait_replicas(base: str, want: int = 4, timeout: float = 180) -> None:
         time.sleep(1)
 
 
+PHASE = {"now": ""}  # what the event is doing (a restart: stopping / starting), logged with failures
+
+
 def load(base: str, event: Callable[[], None] | None, clients: int, requests: int, name: str,
          max_tokens: int = 3, deadline_s: float = 600, model: str = "cscr:1000") -> Row:
     """``clients`` threads send ``requests`` chat completions in all; ``event`` runs once a quarter
@@ -185,7 +188,7 @@ def load(base: str, event: Callable[[], None] | None, clients: int, requests: in
                         row.ok += 1
                     else:
                         row.failed += 1
-                        row.errors.append(why)
+                        row.errors.append(f"{why} [{PHASE['now'] or 'during the event'}]")
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -240,9 +243,12 @@ def run_faults(run: Path, pool: Path, workdir: Path, clients: int = 8, requests:
         assert r.status_code == 201, r.text
 
     def restart() -> None:
+        PHASE["now"] = "stopping"
         code = server.stop()
         assert code == 0, f"cscr serve exited {code}"
+        PHASE["now"] = "starting"
         server.start()
+        PHASE["now"] = "started"
 
     from cscr.serve.deployments import deployment_name
 
@@ -259,6 +265,7 @@ def run_faults(run: Path, pool: Path, workdir: Path, clients: int = 8, requests:
     try:
         wait_replicas(server.base)
         for name, event in events:
+            PHASE["now"] = ""
             before = pool_of(server.base)
             row = load(server.base, event, clients, requests, name)
             wait_replicas(server.base)

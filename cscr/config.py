@@ -106,9 +106,11 @@ class HeadConfig:
     # what the router scores (beyond the write-up for "quality"): similarity q.d_m (SPEC 5), or
     # quality = sigmoid(a q.d_m + b(d_m)), P(good) with a shared slope and a descriptor-computed bias
     utility: Literal["similarity", "quality"] = "similarity"
+    members: int = 1  # an ensemble of this many MLPs, trained together from their own inits; logits averaged
 
     def __post_init__(self) -> None:
         _check(min(self.in_dim, self.hidden, self.out_dim) > 0, "head widths must be > 0")
+        _check(self.members >= 1, f"members must be >= 1, got {self.members}")
         _check(self.utility in ("similarity", "quality"),
                f"utility must be 'similarity' or 'quality', got {self.utility!r}")
         _check(self.activation in ("gelu", "relu"), f"activation must be gelu or relu, got {self.activation!r}")
@@ -122,7 +124,10 @@ class LossConfig:
     alpha: float = 0.25  # temperature slope in band mean cost
     gamma: float = 0.2  # negative cost penalty (denominator only)
     tolerance: float = 0.0  # positives: quality >= best - tolerance (graded data)
-    bce_weight: float = 0.0  # weight of the quality BCE added to the InfoNCE (needs head utility "quality")
+    # weight of the quality BCE added to the InfoNCE (beyond the write-up; 0: similarity utilities, SPEC 5);
+    # > 0 makes the head a quality head (TrainConfig sets head.utility from it). 4.0: chosen on RouterBench
+    # validation (docs/routing-quality.md); a record without the field means 0 (TrainConfig.from_nested)
+    bce_weight: float = 4.0
 
     def __post_init__(self) -> None:
         _check(self.bce_weight >= 0, f"bce_weight must be >= 0, got {self.bce_weight}")
@@ -146,10 +151,10 @@ class IndexConfig:
 class TrainConfig:
     epochs: int = 10  # passes over the train prompts
     batch_size: int = 512  # prompts per step
-    lr: float = 5e-4  # AdamW learning rate
+    lr: float = 2e-4  # AdamW learning rate (SPEC: 5e-4; 2e-4 chosen on RouterBench validation with the quality head)
     weight_decay: float = 0.01  # AdamW weight decay
     seed: int = 0  # torch / numpy seed
-    head: HeadConfig = field(default_factory=HeadConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)  # head.utility follows loss.bce_weight (__post_init__)
     loss: LossConfig = field(default_factory=LossConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     select_window: int = 1  # best epoch by the trailing mean of this many epochs' val AUDC (1: its own)
@@ -157,18 +162,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.select_window >= 1, f"select_window must be >= 1, got {self.select_window}")
-        quality = self.head.utility == "quality"
-        _check(quality == (self.loss.bce_weight > 0),
-               "head utility 'quality' and loss bce_weight > 0 go together (the quality map is trained by "
-               f"the BCE); got utility {self.head.utility!r}, bce_weight {self.loss.bce_weight}")
+        # the quality map is trained by the BCE: a quality head exactly when bce_weight > 0
+        utility: Literal["similarity", "quality"] = "quality" if self.loss.bce_weight > 0 else "similarity"
+        if self.head.utility != utility:
+            object.__setattr__(self, "head", dataclasses.replace(self.head, utility=utility))
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
 
     @staticmethod
     def from_nested(d: dict[str, Any]) -> TrainConfig:
+        """A TrainConfig from a nested dict (a record's ``asdict``): a missing field takes its
+        dataclass field default, but a missing ``loss.bce_weight`` is 0 (similarity utilities: what a
+        record written before the quality head meant)."""
         d = dict(d)
         head = from_dict(HeadConfig, d.pop("head", {}))
-        loss = from_dict(LossConfig, d.pop("loss", {}))
+        loss_d = dict(d.pop("loss", {}))
+        loss_d.setdefault("bce_weight", 0.0)  # a record written before the quality head: similarity utilities
+        loss = from_dict(LossConfig, loss_d)
         index = from_dict(IndexConfig, d.pop("index", {}))
         return from_dict(TrainConfig, {**d, "head": head, "loss": loss, "index": index})
 

@@ -8,9 +8,17 @@ With ``cfg.utility == "quality"`` (beyond the write-up, labelled so) the head al
 descriptor-conditioned quality map ``P(good | x, m) = sigmoid(a * q.d_m + w.d_m + b)``: one shared
 slope ``a = exp(log_scale)`` and a bias computed from the descriptor by one linear map, so an
 expert unseen in training still gets its utility from its descriptor alone.
+
+With ``cfg.members = K > 1`` the head is an ensemble (variance reduction, beyond the write-up):
+K such heads, each from its own initialisation, trained together (each on its own loss) and
+combined by averaging what the router scores, which stays linear in the descriptor: the routing
+query is ``mean_k q_k`` (similarity) or ``mean_k a_k q_k`` with bias ``mean_k b_k(d_m)`` (the
+quality logits are averaged), so one FAISS search still ranks the experts.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -29,6 +37,10 @@ class Head(nn.Module):
     def __init__(self, cfg: HeadConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg or HeadConfig()
+        if self.cfg.members > 1:
+            one = dataclasses.replace(self.cfg, members=1)
+            self.members = nn.ModuleList([Head(one) for _ in range(self.cfg.members)])
+            return
         act: nn.Module = nn.GELU() if self.cfg.activation == "gelu" else nn.ReLU()
         self.net = nn.Sequential(
             nn.Linear(self.cfg.in_dim, self.cfg.hidden),
@@ -42,22 +54,44 @@ class Head(nn.Module):
             nn.init.zeros_(self.bias_map.weight)
             nn.init.zeros_(self.bias_map.bias)
 
+    def parts(self) -> list[Head]:
+        """The single heads: the ensemble's members, or [self]."""
+        return list(self.members) if self.cfg.members > 1 else [self]  # type: ignore[arg-type]
+
     def forward(self, x: Tensor) -> Tensor:
+        """(N, D') unit queries; an ensemble gives (K, N, D'), one row block per member."""
+        if self.cfg.members > 1:
+            return torch.stack([m(x) for m in self.parts()])  # (K, N, D')
         z = self.net(x)  # (N, D')
         return nn.functional.normalize(z, dim=-1)  # (N, D') unit rows
 
     def logits(self, q: Tensor, e: Tensor) -> Tensor:
-        """(N, M) quality logits ``a * q.d_m + b(d_m)`` for unit queries (N, D') and descriptors (M, D')."""
-        if self.cfg.utility != "quality":
-            raise ValueError("this head scores similarities (utility 'similarity'): it has no quality map")
+        """(N, M) quality logits ``a * q.d_m + b(d_m)`` for unit queries (N, D') and descriptors (M, D')
+        (a single head; an ensemble's members are its ``parts()``)."""
+        if self.cfg.utility != "quality" or self.cfg.members > 1:
+            raise ValueError("this head has no single quality map (utility 'similarity', or an ensemble: "
+                             "use its parts())")
         bias = self.bias_map(e).squeeze(-1)  # (M,)
         return quality_logits(q, e, self.log_scale.exp(), bias)  # (N, M)
 
     @torch.no_grad()
     def quality_map(self, descriptors: np.ndarray) -> tuple[float, np.ndarray]:
-        """(a, (M,) biases b(d_m)) of the quality map for descriptors (M, D'), as numpy."""
+        """(a, (M,) biases b(d_m)) of the quality map for descriptors (M, D'), as numpy; an ensemble:
+        (1, mean_k b_k(d_m)), its slopes being folded into ``encode``'s query."""
+        if self.cfg.members > 1:
+            return 1.0, np.mean([m.quality_map(descriptors)[1] for m in self.parts()], axis=0)
         e = torch.from_numpy(np.asarray(descriptors, dtype=np.float32)).to(self.log_scale.device)  # (M, D')
         return float(self.log_scale.exp()), self.bias_map(e).squeeze(-1).double().cpu().numpy()
+
+    def _routing_query(self, x: Tensor) -> Tensor:
+        """(N, D') what the router searches with: the unit query, or an ensemble's combination."""
+        if self.cfg.members == 1:
+            return self(x)  # (N, D')
+        qs = self(x)  # (K, N, D')
+        if self.cfg.utility == "quality":
+            scales = torch.stack([m.log_scale.exp() for m in self.parts()])  # (K,)
+            return (scales[:, None, None] * qs).mean(0)  # (N, D') mean_k a_k q_k
+        return qs.mean(0)  # (N, D')
 
     @torch.no_grad()
     def encode(self, emb: np.ndarray, batch_size: int = 8192) -> np.ndarray:
@@ -71,6 +105,6 @@ class Head(nn.Module):
         out = np.empty((emb.shape[0], self.cfg.out_dim), dtype=np.float32)
         for s in range(0, emb.shape[0], batch_size):
             xb = torch.from_numpy(emb[s:s + batch_size]).to(device)  # (b, in_dim)
-            out[s:s + batch_size] = self(xb).float().cpu().numpy()  # (b, D')
+            out[s:s + batch_size] = self._routing_query(xb).float().cpu().numpy()  # (b, D')
         self.train(was_training)
         return out

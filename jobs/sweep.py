@@ -137,6 +137,82 @@ def run_trial(config: dict[str, Any]) -> None:
     tune.report(final)
 
 
+# ---------------------------------------------------------------- the search of `cscr train --tune`
+
+def run_search_trial(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: one trial of the hyperparameter search (cscr/training/search.py).
+
+    Trains with the plain loop and reports the validation AUDC of every epoch and, at the end, of
+    the best epoch. Nothing here touches the test split."""
+    import torch
+    from ray import tune
+
+    from cscr.training import fit_head
+    from cscr.training.search import trial_config
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    cfg = trial_config(TrainConfig.from_nested(config["train"]), config["values"])
+    arrays, _, _ = trial_inputs(config["run"], config.get("descriptor_kind") or "probe-outcome", cfg.loss.tolerance)
+
+    def on_epoch(st: Any) -> None:
+        last = st.history[-1]
+        tune.report({"epoch": st.epoch, "val_audc": last.get("val_audc"), "train_loss": last["train_loss"],
+                     "done": False})
+
+    result = fit_head(arrays, cfg, "cscr", log=None, on_epoch=on_epoch)
+    tune.report({"epoch": cfg.epochs, "val_audc": result.best_val_audc, "best_epoch": result.best_epoch,
+                 "train_loss": result.history[-1]["train_loss"], "done": True,
+                 "seconds": time.perf_counter() - t0})
+
+
+def tune_search(run_dir: str, base: TrainConfig, n_trials: int, seed: int = 0, cpus_per_trial: float = 0.5,
+                gpus_per_trial: float = 0.0, descriptor_kind: str | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the search on the connected Ray cluster; return its record (cscr.training.search.search_record).
+
+    ``n_trials`` configurations (the first is ``base``) drawn from cscr.training.search.SPACE, each
+    trained once and scored on the validation split; the best validation AUDC is chosen."""
+    from ray import tune
+
+    from cscr.runs.descriptors import prepare_descriptors
+    from cscr.runs.paths import RunPaths
+    from cscr.training.search import choose, sample_trials, search_record, trials_table
+
+    paths = RunPaths.of(run_dir)
+    kind = prepare_descriptors(paths, descriptor_kind)  # once, here: the concurrent trials only read the store
+    trials = sample_trials(base, n_trials, seed)
+    storage = Path(tempfile.mkdtemp(prefix="tune-", dir=paths.root))
+    space = {"run": str(paths.root), "train": asdict(base), "descriptor_kind": kind,
+             "values": tune.grid_search(trials)}
+    log(f"tune: {len(trials)} trials on the validation split, {cpus_per_trial:g} CPU each")
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(run_search_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
+            param_space=space,
+            run_config=tune.RunConfig(name="search", storage_path=str(storage), verbose=train_verbose()),
+        )
+        results = tuner.fit()
+        by_values: dict[str, dict[str, Any]] = {}
+        for r in (results[i] for i in range(len(results))):
+            m = r.metrics or {}
+            ok = bool(m.get("done")) and r.error is None
+            key = repr(sorted((r.config or {}).get("values", {}).items()))
+            by_values[key] = {"val_audc": m.get("val_audc") if ok else None, "best_epoch": m.get("best_epoch"),
+                              "seconds": m.get("seconds"), "status": "ok" if ok else "failed",
+                              "error": None if ok else failure_reason(r.error)}
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+    rows = [{"values": t, **by_values.get(repr(sorted(t.items())), {"status": "failed", "val_audc": None,
+                                                                       "error": "no result"})} for t in trials]
+    chosen = choose(rows)
+    log(trials_table(rows, chosen))
+    from cscr.runs.inputs import Run
+
+    n_val = int(Run.of(paths).table.split_index("val").size)
+    return search_record(rows, chosen, base, seed, n_val)
+
+
 # ---------------------------------------------------------------- the driver
 
 def grid_values(grid: Grid, run_dir: str) -> list[Any]:

@@ -4,6 +4,12 @@ checkpoints, resume after being killed.
     python jobs/train.py --run runs/routerbench [--variant cscr,vanilla] [--workers 2]
     ray job submit --working-dir . -- python jobs/train.py --run /abs/path/runs/routerbench
     python jobs/train.py --smoke-test          # a generated run folder, 2 workers, 2 epochs
+    python jobs/train.py --run runs/routerbench --tune   # search on validation first, then train
+
+``--tune`` first runs a Ray Tune search (jobs/sweep.py ``tune_search``; the space and the choice
+are cscr/training/search.py's) scored on the validation split only, then trains every variant
+with the chosen configuration and writes the search (every trial, the choice) to
+``<run>/models/<variant>/tune.json``. The test split is left to ``cscr evaluate``.
 
 The epoch loop is cscr/training's ``run_epochs``, the same loop ``fit_head`` runs in one process:
 this file only wires it to Ray (sharding by rank, a DDP model, the validator on rank 0 only, and
@@ -219,10 +225,44 @@ def smoke_run(folder: str | os.PathLike[str]) -> Path:
     return write_synthetic_run(folder, table, emb)
 
 
+def tuned(cfg: TrainJobConfig, run_dir: str, log: Any = _log) -> tuple[TrainJobConfig, dict[str, Any]]:
+    """(the job's config with the searched TrainConfig, the search record): the ``--tune`` step."""
+    import dataclasses
+
+    from cscr.jobs.sweep import tune_search
+
+    started = connect(cfg.address)
+    try:
+        record = tune_search(run_dir, cfg.train, cfg.tune_trials, cfg.tune_seed, cfg.tune_cpus_per_trial,
+                             descriptor_kind=cfg.descriptor_kind, log=log)
+    finally:
+        disconnect(started)
+    chosen = TrainConfig.from_nested(record["chosen_config"])
+    log(f"tune: chosen trial {record['chosen_trial']} (val AUDC "
+        f"{record['trials'][record['chosen_trial']]['val_audc']:.4f}): {record['chosen']}")
+    return dataclasses.replace(cfg, train=chosen), record
+
+
+def _write_search(run_dir: str, variants: Sequence[str], record: dict[str, Any]) -> None:
+    from cscr.atomic import atomic_write_json
+
+    for v in variants:
+        atomic_write_json(RunPaths.of(run_dir).model(v) / "tune.json", {**record, "variant": v,
+                                                                        "searched_variant": "cscr"})
+
+
 def run(cfg: TrainJobConfig, log: Any = _log) -> dict[str, TrainResult]:
-    """Train ``cfg.variants`` for ``cfg.run`` (Ray Train, or the plain loop) and save the best heads."""
+    """Train ``cfg.variants`` for ``cfg.run`` (Ray Train, or the plain loop) and save the best heads
+    (``cfg.tune``: with the configuration a validation search chose, recorded next to each head)."""
     with _run_folder(cfg) as run_dir:
         RunPaths.of(run_dir).require_table()
+        if cfg.tune:
+            import dataclasses
+
+            cfg, record = tuned(cfg, run_dir, log)
+            results = run(dataclasses.replace(cfg, tune=False, run=run_dir), log)
+            _write_search(run_dir, list(results), record)
+            return results
         if cfg.plain:
             from cscr.training.plain import train_run
 

@@ -54,8 +54,14 @@ class TrainJobConfig:
     address: str | None = None  # Ray address; None: RAY_ADDRESS, else an embedded local Ray
     fresh: bool = False  # discard an interrupted Ray Train run instead of resuming it
     smoke_test: bool = False  # a generated run folder when ``run`` is None (removed afterwards)
+    tune: bool = False  # first a Ray Tune search on the validation split (cscr/training/search.py)
+    tune_trials: int = 12  # --tune: configurations tried (the first is ``train`` itself)
+    tune_seed: int = 0  # --tune: seed of the random draws
+    tune_cpus_per_trial: float = 0.5  # --tune: CPUs reserved per trial
 
     def __post_init__(self) -> None:
+        _check(self.tune_trials >= 1, f"--tune-trials must be >= 1, got {self.tune_trials}")
+        _check(self.tune_cpus_per_trial > 0, f"--tune-cpus-per-trial must be > 0, got {self.tune_cpus_per_trial}")
         bad = [v for v in self.variants if v not in TRAIN_VARIANTS]
         _check(not bad and bool(self.variants),
                f"unknown variant(s) {bad or list(self.variants)}; "
@@ -115,7 +121,9 @@ def add_common_options(p: argparse.ArgumentParser, what: str) -> None:
     h.add_argument("--hidden", type=int, default=None, help=f"head hidden width (default {d.head.hidden})")
     h.add_argument("--seed", type=int, default=None, help=f"seed (default {d.seed})")
     h.add_argument("--config", default=None,
-                   help="JSON file or string: a nested TrainConfig (head/loss/index); the options above override it")
+                   help="JSON file or string: a nested TrainConfig (head/loss/index) over the defaults; the "
+                        "options above override it. E.g. '{\"loss\": {\"bce_weight\": 0}}': similarity utilities "
+                        "(SPEC section 5) instead of the default quality head")
 
 
 def _stderr(msg: str) -> None:
@@ -132,6 +140,25 @@ def given_fields(args: argparse.Namespace) -> set[str]:
     return out
 
 
+def over_defaults(nested: dict[str, Any]) -> dict[str, Any]:
+    """A (partial) nested TrainConfig over TrainConfig()'s defaults. The quality head follows the
+    BCE weight where only one of them is named (``{"loss": {"bce_weight": 0}}`` means similarity
+    utilities, ``{"head": {"utility": "similarity"}}`` no BCE)."""
+    out = dataclasses.asdict(TrainConfig())
+    for key, value in nested.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    head, loss = nested.get("head", {}), nested.get("loss", {})
+    if isinstance(head, dict) and isinstance(loss, dict):
+        if "utility" in head and "bce_weight" not in loss and head["utility"] == "similarity":
+            out["loss"]["bce_weight"] = 0.0
+        if "bce_weight" in loss and "utility" not in head:
+            out["head"]["utility"] = "quality" if float(loss["bce_weight"]) > 0 else "similarity"
+    return out
+
+
 def train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
     """The TrainConfig of --config (else ``base``, else the defaults) with the hyperparameter
     options over it (--smoke-test: 2 epochs)."""
@@ -143,7 +170,7 @@ def train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> T
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--config is neither a JSON file nor a JSON string: {exc}") from exc
         _check(isinstance(nested, dict), "--config must hold a JSON object (a nested TrainConfig)")
-    cfg = TrainConfig.from_nested(nested) if args.config or base is None else base
+    cfg = TrainConfig.from_nested(over_defaults(nested)) if args.config or base is None else base
     epochs = args.epochs if args.epochs is not None else (SMOKE_EPOCHS if args.smoke_test else None)
     top = {k: v for k, v in (("epochs", epochs), ("batch_size", args.batch_size), ("lr", args.lr),
                              ("seed", args.seed)) if v is not None}
@@ -172,6 +199,14 @@ def add_train_options(p: argparse.ArgumentParser, default_variants: str = "cscr"
                    help="descriptor kind from the run's store (default: the kind the run was last trained "
                         "with, else probe-outcome, computed if missing)")
     p.add_argument("--fresh", action="store_true", help="Ray: discard an interrupted run instead of resuming it")
+    t = p.add_argument_group("hyperparameter search (--tune)")
+    t.add_argument("--tune", action="store_true",
+                   help="first search bands, gamma, alpha, tau_min, width, epochs and the quality head's BCE "
+                        "weight on Ray Tune, scored on the validation split only; train with the best "
+                        "(recorded in RUN/models/<variant>/tune.json)")
+    t.add_argument("--tune-trials", type=int, default=12, help="configurations tried, the first the given one (default 12)")
+    t.add_argument("--tune-seed", type=int, default=0, help="seed of the search's random draws (default 0)")
+    t.add_argument("--tune-cpus-per-trial", type=float, default=0.5, help="CPUs per trial (default 0.5)")
     r = p.add_argument_group("where it runs")
     r.add_argument("--plain", action="store_true", help="the single-process loop, no Ray")
     r.add_argument("--threads", type=int, default=None,
@@ -209,7 +244,8 @@ def train_job_config(args: argparse.Namespace, log: Callable[[str], None] = _std
         run=args.run, variants=variants, train=train, descriptor_kind=kind,
         plain=args.plain, threads=args.threads, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
         use_gpu={"auto": None, "yes": True, "no": False}[args.use_gpu], address=args.address, fresh=args.fresh,
-        smoke_test=args.smoke_test,
+        smoke_test=args.smoke_test, tune=args.tune, tune_trials=args.tune_trials, tune_seed=args.tune_seed,
+        tune_cpus_per_trial=args.tune_cpus_per_trial,
     )
 
 

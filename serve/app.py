@@ -252,19 +252,14 @@ class ExpertLauncher:
         try:
             ray_serve._run(expert_application(spec, self.torch_threads), name=name, route_prefix=None,
                            _blocking=False)
-            while True:
-                status = ray_serve.status().applications.get(name)
-                state = str(getattr(status, "status", ""))
-                if state.endswith("RUNNING"):
-                    return name
-                if state.endswith(("DEPLOY_FAILED", "UNHEALTHY")):
-                    raise ProtocolError(f"expert {spec.name!r} failed to start: "
-                                        f"{getattr(status, 'message', '')[-400:]}", status=400,
-                                        code="expert_start_failed", param="expert")
-                if time.monotonic() > deadline:
-                    raise ProtocolError(f"expert {spec.name!r} did not start within {self.deploy_timeout_s:g} s",
-                                        status=504, code="expert_start_timeout", type_="server_error")
-                time.sleep(0.5)
+            state, message = wait_for_app(name, deadline)
+            if state == "RUNNING":
+                return name
+            if state == "TIMEOUT":
+                raise ProtocolError(f"expert {spec.name!r} did not start within {self.deploy_timeout_s:g} s",
+                                    status=504, code="expert_start_timeout", type_="server_error")
+            raise ProtocolError(f"expert {spec.name!r} failed to start: {message[-400:]}", status=400,
+                                code="expert_start_failed", param="expert")
         except BaseException:
             self.stop(name)
             raise
@@ -282,7 +277,23 @@ class ExpertLauncher:
         from cscr.serve.deployments import deployment_name
         from ray import serve as ray_serve
 
-        return ray_serve.get_deployment_handle(deployment_name(spec.name), app)
+        # looked up lazily: the application may still be starting (calls wait for its replicas)
+        return ray_serve.get_deployment_handle(deployment_name(spec.name), app, _check_exists=False)
+
+
+def wait_for_app(name: str, deadline: float) -> tuple[str, str]:
+    """Poll a Serve application until it runs, fails or ``deadline`` (monotonic) passes:
+    ("RUNNING" | "DEPLOY_FAILED" | "UNHEALTHY" | "TIMEOUT", its status message)."""
+    from ray import serve as ray_serve
+
+    while True:
+        status = ray_serve.status().applications.get(name)
+        state = str(getattr(getattr(status, "status", ""), "value", getattr(status, "status", "")))
+        if state in ("RUNNING", "DEPLOY_FAILED", "UNHEALTHY"):
+            return state, str(getattr(status, "message", ""))
+        if time.monotonic() > deadline:
+            return "TIMEOUT", ""
+        time.sleep(0.5)
 
 
 def secure_embedded_cluster() -> None:
@@ -292,7 +303,10 @@ def secure_embedded_cluster() -> None:
     import sys
 
     if "ray" in sys.modules and os.environ.get("RAY_AUTH_MODE") != "token":
-        raise RuntimeError("ray was imported before token auth was set up: start cscr serve through its CLI")
+        log.warning("cscr: ray was imported before token auth could be turned on; the embedded cluster "
+                    "runs with RAY_AUTH_MODE=%s (start cscr serve through its CLI)",
+                    os.environ.get("RAY_AUTH_MODE", "disabled"))
+        return
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_urlsafe(32))
@@ -324,6 +338,20 @@ def launch_expert_apps(record: PoolRecord, launcher: ExpertLauncher) -> None:
             list(pool.map(lambda e: launcher.start(e.spec, e.app), own))
 
 
+def deploy(app: Any, record: PoolRecord, launcher: ExpertLauncher, timeout_s: float = 1800.0) -> Any:
+    """Deploy the main application first (its route exists at once: a request that arrives while
+    replicas start waits for them instead of meeting a 404), then the experts' applications;
+    returns once everything runs."""
+    from ray import serve as ray_serve
+
+    handle = ray_serve._run(app, name="cscr", route_prefix="/", _blocking=False)
+    launch_expert_apps(record, launcher)
+    state, message = wait_for_app("cscr", time.monotonic() + timeout_s)
+    if state != "RUNNING":
+        raise RuntimeError(f"the cscr application did not start ({state}): {message[-1000:]}")
+    return handle
+
+
 def run_local(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
               address: str | None = None, blocking: bool = True, watch_s: float = 2.0) -> Any:
     """Start (or join) Ray, start Serve's HTTP proxy on host:port, start the experts' applications
@@ -340,8 +368,7 @@ def run_local(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, num_cp
     launcher = ExpertLauncher(a.torch_threads, a.expert_deploy_timeout_s)
     if not blocking:
         ray_serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-        launch_expert_apps(record, launcher)
-        return ray_serve.run(app, name="cscr", route_prefix="/", blocking=False)
+        return deploy(app, record, launcher)
     import signal
 
     def _stop(signum: int, frame: Any) -> None:
@@ -353,8 +380,7 @@ def run_local(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, num_cp
     signal.signal(signal.SIGTERM, _stop)
     try:
         ray_serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-        launch_expert_apps(record, launcher)
-        handle = ray_serve.run(app, name="cscr", route_prefix="/", blocking=False)
+        handle = deploy(app, record, launcher)
         print(f"cscr: serving on http://{host}:{port}/v1 (pool version {record.version}; Ctrl-C to stop)",
               flush=True)
         while True:
@@ -367,13 +393,44 @@ def run_local(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, num_cp
     except (KeyboardInterrupt, SystemExit):
         print("cscr: stopping", flush=True)
     finally:
-        if not (embedded and started):  # a shared cluster: remove what this process deployed
+        if embedded and started:
+            # the cluster goes down whole: close the HTTP port first, so that a client meets a
+            # refused connection (and retries), not one accepted then dropped during the teardown;
+            # the pool is in the state folder already
+            _close_http(host, port)
+        else:  # a shared cluster: remove what this process deployed
             ray_serve.shutdown()
-        # an embedded cluster goes down whole (ray.shutdown stops its processes): the HTTP port
-        # closes at once, so a client meets a refused connection, not one accepted then dropped
-        # during a long Serve shutdown; the pool is in the state folder already
         disconnect(started)
     return handle
+
+
+def _close_http(host: str, port: int, timeout_s: float = 20.0) -> None:
+    """Stop Serve's controller (so that nothing restarts a proxy), then its HTTP proxies, and wait
+    until nothing listens on ``port`` (``ray.kill`` only asks; a proxy outliving the cluster would
+    accept connections it cannot answer)."""
+    import socket
+
+    import ray
+
+    target = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    deadline = time.monotonic() + timeout_s
+    try:
+        ray.kill(ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve"), no_restart=True)
+    except Exception as exc:  # Serve never started, or its controller is gone already
+        log.warning("stopping Serve's controller: %r", exc)
+    while time.monotonic() < deadline:
+        try:
+            for actor in ray.util.list_named_actors(all_namespaces=True):
+                if actor["name"].startswith("SERVE_PROXY_ACTOR"):
+                    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+        except Exception as exc:
+            log.warning("stopping Serve's proxies: %r", exc)
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex((target, port)) != 0:
+                return
+        time.sleep(0.2)
+    log.warning("the HTTP port %d still accepts connections after %.0f s", port, timeout_s)
 
 
 def _abandon_cluster(embedded: bool) -> None:

@@ -18,7 +18,8 @@ Serving binds Ray handles to them (``serve.deployments``); ``serve.local`` binds
    is tried; the answer says which failed. A circuit breaker per expert (``serve.health``)
    skips, at once and without a call, an expert that failed ``breaker_failures`` times in a
    row or whose replicas are dead (``ExpertUnavailable``), for ``breaker_cooldown_s``; then one
-   trial request decides whether it is back. A client error of an expert (a prompt longer than
+   trial request decides whether it is back (when every expert a request may use is out, they
+   are tried anyway: a last resort, never a refusal). A client error of an expert (a prompt longer than
    its context) tries the next expert and, when every one refused, is the answer (a 400);
 3. SSE framing of streamed answers (``data: {...}`` events, ``data: [DONE]``; an expert that
    fails mid-stream ends the stream with an error event: too late to fall back);
@@ -91,7 +92,7 @@ class CompletionSettings(BaseModel):
     max_stop_chars: int = Field(64, ge=1)  # characters per stop string
     breaker_failures: int = Field(3, ge=1)  # failures in a row that take an expert out of rotation
     breaker_cooldown_s: float = Field(10.0, ge=0)  # how long it stays out before a trial request
-    connect_timeout_s: float = Field(2.0, gt=0)  # a replica must take the call within this (Ray path)
+    connect_timeout_s: float = Field(0.5, gt=0)  # no replica took the call: is one running? (Ray path)
 
 
 class RouterClient(Protocol):
@@ -250,14 +251,9 @@ class CompletionService:
         return Plan(order, decision, lam, ms, self._generation(req, order))
 
     def _healthy(self, names: list[str]) -> list[str]:
-        """The experts whose circuit lets a request through; none: a 503 at once."""
-        ok = [n for n in names if self.health.available(n)]
-        if not ok:
-            wait = min(self.health.retry_after(n) for n in names)
-            raise ProtocolError(f"every expert this request may use is out of rotation after failures "
-                                f"({', '.join(names)}); retry in {wait:.1f} s", status=503,
-                                code="experts_unavailable", type_="server_error")
-        return ok
+        """The experts whose circuit lets a request through; when none does, all of them (a last
+        resort: better a quick failure, or a recovered expert, than refusing every request)."""
+        return [n for n in names if self.health.available(n)] or names
 
     def _generation(self, req: Request, order: list[str]) -> GenerationRequest:
         limits = {n: self.experts.limit(n) for n in order}
@@ -287,8 +283,9 @@ class CompletionService:
         one whose circuit opened meanwhile is skipped without a call."""
         failed: list[str] = []
         refused: list[ProtocolError] = []  # client errors of experts (the prompt does not fit them)
+        last_resort = not any(self.health.available(n) for n in order)  # every circuit is open
         for name in order:
-            if not self.health.acquire(name):
+            if not last_resort and not self.health.acquire(name):
                 failed.append(name)
                 continue
             verdict = False
@@ -317,7 +314,7 @@ class CompletionService:
                             code="experts_failed", type_="server_error")
 
     def _failed(self, name: str, exc: BaseException, failed: list[str]) -> None:
-        dead = isinstance(exc, ExpertUnavailable)
+        dead = isinstance(exc, ExpertUnavailable) and exc.dead
         log.warning("expert %r failed (%s): trying the next one", name,
                     "timed out" if isinstance(exc, TimeoutError) else repr(exc))
         failed.append(name)
@@ -414,7 +411,7 @@ class CompletionService:
                     break
                 except Exception as exc:  # mid-stream: too late to fall back
                     self.metrics.failure(info.expert)
-                    self.health.failure(info.expert, dead=isinstance(exc, ExpertUnavailable))
+                    self.health.failure(info.expert, dead=isinstance(exc, ExpertUnavailable) and exc.dead)
                     yield sse_event({"error": {"message": f"expert {info.expert!r} failed mid-stream: {exc!r}",
                                                "type": "server_error", "param": None, "code": "expert_failed"}})
                     return

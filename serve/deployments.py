@@ -365,7 +365,7 @@ class ServeExperts:
     use the handles bound there, the others are looked up by application name, so every ingress
     replica holds the same map."""
 
-    def __init__(self, bound: dict[str, Any], launcher: Launcher, connect_timeout_s: float = 2.0) -> None:
+    def __init__(self, bound: dict[str, Any], launcher: Launcher, connect_timeout_s: float = 0.5) -> None:
         self.bound = dict(bound)  # the main application's expert handles (constructor args)
         self.launcher = launcher
         self.connect_timeout_s = connect_timeout_s  # a replica must take a call within this
@@ -401,14 +401,45 @@ class ServeExperts:
         spec = self.specs.get(name)
         return spec.backend if spec is not None else None
 
-    async def _assigned(self, name: str, resp: Any) -> None:
-        """Wait until a replica took the call (``connect_timeout_s`` at most: a dead expert's
-        calls wait for a replica that is not there, or meet a dead one: ExpertUnavailable)."""
+    async def _live_replicas(self, name: str) -> int | None:
+        """Replicas of the expert's deployment that can take a call: RUNNING as Serve's controller
+        sees them and alive as Ray sees them (a killed replica leaves Ray at once, the controller
+        notices at its next health check). None: unknown."""
+        handle: Any = self.handles.get(name)
+
+        def count() -> int:
+            import ray
+
+            status = serve.status()
+            states: dict[Any, int] = dict(status.applications[handle.app_name]
+                                          .deployments[handle.deployment_name].replica_states)
+            running = int(states.get("RUNNING", 0))  # ReplicaState is a str enum
+            prefix = f"SERVE_REPLICA::{handle.app_name}#{handle.deployment_name}#"
+            alive = sum(a["name"].startswith(prefix) for a in ray.util.list_named_actors(all_namespaces=True))
+            return min(running, alive)
+
         try:
-            await asyncio.wait_for(resp._fetch_future_result_async(), self.connect_timeout_s)
-        except TimeoutError:
-            raise ExpertUnavailable(f"no replica of expert {name!r} took the call within "
-                                    f"{self.connect_timeout_s:g} s") from None
+            return await asyncio.to_thread(count)
+        except Exception:  # no status to go by: treat the expert as busy, not dead
+            return None
+
+    async def _assigned(self, name: str, resp: Any) -> None:
+        """Wait until a replica took the call. Every ``connect_timeout_s`` without one, look: no
+        live replica (they died, or the replacement cannot start) is ExpertUnavailable at once (its
+        circuit opens); live but busy replicas are waited for (the generation timeout bounds it)."""
+        assigned = asyncio.ensure_future(resp._fetch_future_result_async())
+        try:
+            while True:
+                done, _ = await asyncio.wait({assigned}, timeout=self.connect_timeout_s)
+                if done:
+                    assigned.result()
+                    return
+                if await self._live_replicas(name) == 0:
+                    raise ExpertUnavailable(f"expert {name!r} has no live replica (none took the call "
+                                            f"within {self.connect_timeout_s:g} s)")
+        finally:
+            if not assigned.done():
+                assigned.cancel()
 
     async def generate(self, name: str, req: GenerationRequest) -> GenerationResult:
         resp = self.handles[name].generate.remote(req)

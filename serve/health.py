@@ -23,8 +23,15 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
 
 class ExpertUnavailable(RuntimeError):
-    """An expert that cannot take a request now: its replicas are dead or unreachable (the
-    breaker opens at once, without waiting for repeated failures)."""
+    """An expert that did not take a request: ``dead`` (its replicas are gone: the breaker opens
+    at once) or not (no replica took it in time, but some run: an ordinary failure)."""
+
+    def __init__(self, message: str, dead: bool = True) -> None:
+        super().__init__(message)
+        self.dead = dead
+
+    def __reduce__(self) -> tuple:  # keep ``dead`` across pickling
+        return (type(self), (str(self), self.dead))
 
 
 @dataclass

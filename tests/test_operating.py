@@ -220,3 +220,23 @@ def test_promises_hold_on_held_out_prompts_and_a_wrong_table_fails(syn, tmp_path
     stored = calibrate(run, "knn", router)
     assert table_path(run, "knn").is_file()
     assert len(verify_run(run, stored, router, n_boot=100)) == len(checks)
+
+
+@pytest.mark.parametrize("val_fraction", [0.3, 0.0])
+def test_train_writes_the_table_and_a_run_without_val_prompts_still_trains(tmp_path, val_fraction):
+    from cscr.config import TrainConfig
+    from cscr.training.plain import train_run
+
+    table, emb, _ = synthetic_table(n=400, n_experts=3, dim=16, seed=1, val_fraction=val_fraction, probe_size=20)
+    run = write_synthetic_run(tmp_path / "run", table, emb)
+    lines: list[str] = []
+    train_run(str(run), "cscr", TrainConfig(epochs=1, batch_size=64), log=lines.append)
+    path = table_path(run, "cscr")
+    if val_fraction:
+        stored = OperatingTable.load(path)
+        assert stored.split == "val" and stored.n_prompts == table_rows(table.quality, table.split_index("val"))[0].size
+        assert any(ln.endswith(f"operating points written to {path}") for ln in lines)
+    else:
+        assert not path.exists()
+        said = [ln for ln in lines if "no operating-point table" in ln]
+        assert len(said) == 1 and "no val prompts" in said[0]

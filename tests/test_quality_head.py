@@ -4,6 +4,8 @@ the best epoch."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -14,7 +16,7 @@ from cscr.runs.heads import load_trained, save_trained
 from cscr.synthetic import synthetic_table
 from cscr.training import fit_head, prepare_arrays, validation_audc
 
-QUALITY = TrainConfig(epochs=4, batch_size=128, head=HeadConfig(utility="quality"), loss=LossConfig(bce_weight=1.0))
+QUALITY = TrainConfig(epochs=4, batch_size=128, lr=5e-4, head=HeadConfig(utility="quality"), loss=LossConfig(bce_weight=1.0))
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +79,23 @@ def test_save_load_keeps_the_quality_map_and_old_heads_score_similarities(tmp_pa
     # a head config written before the option existed has no "utility": it scores similarities
     old = {k: v for k, v in TrainConfig.from_nested({}).head.__dict__.items() if k != "utility"}
     assert HeadConfig(**old).utility == "similarity"
-    plain = fit_head(arrays, TrainConfig(epochs=1, batch_size=128), "cscr", log=None)
-    with pytest.raises(ValueError, match="no quality map"):
+    plain = fit_head(arrays, TrainConfig(epochs=1, batch_size=128, head=HeadConfig(), loss=LossConfig(bce_weight=0.0)), "cscr", log=None)
+    with pytest.raises(ValueError, match="no single quality map"):
         plain.head.logits(*[np.zeros(1)] * 2)  # type: ignore[arg-type]
 
 
-def test_quality_utility_and_bce_weight_go_together():
-    with pytest.raises(ConfigError, match="go together"):
-        TrainConfig(head=HeadConfig(utility="quality"))
-    with pytest.raises(ConfigError, match="go together"):
-        TrainConfig(loss=LossConfig(bce_weight=0.5))
+def test_quality_utility_follows_the_bce_weight_and_old_records_mean_similarity():
+    # the head's utility follows the BCE weight (the quality map is trained by it)
+    assert TrainConfig(head=HeadConfig(utility="quality"), loss=LossConfig(bce_weight=0.0)).head.utility == "similarity"
+    assert TrainConfig(head=HeadConfig(), loss=LossConfig(bce_weight=0.5)).head.utility == "quality"
+    with pytest.raises(ConfigError, match="bce_weight must be >= 0"):
+        LossConfig(bce_weight=-1.0)
+    # the defaults: the quality head (chosen on validation); a record without the fields: similarity
+    d = TrainConfig()
+    assert (d.head.utility, d.loss.bce_weight, d.lr) == ("quality", 4.0, 2e-4)
+    old = TrainConfig.from_nested({"head": {"hidden": 384}, "loss": {"gamma": 0.2}})
+    assert (old.head.utility, old.loss.bce_weight) == ("similarity", 0.0)
+    assert TrainConfig.from_nested(dataclasses.asdict(d)) == d
     with pytest.raises(ConfigError, match="utility must be"):
         HeadConfig(utility="odds")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="select_window"):
@@ -108,3 +117,39 @@ def test_the_best_epoch_is_chosen_on_the_trailing_mean_of_validation(synth):
     scores = iter([0.5, 0.9, 0.1, 0.7, 0.72])
     single = fit_head(arrays, TrainConfig(epochs=5, batch_size=128), "cscr", log=None, validate=lambda h: next(scores))
     assert single.best_epoch == 2
+
+
+def test_the_unseen_experts_experiment_runs_on_the_quality_head():
+    from cscr.config import EvalConfig
+    from cscr.experiments.unseen import run_unseen
+
+    table, emb, _ = synthetic_table(n=600, n_experts=6, seed=1, probe_size=48)
+    names = table.expert_names
+    cfg = TrainConfig(epochs=2, batch_size=128, head=HeadConfig(utility="quality"), loss=LossConfig(bce_weight=4.0))
+    res = run_unseen(table, emb, ["cscr", "umr"], names[:4], names[4:], cfg, EvalConfig(n_lambdas=50, bootstrap=20))
+    audc = res.evaluation.routers["cscr"].audc
+    assert 0.0 < audc <= 1.0 and res.unseen == names[4:]
+
+
+@pytest.mark.parametrize("utility", ["similarity", "quality"])
+def test_an_ensemble_averages_its_members_logits_in_one_search(synth, tmp_path, utility):
+    _, _, arrays = synth
+    w = 2.0 if utility == "quality" else 0.0
+    cfg = TrainConfig(epochs=2, batch_size=128, head=HeadConfig(utility=utility, members=3),  # type: ignore[arg-type]
+                      loss=LossConfig(bce_weight=w))
+    res = fit_head(arrays, cfg, "cscr", log=None)
+    parts = res.head.parts()
+    assert len(parts) == 3 and res.head.cfg.members == 3
+    qs = [p.encode(arrays.val_x) for p in parts]
+    assert not np.allclose(qs[0], qs[1])  # members start from their own initialisations
+    d = arrays.descriptors
+    if utility == "quality":
+        want = _sigmoid(np.mean([p.quality_map(d)[0] * (q @ d.T) + p.quality_map(d)[1][None, :]
+                                 for p, q in zip(parts, qs, strict=True)], axis=0))
+    else:
+        want = np.mean([q @ d.T for q in qs], axis=0)
+    u = _router(res, arrays).utilities(arrays.val_x)
+    np.testing.assert_allclose(u, want, rtol=1e-4, atol=1e-5)
+    save_trained(tmp_path / "run", res)
+    back = load_trained(tmp_path / "run", "cscr")
+    np.testing.assert_allclose(_router(back, arrays).utilities(arrays.val_x), u, rtol=1e-6, atol=1e-7)

@@ -24,7 +24,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -139,13 +139,16 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, t: Tensors, 
     t0 = time.perf_counter()
     for idx in batches:
         ib = torch.from_numpy(idx).to(t.x.device)
-        q = model(t.x[ib])  # (b, D') unit queries
-        loss = cost_spectrum_infonce(q, t.descriptors, t.positives[ib], t.costs, t.bands,
-                                     loss_cfg.tau_min, loss_cfg.alpha, loss_cfg.gamma, t.observed[ib])
-        if loss_cfg.bce_weight > 0:
-            head: Head = getattr(model, "module", model)  # a DDP wrapper holds the head as .module
-            logits = head.logits(q, t.descriptors)  # (b, M)
-            loss = loss + loss_cfg.bce_weight * quality_bce(logits, t.quality[ib], t.observed[ib])
+        q = model(t.x[ib])  # (b, D') unit queries; an ensemble: (K, b, D'), one block per member
+        parts = cast(Head, getattr(model, "module", model)).parts()  # a DDP wrapper holds the head as .module
+        qs = q if q.ndim == 3 else q[None]  # (K, b, D')
+        loss = q.new_zeros(())
+        for k, member in enumerate(parts):  # each member on its own loss (their sum: independent gradients)
+            loss = loss + cost_spectrum_infonce(qs[k], t.descriptors, t.positives[ib], t.costs, t.bands,
+                                                loss_cfg.tau_min, loss_cfg.alpha, loss_cfg.gamma, t.observed[ib])
+            if loss_cfg.bce_weight > 0:
+                logits = member.logits(qs[k], t.descriptors)  # (b, M) the quality map's logits
+                loss = loss + loss_cfg.bce_weight * quality_bce(logits, t.quality[ib], t.observed[ib])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cscr.config import EvalConfig, HeadConfig, TrainConfig
+from cscr.config import EvalConfig, HeadConfig, LossConfig, TrainConfig
 from cscr.eval import evaluate_routers
 from cscr.fingerprints.probe_outcome import probe_outcome_descriptors
 from cscr.head import Head
@@ -86,7 +86,10 @@ def test_an_added_expert_is_chosen_for_prompts_near_it_without_retraining():
     knob value, and the head is untouched."""
     table, emb, topic = synthetic_table(n=900, n_experts=5, seed=5, probe_size=64)
     desc = probe_outcome_descriptors(table)
-    res = fit_head(prepare_arrays(table, emb, desc), TrainConfig(epochs=2, batch_size=128), log=None)
+    # similarity utilities (SPEC section 5), so that "near" below is the lambda = 0 choice; the quality
+    # head's version of this property is tests/test_quality_head.py's
+    similarity = TrainConfig(epochs=2, batch_size=128, head=HeadConfig(), loss=LossConfig(bce_weight=0.0))
+    res = fit_head(prepare_arrays(table, emb, desc), similarity, log=None)
     costs = dict(zip(table.expert_names, table.expert_costs(), strict=True))
     router = CSCRRouter.from_parts(res.head, desc, costs)
     weights = {k: v.clone() for k, v in router.head.state_dict().items()}

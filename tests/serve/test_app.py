@@ -164,8 +164,9 @@ def test_cost_weight_changes_the_choice(app):
     assert choices[0.0] != choices[100.0]
     pool_costs = app.local.expert_costs()
     assert pool_costs[choices[100.0]] < pool_costs[choices[0.0]]  # more weight on cost: cheaper
-    ranked = app.http.post("/v1/route", json={"prompt": prompt, "cost_weight": 0.0, "max_cost": 0.1}).json()["ranked"]
-    assert {r["name"] for r in ranked} == {n for n, c in pool_costs.items() if c <= 0.1}
+    cap = 0.1 * app.local.reference.scale  # max_cost is in the run's unit (c_m x scale)
+    ranked = app.http.post("/v1/route", json={"prompt": prompt, "cost_weight": 0.0, "max_cost": cap}).json()["ranked"]
+    assert {r["name"] for r in ranked} == {n for n, c in pool_costs.items() if c * app.local.reference.scale <= cap}
 
 
 def test_route_endpoint_returns_the_ranked_decision(app):
@@ -193,7 +194,7 @@ def test_route_endpoint_returns_the_ranked_decision(app):
     ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found", "gpt-9"),
     ({"model": "cscr", "candidates": ["gpt-9"], "messages": [{"role": "user", "content": "hi"}]}, 400,
      "unknown_expert", "gpt-9"),
-    ({"model": "cscr", "max_cost": 0.0001, "messages": [{"role": "user", "content": "hi"}]}, 400,
+    ({"model": "cscr", "max_cost": 1e-9, "messages": [{"role": "user", "content": "hi"}]}, 400,
      "no_candidate", "max_cost"),
     ({"model": "cscr"}, 400, "invalid_request", "messages"),
     ({"model": "cscr", "temperature": 9, "messages": [{"role": "user", "content": "hi"}]}, 400,

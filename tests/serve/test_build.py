@@ -60,7 +60,7 @@ def test_an_index_that_does_not_match_the_pool_is_refused(trained_run, tmp_path)
 def test_cscr_serve_reports_bad_input_in_one_line(trained_run, tmp_path, capsys):
     pool = write_pool(tmp_path / "p.yaml", ["smollm2-135m"])
     assert main(["serve", "--run", str(trained_run), "--pool", str(pool)]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the run loader's info line)
     assert err.startswith("cscr: error: the expert index of") and "does not match the pool" in err
     assert main(["serve", "--run", str(tmp_path / "nope"), "--pool", str(pool)]) == 2
     assert "run folder not found" in capsys.readouterr().err
@@ -85,7 +85,7 @@ def test_replica_and_autoscaling_options(trained_run, tmp_path, capsys):
         plan_app(auto.model_copy(update={"min_replicas": 6}))
     base = ["serve", "--run", str(trained_run), "--pool", str(ok)]
     for extra, words in ((["--router-replicas", "0"], "--router-replicas must be >= 1, got 0"),
-                         (["--min-replicas", "2"], "--min-replicas needs --max-replicas"),
+                         (["--min-replicas", "2"], "--min-replicas needs --max-replicas (autoscaling)"),
                          (["--max-replicas", "0"], "--max-replicas must be >= 1, got 0")):
         assert main(base + extra) == 2
         assert capsys.readouterr().err.strip() == f"cscr: error: {words}"

@@ -38,7 +38,7 @@ def test_faults_lose_no_request_and_no_pool_change(trained_run, tiny_lms, tmp_pa
     with capsys.disabled():
         print("\n" + faults.format_table(rows))
         for r in rows:
-            for e in r.errors[:3]:
+            for e in r.errors[:10]:
                 print(f"  {r.event}: {e}")
     by = {r.event: r for r in rows}
     assert list(by) == ["baseline", "kill a Router replica", "kill an Ingress replica", "kill an expert replica",

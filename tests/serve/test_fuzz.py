@@ -1,7 +1,8 @@
 """A bounded schema fuzz of the HTTP API (schemathesis over the app's own OpenAPI schema).
 
 Every operation of ``/openapi.json`` (the admin endpoints and /healthz included) gets
-``EXAMPLES`` valid and ``EXAMPLES`` invalid requests generated from its schema, sent in-process
+``EXAMPLES`` valid and ``EXAMPLES`` invalid requests generated from its schema (and the three
+serving operations ``EXAMPLES`` more valid ones naming a served model), sent in-process
 to the FastAPI app over a real CompletionService (CSCR router on MiniLM, tiny LMs behind the
 transformers backend, experts that fail or hang). Two servers: one whose admin key the fuzzer
 does not have (it sends the API key), one with the admin API disabled. Asserted: no response
@@ -24,12 +25,15 @@ from serve_helpers import BrokenExpert, HungExpert, router_service, tiny_backend
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 
 KEY, ADMIN = "fuzz-api-key", "admin-key-the-fuzzer-does-not-have"
 EXAMPLES = 100  # per operation and mode (valid, invalid): 200 requests per operation and server
 ADMIN_PATHS = {"/v1/experts", "/v1/experts/{name}"}
+SERVED_MODELS = ["cscr", "cscr:0", "cscr:1000", "tiny-a", "tiny-b", "broken", "hung"]
+SERVED_OPERATIONS = {"POST /v1/chat/completions", "POST /v1/completions", "POST /v1/route"}
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +61,28 @@ def openai_shaped(body: bytes) -> bool:
 
 
 def fuzz_operation(client, op, mode, codes: set[str], statuses: collections.Counter, problems: list[str],
-                   samples: list[str]) -> None:
-    """Up to ``EXAMPLES`` generated requests of one operation in one mode (valid or invalid)."""
+                   samples: list[str], served: bool = False) -> None:
+    """Up to ``EXAMPLES`` generated requests of one operation in one mode (valid or invalid);
+    ``served``: valid bodies whose ``model`` is one the server has (and, for chat, with at least
+    one message), so that they reach the router, the fallback loop and the experts."""
     label = f"{op.method.upper()} {op.path}"
 
-    @given(case=op.as_strategy(generation_mode=mode, headers={"Authorization": f"Bearer {KEY}"}))
+    @given(case=op.as_strategy(generation_mode=mode, headers={"Authorization": f"Bearer {KEY}"}),
+           model=st.sampled_from(SERVED_MODELS))
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-    def send(case) -> None:
+    def send(case, model: str) -> None:
+        if served and isinstance(case.body, dict):
+            body = {**case.body, "model": model}
+            if "messages" in body and not body["messages"]:
+                body["messages"] = [{"role": "user", "content": "What is the capital of France?"}]
+            case.body = body
         kw = case.as_transport_kwargs(base_url="http://testserver")
         body = kw.get("data") if kw.get("json") is None else json.dumps(kw["json"]).encode()
         r = client.request(kw["method"], kw["url"], params=kw.get("params"), headers=kw.get("headers"),
                            content=body)
         statuses[r.status_code] += 1
-        if r.status_code == 400 and mode == GenerationMode.POSITIVE and len(samples) < 3:
+        if r.status_code == 400 and mode == GenerationMode.POSITIVE and not served and len(samples) < 3:
             samples.append(r.json()["error"]["message"][:100])
         what = f"{label} -> {r.status_code}: {r.content[:200]!r}"
         if r.status_code >= 500:
@@ -100,9 +112,12 @@ def fuzz(app) -> tuple[dict[str, collections.Counter], list[str]]:
         label = f"{op.method.upper()} {op.path}"
         counts[label] = collections.Counter()
         samples: list[str] = []  # why schema-valid requests got a 400
+        codes = set(documented[op.path][op.method.lower()]["responses"])
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            fuzz_operation(client, op, mode, set(documented[op.path][op.method.lower()]["responses"]),
-                           counts[label], problems, samples)
+            fuzz_operation(client, op, mode, codes, counts[label], problems, samples)
+        if label in SERVED_OPERATIONS:
+            fuzz_operation(client, op, GenerationMode.POSITIVE, codes, counts[label], problems, samples,
+                           served=True)
         if samples:
             print(f"  {label}: schema-valid requests refused, e.g. {samples}")
     return counts, problems
