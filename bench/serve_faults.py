@@ -10,7 +10,8 @@ the pool saved in a state folder) on a trained run; C concurrent clients send ch
 4. an expert's replica is killed (the request falls back to the next expert);
 5. an expert is removed, then re-added (DELETE then POST /v1/experts, its descriptor from the run);
 6. the whole `cscr serve` process is restarted (SIGTERM, then started again on the same state
-   folder; clients retry only connections refused while no process listens).
+   folder; clients retry only connections refused while no process listens; requests in flight
+   when the old process closes its port fail: counted, like those of a killed ingress).
 
 For each event: requests sent, answered (200), failed, and the pool (version and experts) before
 and after. The pool after each event must be the pool before it (plus/minus the admin change).

@@ -9,6 +9,10 @@ Trials run in parallel within the cluster's resources (fractional CPUs here, a G
 present). An interrupted sweep resumes: finished trials are kept, unfinished ones restart from
 their last epoch checkpoint (Tuner.restore).
 
+``tune_search`` is the search of ``cscr train --tune`` (jobs/train.py): random configurations
+from cscr/training/search.py's space, one trial each, scored on the validation split only; the
+best validation AUDC is chosen and the whole search is returned as a record.
+
 A sweep tells the truth: when any trial failed its table says which and why, no value is chosen
 (the grid is partial) and the exit status is 1, unless ``--allow-failed-trials`` is given.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import shutil
 import sys
 import tempfile
@@ -192,7 +197,15 @@ def tune_search(run_dir: str, base: TrainConfig, n_trials: int, seed: int = 0, c
             param_space=space,
             run_config=tune.RunConfig(name="search", storage_path=str(storage), verbose=train_verbose()),
         )
-        results = tuner.fit()
+        # the trials' metrics come back in the results; Tune's analysis also looks for per-trial result
+        # files in the storage folder before they are synced and warns once per trial: not an error here
+        quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            results = tuner.fit()
+        finally:
+            quiet.setLevel(level)
         by_values: dict[str, dict[str, Any]] = {}
         for r in (results[i] for i in range(len(results))):
             m = r.metrics or {}

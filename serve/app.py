@@ -404,32 +404,43 @@ def run_local(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, num_cp
     return handle
 
 
+def _actor_pid(actor: Any) -> int:
+    import ray
+
+    return int(ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10))
+
+
 def _close_http(host: str, port: int, timeout_s: float = 20.0) -> None:
-    """Stop Serve's controller (so that nothing restarts a proxy), then its HTTP proxies, and wait
-    until nothing listens on ``port`` (``ray.kill`` only asks; a proxy outliving the cluster would
-    accept connections it cannot answer)."""
+    """Close the HTTP port at once, before anything else stops: SIGKILL Serve's controller (so
+    that nothing starts a proxy again) and its HTTP proxies (this machine's processes: the
+    embedded cluster), then wait until nothing listens on ``port``. Requests in flight through the
+    proxy fail; later ones meet a refused connection instead of one accepted and then dropped by
+    a proxy whose cluster is going away."""
+    import contextlib
+    import signal
     import socket
 
     import ray
 
+    pids: list[int] = []
+    try:
+        names = [("SERVE_CONTROLLER_ACTOR", "serve")] + [
+            (a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_PROXY_ACTOR")]
+        pids = [_actor_pid(ray.get_actor(name, namespace=ns)) for name, ns in names]
+    except Exception as exc:  # Serve never started, or is gone already
+        log.warning("closing the HTTP port: %r", exc)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     target = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     deadline = time.monotonic() + timeout_s
-    try:
-        ray.kill(ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve"), no_restart=True)
-    except Exception as exc:  # Serve never started, or its controller is gone already
-        log.warning("stopping Serve's controller: %r", exc)
     while time.monotonic() < deadline:
-        try:
-            for actor in ray.util.list_named_actors(all_namespaces=True):
-                if actor["name"].startswith("SERVE_PROXY_ACTOR"):
-                    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
-        except Exception as exc:
-            log.warning("stopping Serve's proxies: %r", exc)
         with socket.socket() as sock:
             sock.settimeout(0.5)
             if sock.connect_ex((target, port)) != 0:
                 return
-        time.sleep(0.2)
+        time.sleep(0.1)
     log.warning("the HTTP port %d still accepts connections after %.0f s", port, timeout_s)
 
 

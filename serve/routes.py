@@ -271,6 +271,11 @@ def _document_400_not_422(app: FastAPI) -> None:
                         if code[0] in "45" and "content" not in response:
                             response["content"] = {"application/json": {"schema": {
                                 "$ref": "#/components/schemas/ErrorResponse"}}}
+            for path, ops in schema.get("paths", {}).items():
+                for op in ops.values():
+                    if "{" in path:  # a path naming something (an expert) that may not exist
+                        op["responses"].setdefault("404", {"description": "not found", "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
             health = schema.get("paths", {}).get("/healthz", {}).get("get")
             if health is not None:  # details with the admin key; a wrong one is refused
                 health["responses"].setdefault("401", {"description": "wrong admin key", "content": {

@@ -6,6 +6,7 @@
   in as a callable;
 * validation.py: the default validator (AUDC of the CSCR router on the validation prompts);
 * fit.py: ``fit_head``, the loop in one process;
+* search.py: the search space and choice of ``cscr train --tune`` (pure; jobs/sweep.py runs it);
 * plain.py: ``train_run``, a run folder trained with ``fit_head`` and saved (imported from there:
   it reads and writes run folders).
 
