@@ -225,13 +225,33 @@ class HFBackend:
             kw.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         return torch.tensor([ids], dtype=torch.long, device=self.device), kw
 
-    def _generate_one(self, prompt: Prompt, sampling: Sampling, completion: bool) -> Generation:
+    def _stop_when(self, cancelled: threading.Event) -> Any:
+        """Stopping criteria checked at every generated token: stop once ``cancelled`` is set (the
+        caller went away or timed out); also counts tokens in ``streamed_tokens``."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        backend = self
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                backend.streamed_tokens += 1
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+
+        return StoppingCriteriaList([_Cancelled()])
+
+    def _generate_one(self, prompt: Prompt, sampling: Sampling, completion: bool,
+                      cancelled: threading.Event | None = None) -> Generation:
         import torch
 
         input_ids, kw = self._request(prompt, sampling, completion)
         n_prompt = int(input_ids.shape[1])
+        if cancelled is not None:
+            kw["stopping_criteria"] = self._stop_when(cancelled)
         t0 = time.perf_counter()
         with self._lock, torch.inference_mode():
+            if cancelled is not None and cancelled.is_set():  # abandoned while waiting for the lock
+                raise LLMError("generation cancelled before it started")
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
         new = out[0, n_prompt:].tolist()
         text, stopped = cut_at_stop(str(self.tokenizer.decode(new, skip_special_tokens=True)), sampling.stop)
@@ -241,23 +261,23 @@ class HFBackend:
         return Generation(text, n_prompt, len(new), time.perf_counter() - t0, finish_reason=finish)
 
     async def agenerate(self, prompt: Prompt, sampling: Sampling, completion: bool = False) -> Generation:
-        return await asyncio.to_thread(self._generate_one, prompt, sampling, completion)
+        """One answer; a cancelled await (client gone, server timeout) stops the generation at the
+        next token."""
+        cancelled = threading.Event()
+        try:
+            return await asyncio.to_thread(self._generate_one, prompt, sampling, completion, cancelled)
+        finally:
+            cancelled.set()  # a no-op once the answer is complete
 
     async def astream(self, prompt: Prompt, sampling: Sampling, completion: bool = False) -> AsyncIterator[str]:
         """Text pieces as they are generated; closing the iterator stops the generation."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import TextIteratorStreamer
 
         input_ids, kw = self._request(prompt, sampling, completion)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancelled = threading.Event()
-
-        backend = self
-
-        class _Cancelled(StoppingCriteria):  # checked at every token: the consumer went away
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                backend.streamed_tokens += 1
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+        stopping = self._stop_when(cancelled)  # checked at every token: the consumer went away
 
         errors: list[BaseException] = []
 
@@ -265,7 +285,7 @@ class HFBackend:
             try:
                 with self._lock, torch.inference_mode():
                     self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+                                        streamer=streamer, stopping_criteria=stopping,
                                         **kw)
             except BaseException as exc:  # surfaced to the consumer below
                 errors.append(exc)

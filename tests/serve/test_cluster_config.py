@@ -41,7 +41,9 @@ def test_cluster_has_cpu_and_gpu_workers_and_installs_gpu_extras(config):
     gpu = [t for t, v in types.items() if v["resources"].get("GPU", 0) >= 1]
     cpu = [t for t, v in types.items() if t != config["head_node_type"] and not v["resources"].get("GPU")]
     assert gpu and cpu
-    assert any('pip install -e ".[vllm,gpu]"' in c for c in config["setup_commands"])
+    # the GPU extras with the pins known to fit together, then faiss-gpu back on top of faiss-cpu
+    assert any('pip install -c constraints/gpu.txt -e ".[vllm,gpu]"' in c for c in config["setup_commands"])
+    assert any("--force-reinstall" in c and "faiss-gpu==" in c for c in config["setup_commands"])
     assert any("--head" in c for c in config["head_start_ray_commands"])
 
 
