@@ -111,7 +111,6 @@ class AdminService:
                                 for n, c in costs.items()])
 
     async def add(self, body: AddExpertRequest) -> dict[str, Any]:
-        spec = body.expert
         if body.descriptor is None and not body.fingerprint:
             raise ProtocolError("give a descriptor, or fingerprint=true to compute one", param="descriptor")
         if body.descriptor is not None and body.fingerprint:
@@ -119,17 +118,8 @@ class AdminService:
         if self.state is not None:
             return await self._add_versioned(body, self.state)
         async with self._lock:
-            pool = await self.router.experts()
-            if spec.name in pool or spec.name in self.pool.names() or spec.name == ROUTER_MODEL:
-                raise ProtocolError(f"expert {spec.name!r} already exists", status=409,
-                                    code="expert_exists", param="expert.name")
-            await self.router.check_descriptor(body.descriptor)
-            plan = await self.router.fingerprint_plan() if body.fingerprint else None
-            if plan is not None and spec.backend == "openai":
-                raise ProtocolError(f"expert {spec.name!r} is black-box (no logits): send its descriptor",
-                                    param="fingerprint", code="unsupported")
-            if spec.num_cpus == ExpertSpec.model_fields["num_cpus"].default:
-                spec = spec.model_copy(update={"num_cpus": self.expert_num_cpus})
+            names = set(await self.router.experts()) | set(self.pool.names())
+            spec, plan = await self._checked(body, names)
             await self.pool.start(spec)
             try:
                 descriptor = body.descriptor
@@ -149,10 +139,11 @@ class AdminService:
             raise ProtocolError(f"expert {name!r} already exists", status=409, code="expert_exists",
                                 param="expert.name")
 
-    async def _add_versioned(self, body: AddExpertRequest, state: PoolStateClient) -> dict[str, Any]:
-        pool: VersionedPool = self.pool  # type: ignore[assignment]  # ServeExperts when serving
+    async def _checked(self, body: AddExpertRequest, names: Collection[str]) -> tuple[ExpertSpec, Any]:
+        """(the spec to start, the fingerprint plan or None) after every check that needs no
+        deployment: a new name, a descriptor the index takes, logits for a fingerprint."""
         spec = body.expert
-        self._refuse_existing(spec.name, (await state.get()).names())
+        self._refuse_existing(spec.name, names)
         await self.router.check_descriptor(body.descriptor)
         plan = await self.router.fingerprint_plan() if body.fingerprint else None
         if plan is not None and spec.backend == "openai":
@@ -160,6 +151,11 @@ class AdminService:
                                 param="fingerprint", code="unsupported")
         if spec.num_cpus == ExpertSpec.model_fields["num_cpus"].default:
             spec = spec.model_copy(update={"num_cpus": self.expert_num_cpus})
+        return spec, plan
+
+    async def _add_versioned(self, body: AddExpertRequest, state: PoolStateClient) -> dict[str, Any]:
+        pool: VersionedPool = self.pool  # type: ignore[assignment]  # ServeExperts when serving
+        spec, plan = await self._checked(body, (await state.get()).names())
         app = await pool.start(spec)  # no lock held: the commit below is a compare-and-set
         try:
             descriptor = body.descriptor
