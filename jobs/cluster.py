@@ -125,6 +125,16 @@ def worker_setup() -> None:
     """Runs at the start of every Ray worker (``worker_process_setup_hook``)."""
     warnings.filterwarnings("ignore", message=_TORCH_READONLY, category=UserWarning)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    # Ray's own helpers in workers (e.g. Ray Train's PlacementGroupCleaner, through the state API)
+    # look the cluster up with address "auto", which fails with "Found multiple active Ray
+    # instances" whenever another Ray runs on the host: name this worker's own cluster.
+    if "RAY_ADDRESS" not in os.environ:
+        try:
+            import ray
+
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        except Exception:  # noqa: BLE001 - not connected yet: Ray falls back to its own lookup
+            pass
 
 
 def connect(address: str | None = None, num_cpus: float | None = None,
