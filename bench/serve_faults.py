@@ -172,6 +172,14 @@ def load(base: str, event: Callable[[], None] | None, clients: int, requests: in
                 while True:
                     try:
                         r = http.post("/v1/chat/completions", json=body)
+                        if r.status_code == 404 and "/-/routes" in r.text and time.time() < stop_at:
+                            # Serve's proxy listens but the app is not deployed yet (a restart):
+                            # the request never reached cscr (its own 404s are OpenAI-shaped), so
+                            # like a refused connection it is retried, as a readiness probe would
+                            with lock:
+                                row.reconnects += 1
+                            time.sleep(0.5)
+                            continue
                         good, why = r.status_code == 200, f"{r.status_code} {r.text[:160]}"
                         break
                     except httpx.ConnectError:  # nothing listens (a restart): the request never left

@@ -26,6 +26,7 @@ from collections.abc import Collection
 from typing import Any, Protocol
 
 from cscr.serve.completion import CompletionService
+from cscr.serve.policy import SourcePolicy
 from cscr.serve.protocol import (
     ROUTER_MODEL,
     AddExpertRequest,
@@ -91,8 +92,10 @@ class AdminService:
 
     def __init__(self, router: AdminRouter, pool: LivePool, completion: CompletionService,
                  expert_num_cpus: float = 0.25, state: PoolStateClient | None = None,
-                 converge_timeout_s: float = 30.0) -> None:
+                 converge_timeout_s: float = 30.0, policy: SourcePolicy | dict[str, Any] | None = None) -> None:
         self.router = router
+        # what added experts may load or call (serve.policy); None: only packaged models, no upstream
+        self.policy = policy if isinstance(policy, SourcePolicy) else SourcePolicy(**(policy or {}))
         self.pool = pool
         self.completion = completion
         self.expert_num_cpus = expert_num_cpus
@@ -143,6 +146,7 @@ class AdminService:
         """(the spec to start, the fingerprint plan or None) after every check that needs no
         deployment: a new name, a descriptor the index takes, logits for a fingerprint."""
         spec = body.expert
+        self.policy.check(spec)  # first: nothing the operator did not declare is looked at
         self._refuse_existing(spec.name, names)
         await self.router.check_descriptor(body.descriptor)
         plan = await self.router.fingerprint_plan() if body.fingerprint else None

@@ -71,6 +71,9 @@ class ServeArgs(BaseModel):
     expert_apps: bool = False  # every expert in its own application (cscr serve: DELETE frees replicas)
     expert_deploy_timeout_s: float = Field(600.0, gt=0)  # an added expert must serve within this
     converge_timeout_s: float = Field(30.0, gt=0)  # admin calls wait this long for every replica
+    # what admin-added experts may use (serve.policy), besides the pool file's own sources:
+    allow_upstreams: list[str] = Field(default_factory=list)  # "BASE_URL=ENV": an upstream and its key variable
+    model_roots: list[str] = Field(default_factory=list)  # folders local model paths must resolve into
     # programmatic use and tests: build the router / encoder inside the replica
     router_factory: Callable[[], Any] | None = None
     encoder_factory: Callable[[], Any] | None = None
@@ -188,8 +191,11 @@ def plan_app(args: dict[str, Any] | ServeArgs) -> tuple[Any, PoolRecord, ServeAr
         batch_wait_timeout_s=a.batch_wait_ms / 1e3, torch_threads=a.torch_threads)
     bound = {e.name: expert_application(e.spec, a.torch_threads) for e in record.experts if e.app is None}
     ingress = Ingress.options(ray_actor_options={"num_cpus": a.ingress_num_cpus}, **ingress_opts)  # type: ignore[attr-defined]
+    from cscr.serve.policy import SourcePolicy
+
+    policy = SourcePolicy.build(specs, a.allow_upstreams, a.model_roots)
     admin = {"expert_num_cpus": a.expert_num_cpus if a.expert_num_cpus is not None else 0.25,
-             "converge_timeout_s": a.converge_timeout_s}
+             "converge_timeout_s": a.converge_timeout_s, "policy": policy.model_dump()}
     app = ingress.bind(router, controller, bound, completion.model_dump(), edge.model_dump(),
                        ExpertLauncher(a.torch_threads, a.expert_deploy_timeout_s), admin)
     return app, record, a

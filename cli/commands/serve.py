@@ -38,6 +38,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--admin-key", default=None,
                    help="bearer key of the admin API (/v1/experts, /healthz details); default: "
                         "$CSCR_ADMIN_KEY; none: the admin API is disabled. Must differ from the API key")
+    p.add_argument("--allow-upstream", action="append", default=[], metavar="URL=ENV",
+                   help="an OpenAI-compatible upstream admin-added experts may use, with the environment "
+                        "variable holding its key (repeatable; the pool file's upstreams are always allowed)")
+    p.add_argument("--model-root", action="append", default=[], metavar="DIR",
+                   help="a folder admin-added local models may come from (repeatable; packaged models and "
+                        "the pool file's models are always allowed)")
     p.add_argument("--enable-docs", action="store_true",
                    help="serve /docs, /redoc and /openapi.json (off by default)")
     p.add_argument("--cost-weight", type=float, default=0.0,
@@ -103,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     sargs = ServeArgs(
         run=args.run, pool=args.pool, variant=args.variant, api_key=args.api_key, admin_key=args.admin_key,
+        allow_upstreams=args.allow_upstream, model_roots=args.model_root,
         enable_docs=args.enable_docs,
         default_lambda=args.cost_weight, default_budget=args.default_budget,
         default_quality_target=quality_target(args.default_quality_target), keys=args.keys, expert_timeout_s=args.expert_timeout,

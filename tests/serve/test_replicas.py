@@ -44,7 +44,8 @@ def cluster(trained_run, tiny_lms, tmp_path_factory, encoder):
     args = ServeArgs(run=str(trained_run), pool=str(write_pool(tmp / "pool.yaml", tiny_lms)), api_key=KEY,
                      admin_key=ADMIN, state_dir=str(state_dir), router_replicas=2, ingress_replicas=2,
                      expert_apps=True, expert_num_cpus=0.1, router_num_cpus=0.1, ingress_num_cpus=0.1,
-                     default_max_tokens=4, expert_deploy_timeout_s=300)
+                     default_max_tokens=4, expert_deploy_timeout_s=300,
+                     model_roots=[str(tiny_lms["a"].parent)])  # admin adds may load the tiny LMs' folder
     app, record, a = plan_app(args)
     if ray.is_initialized():
         ray.shutdown()
@@ -152,8 +153,11 @@ def test_admin_adds_are_bounded(cluster, tiny_lms):
                                                            "num_cpus": 1000}, "cost": 0.1, "descriptor": [1.0] * dim})
     assert r.status_code == 400 and r.json()["error"]["code"] == "insufficient_resources", r.text
     assert "1000 CPU" in r.json()["error"]["message"] and time.perf_counter() - t0 < 30
-    # a model that cannot load: the deploy fails, its application is deleted, the pool is unchanged
-    r = cluster.admin.post("/v1/experts", json={"expert": {"name": "broken", "model": str(tiny_lms["a"] / "nope"),
+    # a model that cannot load (an allowed folder that holds no model): the deploy fails, its
+    # application is deleted, the pool is unchanged
+    junk = tiny_lms["a"].parent / "not-a-model"
+    junk.mkdir(exist_ok=True)
+    r = cluster.admin.post("/v1/experts", json={"expert": {"name": "broken", "model": str(junk),
                                                            "num_cpus": 0.1}, "cost": 0.1, "descriptor": [1.0] * dim})
     assert r.status_code in (400, 504), r.text
     assert set(ray_serve.status().applications) == apps_before  # no orphan application

@@ -6,12 +6,14 @@ error in OpenAI's shape."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from cscr.serve.admin import AdminService
 from cscr.serve.completion import CompletionService, CompletionSettings
 from cscr.serve.local import LocalExperts, LocalRouter
 from cscr.serve.metrics import Tally
+from cscr.serve.policy import SourcePolicy
 from cscr.serve.routes import EdgeSettings, build_api
 from fastapi.testclient import TestClient
 from serve_helpers import (
@@ -48,7 +50,9 @@ def client(parts, router_cls=LocalRouter, **edge) -> TestClient:
                            {"tiny-a": 32, "tiny-b": 64})
     completion = CompletionService(local, experts, CompletionSettings(expert_timeout_s=10, default_max_tokens=4,
                                                                       max_messages=8), Tally())
-    admin = AdminService(local, experts, completion)
+    # admin adds may load the tiny LMs (their folder is a declared model root)
+    policy = SourcePolicy(model_roots=sorted({str(Path(b.path).parent) for b in tiny.values()}))
+    admin = AdminService(local, experts, completion, policy=policy)
     settings = EdgeSettings(**{"api_key": KEY, "admin_key": ADMIN, **edge})
     return TestClient(build_api(completion, admin, settings), raise_server_exceptions=False)
 
@@ -202,6 +206,14 @@ def test_live_add_and_remove_through_the_admin_api(parts, tiny_lms):
                  400)
     openai_error(c.post("/v1/experts", headers=admin, json={"expert": {**spec, "name": "tiny-a"}, "cost": 0.0,
                                                             "descriptor": [1.0] * dim}), 409, "expert_exists")
+    # nothing the operator did not declare: a local path outside the model roots, an upstream URL
+    # with a server secret as its key (each refused at once, before anything is loaded or called)
+    for bad in ({"name": "etc", "model": "/etc"}, {"name": "env", "model": "/proc/self/environ"},
+                {"name": "leak", "model": "m", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "HOME"}):
+        err = openai_error(c.post("/v1/experts", headers=admin, json={"expert": bad, "cost": 0.0,
+                                                                     "descriptor": [1.0] * dim}),
+                           403, "source_not_allowed")
+        assert "not" in err["message"] and err["param"] == "expert.source"
     try:
         added = c.post("/v1/experts", headers=admin, json={"expert": spec, "cost": 0.0, "descriptor": [1.0] * dim})
         assert added.status_code == 201, added.text
