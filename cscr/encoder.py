@@ -420,7 +420,10 @@ def embed_table(
         if progress:
             done, dt = start + len(rows), max(time.perf_counter() - t0, 1e-9)
             eta = (work[-1] - work[done - 1]) * dt / work[done - 1]
-            progress(f"embed: {done}/{len(todo)} prompts encoded ({done / dt:.1f}/s, eta {eta:.0f}s)")
+            # the ETA follows the text left, not the prompt count: the longest prompts go first,
+            # so the prompt rate so far understates the speed of the rest
+            progress(f"embed: {done}/{len(todo)} prompts encoded, {work[done - 1] / work[-1]:.0%} of the text "
+                     f"(longest first; {done / dt:.1f} prompts/s so far), eta {eta:.0f}s")
     if len(todo) or n_user:
         cache.compact()
     if user is not None and len(todo):

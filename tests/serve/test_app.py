@@ -59,10 +59,10 @@ def app(trained_run, tiny_lms, tmp_path_factory, encoder):
     ]}))
     os.environ["CSCR_TEST_UPSTREAM_KEY"] = KEY  # inherited by the Ray workers started below
     local = RouterService.from_run(trained_run, encoder=encoder)  # the expected decisions
+    hang = HangingServer()  # an upstream that never answers, declared for admin adds
     application = build_app({"run": str(trained_run), "pool": str(pool), "api_key": KEY, "admin_key": ADMIN_KEY,
                              "expert_num_cpus": 0.1, "expert_timeout_s": 15, "max_prompt_chars": 4000,
-                             "default_max_tokens": 8})
-    hang = HangingServer()
+                             "default_max_tokens": 8, "allow_upstreams": [f"http://127.0.0.1:{hang.port}/v1"]})
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,

@@ -391,10 +391,19 @@ def test_a_stream_the_client_stops_reading_stops_the_generation(parts, long):
 
 
 def test_a_unary_call_the_server_timed_out_stops_the_generation(parts, long):
-    service = long_service(parts, long, expert_timeout_s=1.0)
+    # the tiny LM's answer is as long as its context allows: hundreds of tokens, far more than
+    # 0.1 s of generation even on an idle machine
+    service = long_service(parts, long, expert_timeout_s=0.1)
+    before = long.llm.streamed_tokens
     t0 = time.perf_counter()
     with pytest.raises(ProtocolError, match="every expert tried failed or timed out") as err:
         asyncio.run(service.complete(chat(model="long", content=STORY, max_tokens=1000)))  # (waits for its threads)
     assert err.value.status == 502
     seconds_until_idle(long, within=5)
-    assert time.perf_counter() - t0 < 6.0  # the timeout and a few seconds, not the whole answer (a minute)
+    assert time.perf_counter() - t0 < 6.0  # the timeout and a few seconds, not the whole answer
+    made = long.llm.streamed_tokens - before
+    full = long_service(parts, long, expert_timeout_s=120)
+    asyncio.run(full.complete(chat(model="long", content=STORY, max_tokens=1000)))
+    whole = long.llm.streamed_tokens - before - made
+    assert made < whole  # stopped part-way: fewer tokens than the same answer left to finish
+    print(f"\ntimed out after 0.1 s: {made} of {whole} tokens generated")
