@@ -38,7 +38,6 @@ import functools
 import hashlib
 import json
 import os
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -50,6 +49,7 @@ import numpy as np
 
 from cscr.atomic import atomic_write, atomic_write_json
 from cscr.config import EncoderConfig
+from cscr.console import say
 from cscr.data.table import RoutingTable
 from cscr.runs.paths import RunPaths
 
@@ -352,10 +352,6 @@ class EmbeddingCache:
         atomic_write_json(self.folder / "encoder.json", info)
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def write_manifest(cache_dir: str | os.PathLike[str], info: dict[str, Any], n_prompts: int) -> None:
     atomic_write_json(Path(cache_dir) / "manifest.json", {
         **info, "n_prompts": n_prompts, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -367,7 +363,7 @@ def embed_table(
     encoder: Encoder,
     cache_dir: str | os.PathLike[str],
     chunk_size: int = 256,
-    progress: Callable[[str], None] | None = _stderr,
+    progress: Callable[[str], None] | None = say,
     shared: str | os.PathLike[str] | bool = True,
 ) -> np.ndarray:
     """Embeddings (n, d) float32 of ``table``'s prompts, aligned with its rows.

@@ -48,6 +48,7 @@ from cscr.jobs.train_options import (
 )
 
 from cscr.config import EvalConfig, TrainConfig, asdict
+from cscr.console import say
 from cscr.sweep import (
     Grid,
     apply_value,
@@ -374,10 +375,6 @@ def _smoke_run(root: Path) -> str:
     return str(write_synthetic_run(root / "smoke", table, emb))
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobs/sweep.py", description=__doc__.split("\n\n")[0],
                                 epilog=grids_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -399,9 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = sweep_job_config(args)
         result = run(cfg)
     except USER_ERRORS as exc:
-        _stderr(f"jobs/sweep.py: error: {exc}")
+        say(f"jobs/sweep.py: error: {exc}")
         return 2
-    return exit_status(result, cfg, _stderr)
+    return exit_status(result, cfg, say)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from cscr.jobs.cluster import add_logging_options, connect, disconnect, set_log_
 from cscr.jobs.train_options import TrainJobConfig, add_train_options, train_job_config
 
 from cscr.config import TrainConfig, asdict
+from cscr.console import say
 from cscr.runs.paths import RunPaths
 from cscr.training import (
     VARIANTS,
@@ -65,10 +66,6 @@ from cscr.training import (
 
 STATE_FILE = "state.pt"
 MARKER = "cscr_train.json"  # the config a Ray Train folder was started with
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- the worker
@@ -136,7 +133,7 @@ def _marker(cfg: TrainConfig, variant: str, workers: int, kind: str) -> dict[str
     return {"variant": variant, "train": asdict(cfg), "workers": workers, "descriptor_kind": kind}
 
 
-def check_resumable(folder: Path, marker: dict[str, Any], fresh: bool, log: Any = _log) -> None:
+def check_resumable(folder: Path, marker: dict[str, Any], fresh: bool, log: Any = say) -> None:
     """Before starting: discard (``fresh``) or accept an interrupted run in ``folder``; one started
     with another configuration is refused (its checkpoints would not fit this run)."""
     if folder.exists() and fresh:
@@ -153,7 +150,7 @@ def check_resumable(folder: Path, marker: dict[str, Any], fresh: bool, log: Any 
 def run_training(run_dir: str | os.PathLike[str], variants: Sequence[str] = ("cscr",), cfg: TrainConfig | None = None,
                  workers: int = 2, descriptor_kind: str | None = None, use_gpu: bool | None = None,
                  cpus_per_worker: float | None = None, fresh: bool = False, placement: str = "PACK",
-                 log: Any = _log) -> dict[str, TrainResult]:
+                 log: Any = say) -> dict[str, TrainResult]:
     """Train each variant with a TorchTrainer on the connected Ray cluster; save the best heads."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -225,7 +222,7 @@ def smoke_run(folder: str | os.PathLike[str]) -> Path:
     return write_synthetic_run(folder, table, emb)
 
 
-def tuned(cfg: TrainJobConfig, run_dir: str, log: Any = _log) -> tuple[TrainJobConfig, dict[str, Any]]:
+def tuned(cfg: TrainJobConfig, run_dir: str, log: Any = say) -> tuple[TrainJobConfig, dict[str, Any]]:
     """(the job's config with the searched TrainConfig, the search record): the ``--tune`` step."""
     import dataclasses
 
@@ -251,7 +248,7 @@ def _write_search(run_dir: str, variants: Sequence[str], record: dict[str, Any])
                                                                         "searched_variant": "cscr"})
 
 
-def run(cfg: TrainJobConfig, log: Any = _log) -> dict[str, TrainResult]:
+def run(cfg: TrainJobConfig, log: Any = say) -> dict[str, TrainResult]:
     """Train ``cfg.variants`` for ``cfg.run`` (Ray Train, or the plain loop) and save the best heads
     (``cfg.tune``: with the configuration a validation search chose, recorded next to each head)."""
     with _run_folder(cfg) as run_dir:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cscr.config import ConfigError, TrainConfig
+from cscr.console import say
 from cscr.runs.settings import overwrite_line, training_defaults
 from cscr.sweep import GRIDS, grid_names
 
@@ -126,10 +126,6 @@ def add_common_options(p: argparse.ArgumentParser, what: str) -> None:
                         "(SPEC section 5) instead of the default quality head")
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def given_fields(args: argparse.Namespace) -> set[str]:
     """TrainConfig fields (dotted names) the command line sets (--smoke-test sets the epochs)."""
     names = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "seed": "seed", "top_k": "index.top_k",
@@ -217,7 +213,7 @@ def add_train_options(p: argparse.ArgumentParser, default_variants: str = "cscr"
                    help="one GPU per worker (default auto: if the cluster has one per worker)")
 
 
-def run_defaults(args: argparse.Namespace, log: Callable[[str], None] = _stderr) -> tuple[str | None, TrainConfig]:
+def run_defaults(args: argparse.Namespace, log: Callable[[str], None] = say) -> tuple[str | None, TrainConfig]:
     """(descriptor kind, TrainConfig): the command line's, over what ``--run`` was last trained with
     (one line says which recorded settings are used; cscr.runs.settings)."""
     rec = training_defaults(args.run, kind=args.descriptor_kind, given=given_fields(args),
@@ -225,7 +221,7 @@ def run_defaults(args: argparse.Namespace, log: Callable[[str], None] = _stderr)
     return rec.descriptor_kind, train_config(args, rec.train)
 
 
-def train_job_config(args: argparse.Namespace, log: Callable[[str], None] = _stderr) -> TrainJobConfig:
+def train_job_config(args: argparse.Namespace, log: Callable[[str], None] = say) -> TrainJobConfig:
     """The job's config; with ``--run``, defaults from the run (``run_defaults``), and one line per
     variant whose trained head this training would replace with another descriptor kind."""
     kind, train = run_defaults(args, log)
@@ -276,7 +272,7 @@ def add_sweep_options(p: argparse.ArgumentParser) -> None:
                    help="exit 0 even when trials failed (default: exit 1; the grid is partial and no value is chosen)")
 
 
-def sweep_job_config(args: argparse.Namespace, log: Callable[[str], None] = _stderr) -> SweepJobConfig:
+def sweep_job_config(args: argparse.Namespace, log: Callable[[str], None] = say) -> SweepJobConfig:
     """The job's config; with ``--run``, the grids vary around the run's recorded settings (``run_defaults``)."""
     spec = args.grid or (SMOKE_GRID if args.smoke_test else "all")
     grids = tuple(grid_names(spec))

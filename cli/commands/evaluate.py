@@ -19,12 +19,12 @@ its best epoch and validation AUDC.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from cscr.config import EvalConfig
+from cscr.console import say
 from cscr.errors import InputError
 
 DEFAULT_ROUTERS = "oracle,random,pareto-random,per-category,knn,single"
@@ -90,11 +90,7 @@ def parse_routers(spec: str, expert_names: list[str], available: list[str]) -> l
     return out
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def head_lines(paths: Any, variants: list[str], log: Any = _log) -> list[str]:
+def head_lines(paths: Any, variants: list[str], log: Any = say) -> list[str]:
     """One line per trained head among ``variants`` (which head is evaluated); a line on stderr
     for a plain ``cscr`` / ``vanilla`` head trained with another descriptor kind than the run's
     last training (cscr.runs.settings)."""
@@ -146,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     for display, variant, kwargs in specs:
         t0 = time.perf_counter()
         routers[display] = load_router(folder, variant, seed=cfg.seed, **kwargs)
-        _log(f"evaluate: fitted {display} ({time.perf_counter() - t0:.1f}s)")
+        say(f"evaluate: fitted {display} ({time.perf_counter() - t0:.1f}s)")
     heads = head_lines(paths, [v for _, v, _ in specs])
 
     from cscr.eval.evaluate import evaluate_routers
@@ -155,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = evaluate_routers(routers, table, emb, rows, cfg, compare=args.compare, budget=args.budget,
                               candidates=candidates)
-    _log(f"evaluate: swept {len(routers)} routers over {len(result.rows)} {args.split} prompts "
+    say(f"evaluate: swept {len(routers)} routers over {len(result.rows)} {args.split} prompts "
          f"({time.perf_counter() - t0:.1f}s)")
     out_dir = Path(args.out).expanduser() if args.out else paths.eval
     written = write_report(result, out_dir, title=f"Deferral curves: {paths.root.name} ({args.split} split, "

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any
 
 from cscr.config import EvalConfig, TrainConfig, asdict
+from cscr.console import say
 from cscr.errors import InputError
 from cscr.runs.paths import RunPaths
 
@@ -36,10 +36,6 @@ UNSEEN_ROUTERS = "cscr,vanilla,umr,knn,pareto-random,thompson,random,oracle,para
 OOD_ROUTERS = "cscr,vanilla,umr,knn,parametric,softmax-gate,soft-moe,thompson,pareto-random,random,oracle"
 SPLITS = ("auto", "stem", "tasks", "categories")
 MAX_CATEGORY_GROUPS = 20
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def register(subparsers: Any) -> None:
@@ -105,7 +101,7 @@ def _configs(args: argparse.Namespace) -> tuple[TrainConfig, EvalConfig, str | N
     from cscr.runs.settings import training_defaults
 
     given = {"seed"} | ({"epochs"} if args.epochs is not None else set())
-    rec = training_defaults(args.run, kind=args.descriptor, kind_flag="--descriptor", given=given, log=_log)
+    rec = training_defaults(args.run, kind=args.descriptor, kind_flag="--descriptor", given=given, log=say)
     train = dataclasses.replace(rec.train or TrainConfig(), seed=args.seed)
     if args.epochs is not None:
         train = dataclasses.replace(train, epochs=args.epochs)
@@ -160,12 +156,12 @@ def run_unseen_cmd(args: argparse.Namespace) -> int:
         unseen = [n for n in table.expert_names if n in unseen]
     else:
         seen, unseen = split_experts(table, args.frac, args.seed)
-    _log(f"unseen-experts: training on {len(seen)} experts, holding out {unseen}")
-    kind = prepare_descriptors(paths, kind, table, _log)
+    say(f"unseen-experts: training on {len(seen)} experts, holding out {unseen}")
+    kind = prepare_descriptors(paths, kind, table, say)
     desc, kind, basis = read_descriptors(paths, table.expert_names, kind)
-    res = run_unseen(table, emb, routers, seen, unseen, train, ev, desc, args.seed, _log)
+    res = run_unseen(table, emb, routers, seen, unseen, train, ev, desc, args.seed, say)
     for name, why in res.excluded.items():
-        _log(f"unseen-experts: {name} cannot take part: {why}")
+        say(f"unseen-experts: {name} cannot take part: {why}")
     _compare_cscr(res.evaluation)
     out = Path(args.out).expanduser() if args.out else paths.experiment("unseen-experts")
     settings = _settings(args, routers, train, ev, kind, basis_id=basis, frac_unseen=args.frac)
@@ -235,8 +231,8 @@ def run_ood_cmd(args: argparse.Namespace) -> int:
         desc, kind, basis = read_descriptors(paths, table.expert_names, kind)
     results = []
     for i, s in enumerate(splits, 1):
-        _log(f"ood[{split}] {i}/{len(splits)}: train on {s.train_group}, test on {s.test_group} ({s.counts})")
-        res = run_ood(s, emb, routers, train, ev, desc, args.seed, _log)
+        say(f"ood[{split}] {i}/{len(splits)}: train on {s.train_group}, test on {s.test_group} ({s.counts})")
+        res = run_ood(s, emb, routers, train, ev, desc, args.seed, say)
         _compare_cscr(res.out_of_distribution)
         results.append(res)
     name = f"ood-{split}" if args.group is None else f"ood-{split}-{slug(args.group)}"

@@ -19,6 +19,8 @@ head (``cscr evaluate`` prints one per CSCR variant). Nothing here imports torch
 
 from __future__ import annotations
 
+from cscr.console import say
+
 import dataclasses
 import json
 import os
@@ -42,10 +44,6 @@ FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "seed
          "index.top_k": "--top-k", "loss.bands": "--bands", "loss.gamma": "--gamma", "head.hidden": "--hidden"}
 #: TrainConfig fields that describe the machine or the data, not a choice: never carried over
 NOT_CARRIED = ("head.in_dim", "head.out_dim", "index.use_gpu")
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _now() -> str:
@@ -169,7 +167,7 @@ def _where(run: RunLike) -> str:
 
 
 def training_defaults(run: RunLike | None, *, kind: str | None, kind_flag: str = "--descriptor-kind",
-                      given: Collection[str] = (), use_train: bool = True, log: Log | None = _stderr,
+                      given: Collection[str] = (), use_train: bool = True, log: Log | None = say,
                       prefix: str = "cscr") -> TrainingDefaults:
     """The run's recorded settings for a command that trains: the descriptor kind unless ``kind``
     is given, and (``use_train``) the recorded TrainConfig, whose fields in ``given`` (dotted names
