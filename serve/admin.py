@@ -25,6 +25,7 @@ import asyncio
 from collections.abc import Collection
 from typing import Any, Protocol
 
+from cscr.serve.budgets import KeyBudgets
 from cscr.serve.completion import CompletionService
 from cscr.serve.policy import SourcePolicy
 from cscr.serve.protocol import (
@@ -102,6 +103,7 @@ class AdminService:
         self.state = state
         self.converge_timeout_s = converge_timeout_s
         self._lock = asyncio.Lock()  # in-process changes only (no pool state)
+        self.budgets: KeyBudgets | None = None  # per-key spend budgets (set by serve.routes.build_api)
 
     async def list(self) -> ExpertList:
         if self.state is not None:
@@ -221,6 +223,11 @@ class AdminService:
             out["experts"] = {e.name: e.cost for e in record.experts}
             out["pool_version"] = record.version
             out["replicas"] = await self.state.replicas()
+            if record.operating_points is not None:  # what budgets and quality targets can reach
+                out["operating_points"] = {"experts": record.table_names(),
+                                           "reachable": record.operating_points.get("reachable")}
+        if self.budgets is not None:  # per-key spend (serve.budgets), shared by every ingress replica
+            out["keys"] = await self.budgets.usage()
         return out
 
 

@@ -12,10 +12,12 @@ budget, requests with that key get a 429 in OpenAI's error shape (type ``insuffi
 A request is admitted while the tally is below the budget, so concurrent requests can overshoot
 it by at most their own costs.
 
-Where the tally lives: ``SpendLedger`` is the interface (``spent`` / ``charge``); ``MemoryLedger``
-keeps it in this process, so each ingress replica counts only what it served. A ledger shared by
-every replica (an actor or the durable state folder) plugs in through ``KeyBudgets(..., ledger=)``.
-No Ray, no HTTP here.
+Where the tally lives: ``SpendLedger`` is the (async) interface (``spent`` / ``charge``).
+``BookLedger`` keeps it in a ``serve.state.SpendBook`` of this process (in-process serving and
+tests; with a folder it persists ``spend.json``). ``cscr serve`` shares one tally among all its
+ingress replicas: the PoolController holds the ``SpendBook`` in the state folder and each
+replica's ``KeyBudgets`` talks to it through ``serve.deployments.ControllerLedger``, so a key's
+budget holds across replicas and restarts. No Ray, no HTTP here.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from __future__ import annotations
 import hmac
 import json
 import math
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from cscr.serve.protocol import ProtocolError
+from cscr.serve.state import SpendBook
 
 
 @dataclass(frozen=True)
@@ -53,28 +55,24 @@ class KeyBudget:
 
 
 class SpendLedger(Protocol):
-    """Where spend is tallied, by key name (thread-safe)."""
+    """Where spend is tallied, by key name."""
 
-    def spent(self, name: str) -> float: ...
+    async def spent(self, name: str) -> float: ...
 
-    def charge(self, name: str, amount: float) -> float: ...  # returns the new tally
+    async def charge(self, name: str, amount: float) -> float: ...  # returns the new tally
 
 
-class MemoryLedger:
-    """The tally in this process (one ingress replica's view)."""
+class BookLedger:
+    """The tally in a ``SpendBook`` of this process (one event loop: no lock needed)."""
 
-    def __init__(self) -> None:
-        self._spent: dict[str, float] = {}
-        self._lock = threading.Lock()
+    def __init__(self, book: SpendBook | None = None) -> None:
+        self.book = book if book is not None else SpendBook()
 
-    def spent(self, name: str) -> float:
-        with self._lock:
-            return self._spent.get(name, 0.0)
+    async def spent(self, name: str) -> float:
+        return self.book.get(name)
 
-    def charge(self, name: str, amount: float) -> float:
-        with self._lock:
-            self._spent[name] = self._spent.get(name, 0.0) + float(amount)
-            return self._spent[name]
+    async def charge(self, name: str, amount: float) -> float:
+        return self.book.charge(name, amount)
 
 
 class KeyBudgets:
@@ -88,7 +86,7 @@ class KeyBudgets:
         if dup or len(set(secrets)) != len(secrets):
             raise ValueError(f"every key and every key name must be unique (repeated names: {dup})")
         self.unit = unit
-        self.ledger: SpendLedger = ledger if ledger is not None else MemoryLedger()
+        self.ledger: SpendLedger = ledger if ledger is not None else BookLedger()
 
     @staticmethod
     def from_entries(entries: Iterable[Mapping[str, Any]], unit: str = "usd",
@@ -134,21 +132,21 @@ class KeyBudgets:
                 found = k
         return found
 
-    def remaining(self, key: KeyBudget) -> float:
-        return key.budget - self.ledger.spent(key.name)
+    async def remaining(self, key: KeyBudget) -> float:
+        return key.budget - await self.ledger.spent(key.name)
 
-    def admit(self, key: KeyBudget) -> None:
+    async def admit(self, key: KeyBudget) -> None:
         """Refuse (429) a key whose tally has reached its budget."""
-        spent = self.ledger.spent(key.name)
+        spent = await self.ledger.spent(key.name)
         if spent >= key.budget:
             raise ProtocolError(f"the spend budget of key {key.name!r} is exhausted: {spent:.6g} of "
                                 f"{key.budget:.6g} {self.unit} spent; ask the operator to raise it",
                                 status=429, code="budget_exhausted", type_="insufficient_quota")
 
-    def charge(self, key: KeyBudget, amount: float) -> float:
+    async def charge(self, key: KeyBudget, amount: float) -> float:
         if not math.isfinite(amount) or amount < 0:
             raise ValueError(f"a charge must be a finite number >= 0, got {amount}")
-        return self.ledger.charge(key.name, amount)
+        return await self.ledger.charge(key.name, amount)
 
-    def usage(self) -> list[dict[str, Any]]:
-        return [{**k.public(), "spent": self.ledger.spent(k.name), "unit": self.unit} for k in self.keys]
+    async def usage(self) -> list[dict[str, Any]]:
+        return [{**k.public(), "spent": await self.ledger.spent(k.name), "unit": self.unit} for k in self.keys]

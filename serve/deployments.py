@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from cscr.serve.admin import AdminService
+from cscr.serve.budgets import KeyBudgets
 from cscr.serve.completion import CompletionService, CompletionSettings
 from cscr.serve.experts import build_backend
 from cscr.serve.health import ExpertUnavailable
@@ -44,7 +45,14 @@ from cscr.serve.protocol import (
 )
 from cscr.serve.routes import EdgeSettings, build_api
 from cscr.serve.service import CostReference, RouterService
-from cscr.serve.state import PoolRecord, PoolState, PoolStateError, PoolStore, VersionConflict
+from cscr.serve.state import (
+    PoolRecord,
+    PoolState,
+    PoolStateError,
+    PoolStore,
+    SpendBook,
+    VersionConflict,
+)
 from ray import serve
 
 log = logging.getLogger("cscr.serve")
@@ -59,6 +67,7 @@ class PoolController:
     def __init__(self, initial: dict[str, Any], state_dir: str | None) -> None:
         store = PoolStore(state_dir) if state_dir else None
         self.state = PoolState(PoolRecord.model_validate(initial), store)
+        self.spend = SpendBook(state_dir)  # per-key spend of every ingress replica (serve.budgets)
 
     async def get(self) -> PoolRecord:
         return await self.state.get()
@@ -77,6 +86,20 @@ class PoolController:
     async def ack(self, replica: str, role: str, version: int) -> None:
         await self.state.ack(replica, role, version)
 
+    async def attach_table(self, version: int, table: dict[str, Any]) -> bool:
+        return await self.state.attach_table(version, table)
+
+    # the shared spend tally (ControllerLedger); single-threaded: no lock needed
+    async def spent(self, name: str) -> float:
+        return self.spend.get(name)
+
+    async def charge(self, name: str, amount: float) -> float:
+        return self.spend.charge(name, amount)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.spend.flush()
+
     async def replicas(self) -> dict[str, dict[str, object]]:
         return await self.state.replicas()
 
@@ -92,6 +115,20 @@ def _replica_id() -> str:
         import os
 
         return f"local#{os.getpid()}"
+
+
+class ControllerLedger:
+    """The per-key spend tally of ``serve.budgets`` kept by the PoolController (one for every
+    ingress replica, persisted in the state folder)."""
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+
+    async def spent(self, name: str) -> float:
+        return float(await self.controller.spent.remote(name))
+
+    async def charge(self, name: str, amount: float) -> float:
+        return float(await self.controller.charge.remote(name, amount))
 
 
 class PoolFollower:
@@ -164,24 +201,34 @@ class RouterDeployment:
         self.embed_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]  # @serve.batch
         self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.stats = {"batches": 0, "prompts": 0, "largest": 0}  # encoder batching
+        self.controller = controller
         self.follower = PoolFollower(controller, "Router", self.apply)
         await self.follower.start()
 
-    def apply(self, record: PoolRecord) -> None:
-        """Make the index hold the record's experts: add the new ones (their descriptors), then
-        drop the removed ones (the run's experts are in the index from the start)."""
-        have = set(self.service.expert_names)
+    async def apply(self, record: PoolRecord) -> None:
+        """Make the index hold the record's experts (add the new ones by their descriptors, drop
+        the removed ones; the run's experts are in the index from the start), then route with the
+        record's operating-point table, or compute it and attach it to the record."""
+        added: list[tuple[str, float, list[float]]] = []
         for entry in record.experts:
-            if entry.name in have:
+            if entry.name in self.service.expert_names:
                 continue
             if entry.descriptor is None:
                 log.error("pool v%d: expert %r has no descriptor and is not in the run's index; not routed",
                           record.version, entry.name)
                 continue
-            self.service.add_expert(entry.name, entry.cost, entry.descriptor)
+            added.append((entry.name, entry.cost, entry.descriptor))
         want = set(record.names())
-        for name in [n for n in self.service.expert_names if n not in want]:
-            self.service.remove_expert(name)
+        removed = [n for n in self.service.expert_names if n not in want]
+        table = None
+        if record.operating_points is not None:
+            from cscr.operating import OperatingTable
+
+            table = OperatingTable.from_json(record.operating_points)
+        computed = self.service.apply_pool(added, removed, table)
+        if computed is not None:  # the first replica on this version: the record keeps it
+            with contextlib.suppress(Exception):  # best effort: another replica may attach it
+                await self.controller.attach_table.remote(record.version, computed.to_json())
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def embed_batch(self, texts: list[str]) -> list[np.ndarray]:
@@ -522,11 +569,15 @@ class Ingress:
         self.admin = AdminService(self.router, self.experts, self.completion, state=HandleState(controller),
                                   **admin)
         self.edge = EdgeSettings(**edge)
+        self.controller = controller
         self.follower = PoolFollower(controller, "Ingress", self.experts.apply)
         await self.follower.start()
 
     def __serve_build_asgi_app__(self) -> Any:
-        app = build_api(self.completion, self.admin, self.edge)
+        budgets = None
+        if self.edge.key_budgets:  # one spend tally for every ingress replica, in the controller
+            budgets = KeyBudgets.from_entries(self.edge.key_budgets, ledger=ControllerLedger(self.controller))
+        app = build_api(self.completion, self.admin, self.edge, budgets)
         app.add_middleware(PoolVersionHeader, follower=self.follower)
         return app
 

@@ -173,9 +173,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 def build_api(completion: CompletionService, admin: AdminService, settings: EdgeSettings,
               budgets: KeyBudgets | None = None) -> FastAPI:
     """The FastAPI app of one ingress; ``budgets``: per-key spend budgets (default: a tally in
-    this process of ``settings.key_budgets``)."""
+    this process of ``settings.key_budgets``; ``cscr serve`` passes the tally every ingress
+    replica shares, ``serve.deployments.ControllerLedger``)."""
     if budgets is None and settings.key_budgets:
         budgets = KeyBudgets.from_entries(settings.key_budgets)
+    admin.budgets = budgets  # the admin health report shows each key's spend
     docs = settings.enable_docs
     app = FastAPI(title="cscr", description="Cost-aware LLM routing behind an OpenAI-compatible API",
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
@@ -213,11 +215,11 @@ def build_api(completion: CompletionService, admin: AdminService, settings: Edge
         cost = info.cost
         if cost is None:  # the client named the expert
             cost = (await completion.router.experts()).get(info.expert, ref.best_cost) * ref.scale
-        budgets.charge(key, float(cost))
+        await budgets.charge(key, float(cost))
 
     async def serve(req: ChatCompletionRequest | CompletionRequest, key: KeyBudget | None) -> Response:
         if key is not None and budgets is not None:
-            budgets.admit(key)
+            await budgets.admit(key)
         if req.stream:
             streamed = await completion.stream(req)
             await charge(key, streamed.info)

@@ -194,7 +194,7 @@ class RouterService:
             raise ProtocolError(f"router {self.router.name!r} does not support live expert changes",
                                 status=400, code="unsupported")
 
-    def add_expert(self, name: str, cost: float, descriptor: Sequence[float]) -> None:
+    def add_expert(self, name: str, cost: float, descriptor: Sequence[float], refresh: bool = True) -> None:
         self.check_descriptor(descriptor)
         if name in self.expert_names:
             raise ProtocolError(f"expert {name!r} is already in the pool", status=409, code="expert_exists")
@@ -204,9 +204,10 @@ class RouterService:
         with protocol_errors(param="descriptor"):  # cost and dimension checked by the router
             self.router.add_expert(name, unit, float(cost))
         self.new_experts[name] = NewExpert(unit, float(cost))
-        self.refresh_table()
+        if refresh:
+            self.refresh_table()
 
-    def remove_expert(self, name: str) -> None:
+    def remove_expert(self, name: str, refresh: bool = True) -> None:
         if name not in self.expert_names:
             raise ProtocolError(f"unknown expert {name!r}; the pool has {self.expert_names}",
                                 status=404, code="expert_not_found")
@@ -216,7 +217,28 @@ class RouterService:
         with protocol_errors(param="expert"):
             self.router.remove_expert(name)
         self.new_experts.pop(name, None)
+        if refresh:
+            self.refresh_table()
+
+    def apply_pool(self, added: Sequence[tuple[str, float, Sequence[float]]], removed: Sequence[str],
+                   table: OperatingTable | None = None) -> OperatingTable | None:
+        """Add and remove experts (name, cost, descriptor) in one go, then route with ``table``
+        when it covers the new pool; else recompute it (once). Returns the recomputed table (None:
+        ``table`` was used, or the pool did not change and had one, or there is no calibrator)."""
+        for name, cost, descriptor in added:
+            self.add_expert(name, cost, descriptor, refresh=False)
+        for name in removed:
+            self.remove_expert(name, refresh=False)
+        if table is not None and sorted(table.expert_names) == sorted(self.expert_names):
+            self._tables.clear()
+            self.table = table if list(table.expert_names) == self.expert_names else None
+            if self.table is not None:
+                self._apply_default_point()
+                return None
+        elif not added and not removed and self.table is not None:
+            return self.table  # the run's own table of an unchanged pool: the record keeps it
         self.refresh_table()
+        return self.table
 
     # ---- operating points ----
     def refresh_table(self) -> None:
@@ -232,9 +254,13 @@ class RouterService:
             log.warning("operating points not recomputed for the pool %s: %s", self.expert_names, exc)
             self.table = None
             return
-        if self.has_default_point:
+        self._apply_default_point()
+
+    def _apply_default_point(self) -> None:
+        """The server default's lambda on the current table."""
+        if self.has_default_point and self.table is not None:
             try:
-                self.default_lambda = choose(self.table, self.default_budget, self.default_quality_target).lam  # type: ignore[union-attr]
+                self.default_lambda = choose(self.table, self.default_budget, self.default_quality_target).lam  # type: ignore[union-attr]  # a budget or target: a point
             except OperatingPointError as exc:
                 log.warning("the server default cannot be met by the new pool (%s); keeping lambda %g",
                             exc, self.default_lambda)

@@ -10,6 +10,16 @@ its descriptor (None: the trained run's index holds it) and the Serve applicatio
 (None: the main application). Every admin change makes a new record with ``version + 1``;
 ``PoolStore.save`` refuses a version that is not newer than the stored one, so an older writer
 can never overwrite a newer pool. Each saved version is also kept as ``history/v<N>.json``.
+
+A record also carries the operating-point table of its pool (``operating_points``: the JSON of
+``cscr.operating.OperatingTable``; issue 11). A change makes a record without one; the first
+Router replica that serves the new version computes it (``cscr.operating_run.calibrate`` on the
+run's validation prompts, an added expert's columns estimated from its descriptor) and attaches
+it to that same version (``PoolState.attach_table``); every later replica, and every restart,
+takes the stored table instead of recomputing it.
+
+``SpendBook`` is the per-API-key spend tally of ``serve.budgets`` shared by every ingress
+replica (it lives beside the record in the controller), persisted as ``spend.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,6 +61,22 @@ class PoolRecord(BaseModel):
 
     version: int = Field(ge=1)
     experts: list[PoolEntry]
+    # the operating-point table of this pool (cscr.operating.OperatingTable.to_json); None: not yet computed
+    operating_points: dict[str, Any] | None = None
+
+    def table_names(self) -> list[str] | None:
+        """The experts the attached table covers (None: no table)."""
+        if self.operating_points is None:
+            return None
+        return [str(p["name"]) for p in self.operating_points.get("pool", [])]
+
+    def with_table(self, table: dict[str, Any]) -> PoolRecord:
+        """This version with its pool's operating-point table attached."""
+        names = [str(p["name"]) for p in table.get("pool", [])]
+        if sorted(names) != sorted(self.names()):
+            raise PoolStateError(f"the operating-point table covers {names}, pool version {self.version} "
+                                 f"has {self.names()}")
+        return self.model_copy(update={"operating_points": table})
 
     def names(self) -> list[str]:
         return [e.name for e in self.experts]
@@ -60,7 +87,7 @@ class PoolRecord(BaseModel):
     def with_expert(self, entry: PoolEntry) -> PoolRecord:
         if self.entry(entry.name) is not None:
             raise PoolStateError(f"expert {entry.name!r} is already in the pool")
-        return PoolRecord(version=self.version + 1, experts=[*self.experts, entry])
+        return PoolRecord(version=self.version + 1, experts=[*self.experts, entry])  # its table: not yet
 
     def without_expert(self, name: str) -> PoolRecord:
         if self.entry(name) is None:
@@ -70,6 +97,10 @@ class PoolRecord(BaseModel):
     def summary(self) -> dict[str, object]:
         """Version and expert names (what the fault tables and logs show)."""
         return {"version": self.version, "experts": sorted(self.names())}
+
+    def same_pool(self, other: PoolRecord) -> bool:
+        """The same version and experts (the operating-point table aside)."""
+        return self.version == other.version and self.experts == other.experts
 
 
 class PoolStore:
@@ -94,7 +125,8 @@ class PoolStore:
     def save(self, record: PoolRecord) -> Path:
         """Write ``record`` atomically; refuse one that is not newer than the stored record."""
         stored = self.load()
-        if stored is not None and record.version <= stored.version and record != stored:
+        if (stored is not None and record.version <= stored.version and record != stored
+                and not (record.same_pool(stored) and record.operating_points is not None)):  # a table attached
             raise PoolStateError(f"pool version {record.version} is not newer than the stored "
                                  f"version {stored.version}")
         text = record.model_dump_json(indent=2)
@@ -147,6 +179,18 @@ class PoolState:
             self._changed.notify_all()
         return record
 
+    async def attach_table(self, version: int, table: dict[str, Any]) -> bool:
+        """Attach the operating-point table of pool ``version`` (persisted); False when that version
+        is no longer the current one or already has a table for its pool (first writer wins)."""
+        covered = self.record.table_names()
+        if version != self.record.version or (covered is not None and sorted(covered) == sorted(self.record.names())):
+            return False
+        record = self.record.with_table(table)
+        if self.store is not None:
+            self.store.save(record)
+        self.record = record
+        return True
+
     async def wait_for_version(self, seen: int, timeout_s: float = 5.0) -> PoolRecord:
         import asyncio
         import contextlib
@@ -187,3 +231,51 @@ class PoolState:
                 await asyncio.wait_for(self._changed.wait_for(lambda: not lagging()), timeout_s)
         late = lagging()
         return {"serving": sorted(r for r in self.live() if r not in late), "lagging": late}
+
+
+SPEND_FILE = "spend.json"
+
+
+class SpendBook:
+    """Spend per API-key name, shared by every ingress replica (``serve.budgets``), in the run's
+    cost unit. With a folder, the tally is loaded from ``spend.json`` at start and written back
+    atomically at most every ``flush_s`` seconds (``flush`` writes now): a crash of the
+    controller loses at most that much of the tally; a restart of ``cscr serve`` keeps it (delete
+    the file to start the keys afresh)."""
+
+    def __init__(self, folder: str | os.PathLike[str] | None = None, flush_s: float = 0.5) -> None:
+        self.path = Path(folder) / SPEND_FILE if folder is not None else None
+        self.flush_s = flush_s
+        self.spent: dict[str, float] = {}
+        self._dirty = False
+        self._last_flush = float("-inf")  # the first charge is written at once
+        if self.path is not None and self.path.is_file():
+            try:
+                obj = json.loads(self.path.read_text())
+                self.spent = {str(k): float(v) for k, v in dict(obj.get("spent", {})).items()}
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                raise PoolStateError(f"{self.path}: not a readable spend tally ({exc}); move it away to "
+                                     "start every key at 0") from None
+
+    def get(self, name: str) -> float:
+        return self.spent.get(name, 0.0)
+
+    def charge(self, name: str, amount: float) -> float:
+        import math
+        import time
+
+        if not math.isfinite(amount) or amount < 0:
+            raise ValueError(f"a charge must be a finite number >= 0, got {amount}")
+        self.spent[name] = self.spent.get(name, 0.0) + float(amount)
+        self._dirty = True
+        if time.monotonic() - self._last_flush >= self.flush_s:
+            self.flush()
+        return self.spent[name]
+
+    def flush(self) -> None:
+        import time
+
+        if self.path is not None and self._dirty:
+            atomic_write_text(self.path, json.dumps({"spent": self.spent}, indent=2))
+        self._dirty = False
+        self._last_flush = time.monotonic()

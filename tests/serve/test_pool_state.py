@@ -96,3 +96,48 @@ def test_followers_long_poll_and_admin_calls_see_who_converged():
         assert await state.replicas() == {"Router#2": {"role": "Router", "version": 2}}
 
     asyncio.run(scenario())
+
+
+def table_for(names: list[str]) -> dict:
+    """The part of an operating-point table's JSON the record looks at (its pool's names)."""
+    return {"format": "test", "pool": [{"name": n} for n in names], "reachable": {"min_cost": 0.1}}
+
+
+def test_a_version_gets_its_pools_table_once_and_keeps_it_across_a_restart(tmp_path):
+    store = PoolStore(tmp_path / "state")
+    state = PoolState(record(), store)
+
+    async def go():
+        assert await state.attach_table(1, table_for(["b", "a"]))  # any order of the same pool
+        assert not await state.attach_table(1, table_for(["a", "b"]))  # first writer wins
+        assert not await state.attach_table(7, table_for(["a", "b"]))  # not the current version
+        with pytest.raises(PoolStateError, match="covers"):  # a table of another pool
+            state.record.model_copy(update={"operating_points": None}).with_table(table_for(["a"]))
+        v2 = await state.commit(1, state.record.with_expert(entry("c", 0.1, [1.0, 0.0])))
+        assert v2.operating_points is None  # a change: the new pool's table is not computed yet
+        assert await state.attach_table(2, table_for(["a", "b", "c"]))
+
+    asyncio.run(go())
+    again = PoolState(record(), PoolStore(tmp_path / "state"))  # a restart reads the durable record
+    assert again.record.version == 2 and again.record.table_names() == ["a", "b", "c"]
+    v1 = json.loads((tmp_path / "state" / "history" / "v000001.json").read_text())
+    assert [p["name"] for p in v1["operating_points"]["pool"]] == ["b", "a"]
+    with pytest.raises(PoolStateError, match="not newer"):  # the same version with other experts
+        store.save(PoolRecord(version=2, experts=[entry("a")]))
+
+
+def test_the_spend_book_persists_and_refuses_bad_charges(tmp_path):
+    from cscr.serve.state import SpendBook
+
+    book = SpendBook(tmp_path, flush_s=3600)
+    assert book.charge("team", 0.25) == 0.25  # the first charge is written at once
+    book.charge("team", 0.5)  # within flush_s: in memory until the next flush
+    assert json.loads((tmp_path / "spend.json").read_text())["spent"] == {"team": 0.25}
+    book.flush()
+    assert SpendBook(tmp_path).get("team") == 0.75 and SpendBook(tmp_path).get("other") == 0.0
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            book.charge("team", bad)
+    (tmp_path / "spend.json").write_text("{not json")
+    with pytest.raises(PoolStateError, match="not a readable spend tally"):
+        SpendBook(tmp_path)

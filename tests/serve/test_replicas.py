@@ -1,6 +1,8 @@
 """Two Router and two Ingress replicas on a simulated two-node Ray cluster (ray.cluster_utils.Cluster):
 every replica follows the one versioned pool record, decisions agree whichever replica serves them,
-a live add or remove reaches all of them before the admin call answers, and admin adds are bounded.
+a live add or remove reaches all of them before the admin call answers, admin adds are bounded,
+the durable record carries its pool's operating-point table, and a key's spend budget is one tally
+shared by both ingress replicas (kept by the pool controller, persisted beside the record).
 
 The router is a real trained CSCR run on a RouterBench slice; the three experts are tiny random
 GPT-2s, each in its own Serve application (as under `cscr serve`)."""
@@ -21,6 +23,7 @@ from serve_helpers import RB_EXPERTS, free_port
 pytestmark = pytest.mark.slow
 
 KEY, ADMIN = "k-replicas", "admin-replicas"
+TEAM = "sk-team-tiny"  # a declared key whose budget one answer exhausts
 PROMPTS = ["What is the capital of France?", "Solve for x: 3x + 5 = 20.",
            "Write a function to compute the n-th Fibonacci number.", "Explain why the sky is blue."]
 
@@ -41,7 +44,9 @@ def cluster(trained_run, tiny_lms, tmp_path_factory, encoder):
 
     tmp = tmp_path_factory.mktemp("replicas")
     state_dir = tmp / "state"
-    args = ServeArgs(run=str(trained_run), pool=str(write_pool(tmp / "pool.yaml", tiny_lms)), api_key=KEY,
+    keys = tmp / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"key": TEAM, "name": "team", "budget": 1e-12}]}))
+    args = ServeArgs(keys=str(keys), run=str(trained_run), pool=str(write_pool(tmp / "pool.yaml", tiny_lms)), api_key=KEY,
                      admin_key=ADMIN, state_dir=str(state_dir), router_replicas=2, ingress_replicas=2,
                      expert_apps=True, expert_num_cpus=0.1, router_num_cpus=0.1, ingress_num_cpus=0.1,
                      default_max_tokens=4, expert_deploy_timeout_s=300,
@@ -93,6 +98,10 @@ def test_every_replica_serves_the_first_version(cluster):
     assert health["pool_version"] == 1 and set(health["experts"]) == set(RB_EXPERTS)
     stored = json.loads((cluster.state_dir / "pool.json").read_text())
     assert stored["version"] == 1 and sorted(e["spec"]["name"] for e in stored["experts"]) == sorted(RB_EXPERTS)
+    # the record carries its pool's operating-point table: the run's own, attached by a Router replica
+    table = stored["operating_points"]
+    assert [p["name"] for p in table["pool"]] == list(cluster.local.table.expert_names) and table["split"] == "val"
+    assert health["operating_points"]["experts"] == list(cluster.local.table.expert_names)
 
 
 def test_decisions_agree_across_replicas(cluster):
@@ -126,7 +135,10 @@ def test_live_add_and_remove_reach_every_replica(cluster, tiny_lms):
     r = cluster.http.post("/v1/chat/completions", json={"model": "cscr", "max_tokens": 3,
                                                         "messages": [{"role": "user", "content": prompt}]})
     assert r.status_code == 200 and r.json()["model"] == "newcomer"
-    assert json.loads((cluster.state_dir / "pool.json").read_text())["version"] == 2  # durable
+    stored = json.loads((cluster.state_dir / "pool.json").read_text())
+    assert stored["version"] == 2  # durable, with the table of the new pool (the newcomer estimated)
+    pool = {p["name"]: p for p in stored["operating_points"]["pool"]}
+    assert set(pool) == {*RB_EXPERTS, "newcomer"} and "quality copied from" in pool["newcomer"]["estimated"]
     new_apps = set(ray_serve.status().applications) - apps_before
     assert len(new_apps) == 1 and next(iter(new_apps)).startswith("cscr-expert-newcomer")
 
@@ -137,6 +149,28 @@ def test_live_add_and_remove_reach_every_replica(cluster, tiny_lms):
     assert {r.headers["x-cscr-pool-version"] for r in got} == {"3"}
     assert set(ray_serve.status().applications) == apps_before  # DELETE removed its application
     replicas(cluster, 3)
+    stored = json.loads((cluster.state_dir / "pool.json").read_text())
+    assert sorted(p["name"] for p in stored["operating_points"]["pool"]) == sorted(RB_EXPERTS)
+
+
+def test_a_keys_budget_is_one_tally_across_ingress_replicas(cluster):
+    team = httpx.Client(base_url=cluster.base, headers={"Authorization": f"Bearer {TEAM}"}, timeout=300)
+    ask = {"model": RB_EXPERTS[0], "prompt": "hi", "max_tokens": 2}
+    first = team.post("/v1/completions", json=ask)
+    assert first.status_code == 200, first.text  # admitted at 0 spent; its cost exhausts the budget
+    # concurrent requests spread over both ingress replicas: every one sees the shared tally
+    with ThreadPoolExecutor(8) as pool:
+        later = list(pool.map(lambda _: team.post("/v1/completions", json=ask), range(16)))
+    assert [r.status_code for r in later] == [429] * 16, [r.text for r in later if r.status_code != 429]
+    assert {r.json()["error"]["code"] for r in later} == {"budget_exhausted"}
+    reports = [cluster.admin.get("/healthz").json()["keys"] for _ in range(8)]  # either replica answers
+    spent = {k[0]["spent"] for k in reports}
+    assert len(spent) == 1 and next(iter(spent)) > 0 and reports[0][0]["name"] == "team"
+    deadline = time.time() + 10
+    while time.time() < deadline and not (cluster.state_dir / "spend.json").exists():
+        time.sleep(0.2)
+    on_disk = json.loads((cluster.state_dir / "spend.json").read_text())["spent"]["team"]
+    assert on_disk == pytest.approx(next(iter(spent)))  # a restart keeps the tally
 
 
 def test_admin_adds_are_bounded(cluster, tiny_lms):
