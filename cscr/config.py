@@ -51,18 +51,27 @@ class DataConfig:
         _check(self.missing in ("mask", "drop"), f"missing must be 'mask' or 'drop', got {self.missing!r}")
 
 
+#: EncoderConfig.backend values (cscr.encoder_onnx: the two ONNX Runtime ones)
+ENCODER_BACKENDS = ("torch", "onnx", "onnx-int8")
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     model: str | None = None  # sentence-transformers path or Hub id; None: the packaged all-MiniLM-L6-v2
     batch_size: int = 64  # prompts per encoder forward
-    device: str = "cpu"  # torch device
+    device: str = "cpu"  # torch device (onnx backends: cpu, or cuda with onnxruntime-gpu installed)
     max_seq_length: int = 256  # tokens the encoder sees per window (its special tokens included)
     # prompts longer than the window (cscr.encoder.LONG_PROMPT_MODES): head (first window only),
     # tail (last window), head+tail (mean of both), windows (mean over up to max_windows windows)
     long_prompt: str = "windows"  # chosen on RouterBench validation (issue 10)
     max_windows: int = 8  # windows mode: at most this many windows (evenly spaced, first and last kept)
+    # what runs the forward pass (ENCODER_BACKENDS; cscr.encoder_onnx): torch, or ONNX Runtime on
+    # a local export of the same weights (onnx: float32, onnx-int8: dynamically quantised int8)
+    backend: str = "torch"
 
     def __post_init__(self) -> None:
+        _check(self.backend in ENCODER_BACKENDS,
+               f"encoder backend must be one of {ENCODER_BACKENDS}, got {self.backend!r}")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _check(self.max_seq_length > 0, f"max_seq_length must be > 0, got {self.max_seq_length}")
         modes = ("head", "tail", "head+tail", "windows")

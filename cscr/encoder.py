@@ -17,6 +17,13 @@ The mode is part of the encoder id, so the caches and a run's manifest record it
 ``Encoder.from_run`` (``encoder_config_for_run``) rebuilds the same encoder for serving:
 training, evaluation and serving embed with one function, ``Encoder.encode``.
 
+Backends. ``backend`` chooses what runs the forward pass: ``torch`` (sentence-transformers, the
+default), or ONNX Runtime on a local export of the same weights, ``onnx`` (float32) or
+``onnx-int8`` (dynamically quantised; cscr.encoder_onnx). Tokenisation and windows are the same
+in all three. A backend other than torch is part of the encoder id (its vectors differ a little),
+recorded in the run and restored by ``Encoder.from_run``, so a run is served with the backend it
+was embedded with. bench/encoder_backends.py measures their speed and routing AUDC.
+
 Two caches, both keyed by the encoder id:
 
     <run>/embeddings/                 the run's own copy (what training reads)
@@ -51,6 +58,7 @@ from cscr.atomic import atomic_write, atomic_write_json
 from cscr.config import EncoderConfig
 from cscr.console import say
 from cscr.data.table import RoutingTable
+from cscr.encoder_onnx import RECIPE as ONNX_RECIPE
 from cscr.runs.paths import RunPaths
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -79,17 +87,33 @@ def encoder_id_for(cfg: EncoderConfig | None = None) -> str:
     h.update(f"{name}\x1f{cfg.max_seq_length}\x1fnormalized".encode())
     if cfg.long_prompt != "head":  # head: the model alone (ids of earlier runs stay valid)
         h.update(f"\x1flong_prompt={_mode_slug(cfg)}".encode())
-    folder = Path(ref)
-    if folder.is_dir():
-        for f in sorted(folder.rglob("*")):
-            if f.is_file() and f.suffix == ".json":
-                h.update(f.relative_to(folder).as_posix().encode())
-                h.update(f.read_bytes())
-            elif f.is_file() and f.suffix in (".safetensors", ".bin"):
-                h.update(f"{f.relative_to(folder).as_posix()}:{f.stat().st_size}".encode())
+    if cfg.backend != "torch":  # torch: ids of runs made before backends existed stay valid
+        h.update(f"\x1fbackend={cfg.backend}:{ONNX_RECIPE}".encode())
+    _hash_folder(h, Path(ref))
     slug = name.rstrip("/").split("/")[-1].replace(" ", "_") or "encoder"
     mode = "" if cfg.long_prompt == "head" else f"{_mode_slug(cfg)}-"
-    return f"{slug}-{mode}{h.hexdigest()[:12]}"
+    backend = "" if cfg.backend == "torch" else f"{cfg.backend.replace('-', '')}-"
+    return f"{slug}-{mode}{backend}{h.hexdigest()[:12]}"
+
+
+def _hash_folder(h: Any, folder: Path) -> None:
+    """Feed a local model folder's configuration files and weight sizes to the hash ``h``."""
+    if not folder.is_dir():
+        return
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.suffix == ".json":
+            h.update(f.relative_to(folder).as_posix().encode())
+            h.update(f.read_bytes())
+        elif f.is_file() and f.suffix in (".safetensors", ".bin"):
+            h.update(f"{f.relative_to(folder).as_posix()}:{f.stat().st_size}".encode())
+
+
+def model_digest(cfg: EncoderConfig) -> str:
+    """sha256 of the model's name and, for a local folder, of its files (as in the encoder id)."""
+    ref, name = _model_ref(cfg)
+    h = hashlib.sha256(name.encode())
+    _hash_folder(h, Path(ref))
+    return h.hexdigest()
 
 
 def _mode_slug(cfg: EncoderConfig) -> str:
@@ -142,22 +166,35 @@ class Encoder:
         self.cfg = cfg or EncoderConfig()
         ref, self.model_name = _model_ref(self.cfg)
         self.encoder_id = encoder_id_for(self.cfg)
+        onnx = self.cfg.backend != "torch"
+        if onnx:
+            from cscr.encoder_onnx import require_runtime
+
+            require_runtime(self.cfg.backend)
+        # an ONNX backend keeps the torch model on the CPU: its tokenizer, and the export's source
+        device = "cpu" if onnx else self.cfg.device
         if self.cfg.model is not None and not Path(ref).exists():
             from cscr.data.hub import online
 
             with online():  # a Hub id the user named: fetched (or read from the Hub cache)
-                self.model = SentenceTransformer(ref, device=self.cfg.device)
+                self.model = SentenceTransformer(ref, device=device)
         else:
-            self.model = SentenceTransformer(ref, device=self.cfg.device)
+            self.model = SentenceTransformer(ref, device=device)
         self.model.max_seq_length = self.cfg.max_seq_length
         self.model.eval()
+        self.onnx = None
+        if onnx:
+            from cscr.encoder_onnx import OnnxForward, export_folder, export_key
+
+            folder = export_folder(self.model, export_key(self.model_name, model_digest(self.cfg)), user_cache_dir())
+            self.onnx = OnnxForward(folder, self.cfg.backend, self.cfg.device)
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         dim = get_dim()
         self.dim = int(dim) if dim is not None else int(self.encode(["x"]).shape[1])
 
     def info(self) -> dict[str, Any]:
         return {"encoder_id": self.encoder_id, "model": self.model_name, "dim": self.dim,
-                "long_prompt": self.cfg.long_prompt, "config": asdict(self.cfg)}
+                "long_prompt": self.cfg.long_prompt, "backend": self.cfg.backend, "config": asdict(self.cfg)}
 
     @staticmethod
     def from_run(run_dir: str | os.PathLike[str], **overrides: Any) -> Encoder:
@@ -207,6 +244,9 @@ class Encoder:
     def _encode_whole(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
         import torch
 
+        if self.onnx is not None:
+            emb = self.onnx(self.model, texts, self.cfg.batch_size)
+            return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         with torch.inference_mode():
             emb = self.model.encode(
                 texts,
@@ -227,13 +267,14 @@ def get_encoder(cfg: EncoderConfig | None = None) -> Encoder:
 
 
 #: EncoderConfig fields that change the vectors (recorded in a run's manifest and restored from it)
-_RECORDED = ("model", "max_seq_length", "long_prompt", "max_windows")
+_RECORDED = ("model", "max_seq_length", "long_prompt", "max_windows", "backend")
 
 
 def encoder_config_for_run(run_dir: str | os.PathLike[str], **overrides: Any) -> EncoderConfig:
     """The EncoderConfig a run's embeddings were made with, from its manifest (``overrides`` such
     as ``device`` or ``batch_size`` replace fields). A run embedded before the long-prompt mode
-    existed used ``head``. Clear error when the run has no embeddings."""
+    existed used ``head``, before encoder backends ``torch``. Clear error when the run has no
+    embeddings."""
     from cscr.config import from_dict
 
     manifest = RunPaths.of(run_dir).embeddings / "manifest.json"

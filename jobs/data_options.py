@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from cscr.config import ConfigError, EncoderConfig, FingerprintConfig
+from cscr.config import ENCODER_BACKENDS, ConfigError, EncoderConfig, FingerprintConfig
 from cscr.llm import SCORER_CONTEXTS
 
 BACKENDS = ("transformers", "vllm")
@@ -91,11 +91,15 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-prompt", default=d.long_prompt, choices=LONG_PROMPT_MODES,
                    help=f"how a prompt longer than the encoder's window is embedded (default: {d.long_prompt}; "
                         "recorded in the run)")
+    p.add_argument("--encoder-backend", default=d.backend, choices=ENCODER_BACKENDS,
+                   help=f"what runs the encoder (default: {d.backend}; onnx, onnx-int8: ONNX Runtime on a local "
+                        "export of the same weights, faster on CPUs, needs `pip install 'cscr[onnx]'`; "
+                        "recorded in the run, so serving embeds with it too)")
 
 
 def encoder_config(args: argparse.Namespace) -> EncoderConfig:
     return EncoderConfig(model=args.encoder, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
-                         long_prompt=args.long_prompt)
+                         long_prompt=args.long_prompt, backend=args.encoder_backend)
 
 
 def add_embed_ray_options(p: argparse.ArgumentParser) -> None:

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         shared = {None: True, "off": False}.get(args.embedding_cache, args.embedding_cache)
         emb = embed_table(table, get_encoder(enc_cfg), paths.embeddings, shared=shared)
     print(f"embeddings  {paths.embeddings} ({emb.shape[0]} x {emb.shape[1]}, long prompts: {enc_cfg.long_prompt}, "
-          f"{time.perf_counter() - t1:.1f}s)")
+          f"backend: {enc_cfg.backend}, {time.perf_counter() - t1:.1f}s)")
     from cscr.encoder import distinctness, distinctness_warning
 
     dist = distinctness(table.texts, emb)

@@ -75,4 +75,5 @@ def serving_backend(spec: ExpertSpec, torch_threads: int | None = None) -> Any:
     from cscr.llm.hf import HFBackend
 
     threads = torch_threads or int(extra.get("num_threads", 0) or 0) or None
-    return HFBackend(str(spec.source.model), device=extra.get("device") or "auto", num_threads=threads)
+    kwargs = {"dtype": str(extra["dtype"])} if extra.get("dtype") else {}
+    return HFBackend(str(spec.source.model), device=extra.get("device") or "auto", num_threads=threads, **kwargs)
