@@ -180,6 +180,13 @@ def load(base: str, event: Callable[[], None] | None, clients: int, requests: in
                                 row.reconnects += 1
                             time.sleep(0.5)
                             continue
+                        if r.status_code == 503 and "retry-after" in r.headers and time.time() < stop_at:
+                            # the server drains (a graceful stop): retry after the time it asks,
+                            # as the openai client does
+                            with lock:
+                                row.reconnects += 1
+                            time.sleep(float(r.headers["retry-after"]))
+                            continue
                         good, why = r.status_code == 200, f"{r.status_code} {r.text[:160]}"
                         break
                     except httpx.ConnectError:  # nothing listens (a restart): the request never left

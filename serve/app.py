@@ -14,6 +14,7 @@ application (every expert under ``cscr serve``, and experts added at run time) a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -70,6 +71,7 @@ class ServeArgs(BaseModel):
     target_ongoing_requests: float = Field(8.0, gt=0)  # per replica, what autoscaling aims at
     expert_apps: bool = False  # every expert in its own application (cscr serve: DELETE frees replicas)
     expert_deploy_timeout_s: float = Field(600.0, gt=0)  # an added expert must serve within this
+    drain_timeout_s: float = Field(30.0, ge=0)  # on stop: requests in flight may finish within this (0: none)
     converge_timeout_s: float = Field(30.0, gt=0)  # admin calls wait this long for every replica
     # what admin-added experts may use (serve.policy), besides the pool file's own sources:
     allow_upstreams: list[str] = Field(default_factory=list)  # "BASE_URL=ENV": an upstream and its key variable
@@ -399,6 +401,9 @@ def run_local(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, num_cp
     except (KeyboardInterrupt, SystemExit):
         print("cscr: stopping", flush=True)
     finally:
+        if handle is not None:  # requests in flight finish; new ones get a 503 to retry
+            with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C / SIGTERM: stop now
+                drain(a.drain_timeout_s)
         if embedded and started:
             # the cluster goes down whole: close the HTTP port first, so that a client meets a
             # refused connection (and retries), not one accepted then dropped during the teardown;
@@ -408,6 +413,30 @@ def run_local(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, num_cp
             ray_serve.shutdown()
         disconnect(started)
     return handle
+
+
+def drain(timeout_s: float) -> bool:
+    """A graceful stop's first step: every ingress replica answers new requests with a 503 to
+    retry (``serve.deployments.EdgeGate``) while the requests in flight finish; returns once none
+    is left (True) or after ``timeout_s`` (False: those still in flight fail when the port closes)."""
+    from ray import serve as ray_serve
+
+    if timeout_s <= 0:
+        return False
+    t0 = time.monotonic()
+    try:
+        controller = ray_serve.get_deployment_handle("PoolController", app_name="cscr")
+        controller.drain.remote().result(timeout_s=10)
+        status: dict[str, Any] = {"inflight": {}}
+        while time.monotonic() - t0 < timeout_s:
+            status = controller.drained.remote(1.0).result(timeout_s=10)
+            if status["drained"]:
+                print(f"cscr: drained: every request in flight finished ({time.monotonic() - t0:.1f} s)", flush=True)
+                return True
+        print(f"cscr: drain timed out after {timeout_s:.0f} s; still in flight: {status['inflight']}", flush=True)
+    except Exception as exc:  # Serve is already going away: nothing to wait for
+        log.warning("drain skipped: %r", exc)
+    return False
 
 
 def _actor_pid(actor: Any) -> int:

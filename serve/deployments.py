@@ -57,6 +57,7 @@ from ray import serve
 
 log = logging.getLogger("cscr.serve")
 POLL_S = 5.0  # long-poll timeout of a follower (also its heartbeat period)
+DRAIN_POLL_S = 0.2  # while the server drains, an ingress reports its in-flight requests this often
 
 
 @serve.deployment(name="PoolController", num_replicas=1, max_ongoing_requests=10_000,
@@ -83,8 +84,17 @@ class PoolController:
         except PoolStateError as exc:
             raise ProtocolError(str(exc), status=409, code="pool_state") from None
 
-    async def ack(self, replica: str, role: str, version: int) -> None:
-        await self.state.ack(replica, role, version)
+    async def ack(self, replica: str, role: str, version: int, inflight: int | None = None) -> None:
+        await self.state.ack(replica, role, version, inflight)
+
+    async def poll(self, seen: int, draining: bool, timeout_s: float = POLL_S) -> tuple[PoolRecord, bool]:
+        return await self.state.poll(seen, draining, timeout_s)
+
+    async def drain(self) -> None:
+        await self.state.drain()
+
+    async def drained(self, timeout_s: float = 1.0) -> dict[str, object]:
+        return await self.state.drained(timeout_s)
 
     async def attach_table(self, version: int, table: dict[str, Any]) -> bool:
         return await self.state.attach_table(version, table)
@@ -133,14 +143,19 @@ class ControllerLedger:
 
 class PoolFollower:
     """Keeps one replica on the latest pool record: ``apply(record)`` at start, then after every
-    change the controller's long poll reports; each poll acknowledges the version served."""
+    change the controller's long poll reports; each poll acknowledges the version served. It also
+    learns when the server drains (``draining``); an ingress then reports its in-flight requests
+    (``inflight``) every ``DRAIN_POLL_S``."""
 
-    def __init__(self, controller: Any, role: str, apply: Callable[[PoolRecord], Awaitable[None] | None]) -> None:
+    def __init__(self, controller: Any, role: str, apply: Callable[[PoolRecord], Awaitable[None] | None],
+                 inflight: Callable[[], int] | None = None) -> None:
         self.controller = controller
         self.role = role
         self.apply = apply
+        self.inflight = inflight
         self.replica = _replica_id()
         self.version = 0
+        self.draining = False
         self._task: asyncio.Task[None] | None = None
 
     async def _apply(self, record: PoolRecord) -> None:
@@ -158,10 +173,12 @@ class PoolFollower:
     async def _follow(self) -> None:
         while True:
             try:
-                record = await self.controller.wait_for_version.remote(self.version, POLL_S)
+                wait = DRAIN_POLL_S if self.draining and self.inflight is not None else POLL_S
+                record, self.draining = await self.controller.poll.remote(self.version, self.draining, wait)
                 if record.version != self.version:
                     await self._apply(record)
-                await self.controller.ack.remote(self.replica, self.role, self.version)
+                busy = self.inflight() if self.draining and self.inflight is not None else None
+                await self.controller.ack.remote(self.replica, self.role, self.version, busy)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the controller restarting: poll again shortly
@@ -570,7 +587,9 @@ class Ingress:
                                   **admin)
         self.edge = EdgeSettings(**edge)
         self.controller = controller
-        self.follower = PoolFollower(controller, "Ingress", self.experts.apply)
+        self.gate: EdgeGate | None = None  # the ASGI middleware (built with the app)
+        self.follower = PoolFollower(controller, "Ingress", self.experts.apply,
+                                     inflight=lambda: self.gate.inflight if self.gate is not None else 0)
         await self.follower.start()
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -578,21 +597,32 @@ class Ingress:
         if self.edge.key_budgets:  # one spend tally for every ingress replica, in the controller
             budgets = KeyBudgets.from_entries(self.edge.key_budgets, ledger=ControllerLedger(self.controller))
         app = build_api(self.completion, self.admin, self.edge, budgets)
-        app.add_middleware(PoolVersionHeader, follower=self.follower)
+        app.add_middleware(self._gate)
         return app
 
+    def _gate(self, app: Any) -> EdgeGate:
+        self.gate = EdgeGate(app, self.follower)
+        return self.gate
 
-class PoolVersionHeader:
-    """ASGI middleware: every response says which pool version this replica serves
-    (``x-cscr-pool-version``), unless the handler set the version it routed under."""
+
+class EdgeGate:
+    """ASGI middleware of an ingress replica: every response says which pool version this replica
+    serves (``x-cscr-pool-version``, unless the handler set the version it routed under); it counts
+    the HTTP requests in flight, and while the server drains (a graceful stop) it answers new ones
+    with a 503 in OpenAI's shape, ``Retry-After`` and ``Connection: close`` (the openai client and
+    load balancers retry it), so the requests in flight finish before the port closes."""
 
     def __init__(self, app: Any, follower: PoolFollower) -> None:
         self.app = app
         self.follower = follower
+        self.inflight = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if self.follower.draining:
+            await self._refuse(send)
             return
 
         async def send_with_version(message: dict[str, Any]) -> None:
@@ -603,4 +633,19 @@ class PoolVersionHeader:
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_with_version)
+        self.inflight += 1
+        try:
+            await self.app(scope, receive, send_with_version)
+        finally:
+            self.inflight -= 1
+
+    async def _refuse(self, send: Any) -> None:
+        import json
+
+        body = json.dumps({"error": {"message": "the server is restarting or stopping: retry shortly",
+                                     "type": "server_error", "param": None, "code": "server_draining"}}).encode()
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", b"2"), (b"connection", b"close"),
+            (b"x-cscr-pool-version", str(self.follower.version).encode())]})
+        await send({"type": "http.response.body", "body": body})

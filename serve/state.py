@@ -161,6 +161,10 @@ class PoolState:
         self.stale_s = stale_s
         self._changed = asyncio.Condition()
         self.acks: dict[str, tuple[str, int, float]] = {}  # replica -> (role, version, monotonic time)
+        # a graceful stop (``drain``): every ingress refuses new requests (503, retry) and reports
+        # the requests it still serves; the server closes its port once they are done
+        self.draining_since: float | None = None
+        self.inflight: dict[str, tuple[int, float]] = {}  # ingress replica -> (requests in flight, when said)
 
     async def get(self) -> PoolRecord:
         return self.record
@@ -202,12 +206,67 @@ class PoolState:
                                            timeout_s)
         return self.record
 
-    async def ack(self, replica: str, role: str, version: int) -> None:
+    async def ack(self, replica: str, role: str, version: int, inflight: int | None = None) -> None:
         import time
 
-        self.acks[replica] = (role, version, time.monotonic())
+        now = time.monotonic()
+        self.acks[replica] = (role, version, now)
+        if inflight is not None:
+            self.inflight[replica] = (int(inflight), now)
         async with self._changed:
             self._changed.notify_all()
+
+    # ---- graceful stop ----
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
+
+    async def drain(self) -> None:
+        """Start a graceful stop: followers learn it at once (``poll``)."""
+        import time
+
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def poll(self, seen: int, draining: bool, timeout_s: float = 5.0) -> tuple[PoolRecord, bool]:
+        """Long poll of a follower: (the record, whether the server drains) as soon as either
+        differs from what it has (``seen``, ``draining``), else after ``timeout_s``."""
+        import asyncio
+        import contextlib
+
+        def changed() -> bool:
+            return self.record.version != seen or self.draining != draining
+
+        if not changed():
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait_for(changed), timeout_s)
+        return self.record, self.draining
+
+    async def drained(self, timeout_s: float = 1.0) -> dict[str, object]:
+        """Waits up to ``timeout_s`` until every live ingress replica has said, since the drain
+        began, that it serves no request; {"drained": bool, "inflight": {replica: requests}}."""
+        import asyncio
+        import contextlib
+
+        def pending() -> dict[str, int]:
+            since = self.draining_since if self.draining_since is not None else float("inf")
+            out = {}
+            for replica, (role, _) in self.live().items():
+                if role != "Ingress":
+                    continue
+                n, when = self.inflight.get(replica, (1, float("-inf")))
+                if when < since or n > 0:
+                    out[replica] = n if when >= since else -1  # -1: not heard from since the drain began
+            return out
+
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait_for(lambda: not pending()), timeout_s)
+        left = pending()
+        return {"drained": self.draining and not left, "inflight": left}
 
     def live(self) -> dict[str, tuple[str, int]]:
         import time

@@ -73,6 +73,9 @@ def register(subparsers: Any) -> None:
                    help="autoscaling: most Router/Ingress replicas (set: Serve autoscales both)")
     p.add_argument("--target-ongoing-requests", type=float, default=8.0,
                    help="autoscaling: ongoing requests per replica Serve aims at (default: 8)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on Ctrl-C / SIGTERM: new requests get a 503 to retry while those in flight finish, "
+                        "for at most this many seconds, then the port closes (0: close at once)")
     p.add_argument("--expert-deploy-timeout", type=float, default=600.0,
                    help="seconds an expert added at run time may take to start (default: 600)")
     add_cluster_options(p)
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         router_replicas=args.router_replicas, ingress_replicas=args.ingress_replicas,
         min_replicas=args.min_replicas, max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests, expert_apps=True,
-        expert_deploy_timeout_s=args.expert_deploy_timeout,
+        expert_deploy_timeout_s=args.expert_deploy_timeout, drain_timeout_s=args.drain_timeout,
     )
     run_local(sargs, host=args.host, port=args.port, num_cpus=math.ceil(args.num_cpus) if args.num_cpus else None,
               address=args.address)

@@ -1,8 +1,8 @@
 """Faults lose nothing (issue 13, item 3): `cscr serve` with 2 Router and 2 Ingress replicas
 under a bounded concurrent load (8 clients, 40 chat completions per event, loopback) while a
 Router replica, an Ingress replica and an expert replica are killed, an expert is removed and
-re-added, and the whole process is restarted on its state folder. No request fails except those
-in flight to an ingress that is killed (an Ingress replica, or every one at a restart); the pool
+re-added, and the whole process is restarted on its state folder (a graceful stop: it drains the
+requests in flight first). No request fails except those in flight to a killed Ingress replica; the pool
 after each event is the pool before it (plus the admin change). The fault table is printed
 (bench/serve_faults.py prints the same table on its own)."""
 
@@ -53,10 +53,11 @@ def test_faults_lose_no_request_and_no_pool_change(trained_run, tiny_lms, tmp_pa
         assert r.pool_after["experts"] == r.pool_before["experts"], r
     assert by["kill an Ingress replica"].failed <= 8, by["kill an Ingress replica"].errors  # in flight: 1 per client
     restart_failures = by["restart cscr serve"].errors
-    # a restart kills the ingress too: only requests in flight when the old process closed its port
-    # fail (per client: the one on its connection, and one that reached the listen backlog before
-    # the socket closed); none while the new process starts (refused connections are retried)
-    assert len(restart_failures) <= 16 and all(e.endswith("[stopping]") for e in restart_failures), restart_failures
+    # a restart drains first: the requests in flight finish, new ones get a 503 with Retry-After
+    # (retried, as the openai client does), then the port closes and refused connections are
+    # retried until the new process serves. Measured: 0 failed. A request caught between the
+    # proxy and an ingress at the very moment the port closes could still fail: at most 2 allowed
+    assert len(restart_failures) <= 2 and all(e.endswith("[stopping]") for e in restart_failures), restart_failures
     assert by["remove and re-add an expert"].pool_after["version"] == by["remove and re-add an expert"].pool_before["version"] + 2
     restart = by["restart cscr serve"]
     assert restart.pool_after == restart.pool_before  # the durable record, restored (version included)

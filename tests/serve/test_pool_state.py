@@ -141,3 +141,29 @@ def test_the_spend_book_persists_and_refuses_bad_charges(tmp_path):
     (tmp_path / "spend.json").write_text("{not json")
     with pytest.raises(PoolStateError, match="not a readable spend tally"):
         SpendBook(tmp_path)
+
+
+def test_a_drain_wakes_the_followers_and_waits_for_the_ingresses_in_flight_requests():
+    state = PoolState(record(), None)
+
+    async def go():
+        await state.ack("Ingress#1", "Ingress", 1)
+        await state.ack("Ingress#2", "Ingress", 1)
+        await state.ack("Router#1", "Router", 1)
+        assert await state.poll(1, False, timeout_s=0.05) == (state.record, False)  # nothing changed
+        waiter = asyncio.create_task(state.poll(1, False, timeout_s=5))
+        await asyncio.sleep(0.05)
+        await state.drain()
+        assert (await asyncio.wait_for(waiter, 1))[1] is True  # woken at once
+        # acks from before the drain do not count: both ingresses must say so since
+        out = await state.drained(timeout_s=0.05)
+        assert out == {"drained": False, "inflight": {"Ingress#1": -1, "Ingress#2": -1}}
+        await state.ack("Ingress#1", "Ingress", 1, inflight=0)
+        await state.ack("Ingress#2", "Ingress", 1, inflight=3)
+        assert (await state.drained(timeout_s=0.05))["inflight"] == {"Ingress#2": 3}
+        later = asyncio.create_task(state.drained(timeout_s=5))
+        await asyncio.sleep(0.05)
+        await state.ack("Ingress#2", "Ingress", 1, inflight=0)
+        assert await asyncio.wait_for(later, 1) == {"drained": True, "inflight": {}}  # the router never counts
+
+    asyncio.run(go())
