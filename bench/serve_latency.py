@@ -15,7 +15,9 @@ reference taken in the same process, same machine, same moment:
    former) and proxy + ingress (the client's time minus the header);
 2. throughput under concurrency: /v1/route requests/s with C concurrent clients against bare
    batched MiniLM throughput (batches of the router's max batch size, one torch thread); the
-   router's mean encoder batch size is printed;
+   router's mean encoder batch size is printed; 1 and 2 are measured on eight short prompts and
+   again on real RouterBench test prompts (``--long-requests``; long few-shot prompts, embedded
+   in the run's long-prompt mode by both the router and the reference);
 3. a load run: C clients send chat completions for D seconds; meanwhile one expert is removed
    (DELETE /v1/experts) and re-added (POST /v1/experts, its descriptor from the run): failed
    requests, and requests answered by the removed expert while it was out, are counted.
@@ -100,7 +102,20 @@ def free_port() -> int:
 
 
 # ---- measurements ----
-def route_latency(base: str, n: int, stages: dict[str, list[float]] | None = None) -> list[float]:
+def routerbench_prompts(data_dir: str, n: int = 32, max_chars: int = 32_000) -> list[str]:
+    """``n`` RouterBench test prompts drawn at random (seed 0): the lengths the router meets (most
+    start with a few-shot preamble longer than one MiniLM window)."""
+    from cscr.config import DataConfig
+    from cscr.data import load_dataset
+
+    table = load_dataset("routerbench", DataConfig(data_dir=data_dir))
+    texts = [str(table.texts[i]) for i in table.split_index("test") if len(str(table.texts[i])) <= max_chars]
+    pick = np.random.default_rng(0).choice(len(texts), size=min(n, len(texts)), replace=False)
+    return [texts[i] for i in pick]
+
+
+def route_latency(base: str, n: int, stages: dict[str, list[float]] | None = None,
+                  prompts: list[str] = PROMPTS) -> list[float]:
     """Client-side ms per sequential /v1/route; ``stages`` gets each request's router-replica
     time and ingress-measured router call time (ms)."""
     import httpx
@@ -109,7 +124,7 @@ def route_latency(base: str, n: int, stages: dict[str, list[float]] | None = Non
     with httpx.Client(base_url=base, timeout=60) as c:
         for i in range(n):
             t0 = time.perf_counter()
-            r = c.post("/v1/route", json={"prompt": PROMPTS[i % len(PROMPTS)], "cost_weight": 0.1})
+            r = c.post("/v1/route", json={"prompt": prompts[i % len(prompts)], "cost_weight": 0.1})
             out.append((time.perf_counter() - t0) * 1e3)
             r.raise_for_status()
             if stages is not None:
@@ -118,16 +133,17 @@ def route_latency(base: str, n: int, stages: dict[str, list[float]] | None = Non
     return out
 
 
-def encoder_latency(encoder: Any, n: int) -> list[float]:
+def encoder_latency(encoder: Any, n: int, prompts: list[str] = PROMPTS) -> list[float]:
     out = []
     for i in range(n):
         t0 = time.perf_counter()
-        encoder.encode([PROMPTS[i % len(PROMPTS)]])
+        encoder.encode([prompts[i % len(prompts)]])
         out.append((time.perf_counter() - t0) * 1e3)
     return out
 
 
-async def route_throughput(base: str, concurrency: int, total: int) -> tuple[float, int]:
+async def route_throughput(base: str, concurrency: int, total: int,
+                           prompts: list[str] = PROMPTS) -> tuple[float, int]:
     import httpx
 
     done, failed = 0, 0
@@ -137,7 +153,7 @@ async def route_throughput(base: str, concurrency: int, total: int) -> tuple[flo
         while done + failed < total:
             i = done + failed
             try:
-                r = await c.post("/v1/route", json={"prompt": PROMPTS[(i + k) % len(PROMPTS)]})
+                r = await c.post("/v1/route", json={"prompt": prompts[(i + k) % len(prompts)]})
                 done += r.status_code == 200
                 failed += r.status_code != 200
             except httpx.HTTPError:
@@ -150,8 +166,8 @@ async def route_throughput(base: str, concurrency: int, total: int) -> tuple[flo
         return done / (time.perf_counter() - t0), failed
 
 
-def encoder_throughput(encoder: Any, batch: int, total: int) -> float:
-    texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+def encoder_throughput(encoder: Any, batch: int, total: int, prompts: list[str] = PROMPTS) -> float:
+    texts = [prompts[i % len(prompts)] for i in range(batch)]
     t0 = time.perf_counter()
     n = 0
     while n < total:
@@ -221,11 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="sequential /v1/route requests (latency)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--throughput-requests", type=int, default=400)
+    p.add_argument("--long-requests", type=int, default=64,
+                   help="latency and throughput again on real RouterBench test prompts (0: skip)")
     p.add_argument("--load-seconds", type=float, default=40.0, help="0: skip the load run")
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes")
     args = p.parse_args(argv)
     if args.smoke_test:
         args.requests, args.concurrency, args.throughput_requests, args.load_seconds = 20, 4, 40, 12.0
+        args.long_requests = 8
 
     import ray
     import torch
@@ -235,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cscr.encoder import Encoder
     from cscr.fingerprints.store import DescriptorStore
+    from cscr.markdown import markdown_table, num
     from cscr.runs.loader import load_router
     from cscr.runs.paths import RunPaths
 
@@ -274,6 +294,22 @@ def main(argv: list[str] | None = None) -> int:
         enc_ms += encoder_latency(encoder, args.requests)  # interleaved: both see the same load
         rps, failed_tp = asyncio.run(route_throughput(base, args.concurrency, args.throughput_requests))
         enc_ps = encoder_throughput(encoder, 32, args.throughput_requests)
+        long_rows: list[list[str]] = []
+        if args.long_requests > 0:  # the same measures on real RouterBench prompts
+            rb = routerbench_prompts(args.data_dir)
+            chars = np.median([len(t) for t in rb])
+            route_latency(base, 4, prompts=rb)  # warm
+            long_enc = encoder_latency(encoder, args.long_requests, rb)
+            long_route = route_latency(base, args.long_requests, prompts=rb)
+            long_enc += encoder_latency(encoder, args.long_requests, rb)
+            long_rps, _ = asyncio.run(route_throughput(base, args.concurrency, args.long_requests, rb))
+            long_ps = encoder_throughput(encoder, 32, args.long_requests, rb)
+            tag = f"RouterBench prompts (median {chars:.0f} chars)"
+            long_rows = [*[[f"{tag}: route p{q} (ms)", num(pct(long_route, q), ".1f"),
+                            f"MiniLM forward {num(pct(long_enc, q), '.1f')}",
+                            f"{num(pct(long_route, q) / pct(long_enc, q), '.2f')}x"] for q in (50, 99)],
+                         [f"{tag}: throughput (req/s, {args.concurrency} clients)", num(long_rps, ".1f"),
+                          f"batched MiniLM {num(long_ps, '.1f')} prompts/s", f"{num(long_rps / long_ps, '.2f')}x"]]
         batches = ray_serve.get_deployment_handle("Router", "cscr").batch_stats.remote().result()
         victim = names[0]
         readd = {"expert": {"name": victim, "model": str(lms[victim]), "num_cpus": 0.1}, "cost": costs[victim],
@@ -287,13 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     print(f"\nserve latency bench (loopback; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
-    from cscr.markdown import markdown_table, num
-
     print(markdown_table(["measure", "cscr serve", "reference", "ratio"], [
-        *[[f"route p{q} (ms)", num(pct(route_ms, q), ".2f"), f"MiniLM forward {num(pct(enc_ms, q), '.2f')}",
+        *[[f"short prompts: route p{q} (ms)", num(pct(route_ms, q), ".2f"), f"MiniLM forward {num(pct(enc_ms, q), '.2f')}",
            f"{num(pct(route_ms, q) / pct(enc_ms, q), '.2f')}x"] for q in (50, 99)],
-        [f"throughput (req/s, {args.concurrency} clients)", num(rps, ".1f"), f"batched MiniLM {num(enc_ps, '.1f')} prompts/s",
-         f"{num(rps / enc_ps, '.2f')}x"]], "llll"))
+        [f"short prompts: throughput (req/s, {args.concurrency} clients)", num(rps, ".1f"),
+         f"batched MiniLM {num(enc_ps, '.1f')} prompts/s", f"{num(rps / enc_ps, '.2f')}x"], *long_rows], "llll"))
     client, ingress_call, router_ms = (np.asarray(route_ms), np.asarray(stages["ingress_call"]),
                                        np.asarray(stages["router"]))
     enc50 = pct(enc_ms, 50)
