@@ -302,14 +302,18 @@ def main(argv: list[str] | None = None) -> int:
             long_enc = encoder_latency(encoder, args.long_requests, rb)
             long_route = route_latency(base, args.long_requests, prompts=rb)
             long_enc += encoder_latency(encoder, args.long_requests, rb)
+            before = ray_serve.get_deployment_handle("Router", "cscr").batch_stats.remote().result()
             long_rps, _ = asyncio.run(route_throughput(base, args.concurrency, args.long_requests, rb))
+            after = ray_serve.get_deployment_handle("Router", "cscr").batch_stats.remote().result()
+            long_batch = (after["prompts"] - before["prompts"]) / max(after["batches"] - before["batches"], 1)
             long_ps = encoder_throughput(encoder, 32, args.long_requests, rb)
             tag = f"RouterBench prompts (median {chars:.0f} chars)"
             long_rows = [*[[f"{tag}: route p{q} (ms)", num(pct(long_route, q), ".1f"),
                             f"MiniLM forward {num(pct(long_enc, q), '.1f')}",
                             f"{num(pct(long_route, q) / pct(long_enc, q), '.2f')}x"] for q in (50, 99)],
                          [f"{tag}: throughput (req/s, {args.concurrency} clients)", num(long_rps, ".1f"),
-                          f"batched MiniLM {num(long_ps, '.1f')} prompts/s", f"{num(long_rps / long_ps, '.2f')}x"]]
+                          f"batched MiniLM {num(long_ps, '.1f')} prompts/s (router's mean batch {long_batch:.1f})",
+                          f"{num(long_rps / long_ps, '.2f')}x"]]
         batches = ray_serve.get_deployment_handle("Router", "cscr").batch_stats.remote().result()
         victim = names[0]
         readd = {"expert": {"name": victim, "model": str(lms[victim]), "num_cpus": 0.1}, "cost": costs[victim],
