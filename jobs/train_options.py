@@ -160,9 +160,16 @@ def train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> T
     options over it (--smoke-test: 2 epochs)."""
     nested: dict[str, Any] = {}
     if args.config:
-        path = Path(args.config)
+        text = str(args.config)
+        if not text.lstrip().startswith("{"):  # a file (an inline object starts with "{")
+            path = Path(text)
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise ConfigError(f"--config: cannot read {path} ({exc.strerror or exc}); give a JSON "
+                                  "file or an inline JSON object") from None
         try:
-            nested = json.loads(path.read_text() if path.is_file() else args.config)
+            nested = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--config is neither a JSON file nor a JSON string: {exc}") from exc
         _check(isinstance(nested, dict), "--config must hold a JSON object (a nested TrainConfig)")

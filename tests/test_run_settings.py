@@ -122,6 +122,18 @@ def test_train_and_sweep_job_configs_default_to_the_run(run: Path) -> None:
     assert cfg.train == TrainConfig(epochs=6) and cfg.descriptor_kind == OTHER
     assert len(said) == 1 and said[0].startswith(f"cscr: using descriptor kind {OTHER!r} recorded in ")
     assert said[0].endswith(f"{run.name} (pass --descriptor-kind to change)")
+    # a long inline object (a tune's chosen config) and a file both work; a missing file is one clear error
+
+    long = {"epochs": 5, "lr": 5e-4, "head": {"hidden": 768, "dropout": 0.0}, "loss": {"bands": 5, "tau_min": 0.08,
+            "alpha": 0.0, "gamma": 0.1, "bce_weight": 1.0}, "index": {"top_k": 0}, "batch_size": 512}
+    text = json.dumps(long) + " " * 300  # longer than a file name may be
+    cfg = train_job_config(p.parse_args(["--run", str(run), "--config", text]), log=said.append)
+    assert (cfg.train.epochs, cfg.train.head.hidden, cfg.train.loss.tau_min) == (5, 768, 0.08)
+    (run / "chosen.json").write_text(json.dumps(long))
+    assert train_job_config(p.parse_args(["--run", str(run), "--config", str(run / "chosen.json")]),
+                            log=said.append).train == cfg.train
+    with pytest.raises(ConfigError, match="cannot read"):
+        train_job_config(p.parse_args(["--run", str(run), "--config", str(run / "nope.json")]), log=said.append)
 
     s = argparse.ArgumentParser()
     add_sweep_options(s)
