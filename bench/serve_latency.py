@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="sequential /v1/route requests (latency)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--throughput-requests", type=int, default=400)
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="the router's batch wait (cscr serve --batch-wait-ms)")
     p.add_argument("--long-requests", type=int, default=64,
                    help="latency and throughput again on real RouterBench test prompts (0: skip)")
     p.add_argument("--load-seconds", type=float, default=40.0, help="0: skip the load run")
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     app = build_app({"run": str(run), "pool": str(pool), "expert_num_cpus": 0.1, "expert_timeout_s": 60,
-                     "default_max_tokens": 4, "admin_key": ADMIN_KEY})
+                     "default_max_tokens": 4, "admin_key": ADMIN_KEY, "batch_wait_ms": args.batch_wait_ms})
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
@@ -326,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         ray_serve.shutdown()
         ray.shutdown()
 
-    print(f"\nserve latency bench (loopback; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    print(f"\nserve latency bench (loopback; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+          f"router batch wait {args.batch_wait_ms:g} ms)")
     print(markdown_table(["measure", "cscr serve", "reference", "ratio"], [
         *[[f"short prompts: route p{q} (ms)", num(pct(route_ms, q), ".2f"), f"MiniLM forward {num(pct(enc_ms, q), '.2f')}",
            f"{num(pct(route_ms, q) / pct(enc_ms, q), '.2f')}x"] for q in (50, 99)],

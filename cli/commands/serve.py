@@ -66,6 +66,11 @@ def register(subparsers: Any) -> None:
                    help="folder of the durable pool record (default: RUN/serve-state); the latest "
                         "version there is served on start")
     p.add_argument("--router-replicas", type=int, default=1, help="Router replicas (default: 1)")
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="prompts the router embeds in one encoder forward (default: 32)")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0,
+                   help="how long the router waits to fill an encoder batch (default: 2; long prompts "
+                        "under load gain throughput from ~20: bench/serve_latency.py --batch-wait-ms)")
     p.add_argument("--ingress-replicas", type=int, default=1, help="Ingress (HTTP) replicas (default: 1)")
     p.add_argument("--min-replicas", type=int, default=None,
                    help="autoscaling: fewest Router/Ingress replicas (default: 1; needs --max-replicas)")
@@ -102,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if args.min_replicas is not None and args.max_replicas is None:
         raise ValueError("--min-replicas needs --max-replicas (autoscaling)")
+    if args.max_batch_size < 1:
+        raise ValueError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if not 0 <= args.batch_wait_ms <= 1000:
+        raise ValueError(f"--batch-wait-ms must be in 0..1000, got {args.batch_wait_ms}")
     if not args.target_ongoing_requests > 0:
         raise ValueError(f"--target-ongoing-requests must be > 0, got {args.target_ongoing_requests}")
     from cscr.serve.app import ServeArgs, run_local
@@ -122,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         min_replicas=args.min_replicas, max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests, expert_apps=True,
         expert_deploy_timeout_s=args.expert_deploy_timeout, drain_timeout_s=args.drain_timeout,
+        max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
     )
     run_local(sargs, host=args.host, port=args.port, num_cpus=math.ceil(args.num_cpus) if args.num_cpus else None,
               address=args.address)
