@@ -15,6 +15,9 @@ the pool saved in a state folder) on a trained run; C concurrent clients send ch
 
 For each event: requests sent, answered (200), failed, and the pool (version and experts) before
 and after. The pool after each event must be the pool before it (plus/minus the admin change).
+After the baseline, the resident memory of each expert's replica processes is printed (RSS, split
+into anonymous and file-backed pages: weights memory-mapped from a float32 folder are file-backed
+and shared by the replicas of one model on a node; ``bench/expert_memory.py`` breaks it down).
 
     python bench/serve_faults.py --run RUN --pool POOL [--clients 8] [--requests 40]
     python bench/serve_faults.py --smoke-test     # a run trained here and tiny random LMs
@@ -126,6 +129,35 @@ class Server:
             raise RuntimeError(f"no process titled {fragment!r}")
         os.kill(pids[0], signal.SIGKILL)
         return pids[0]
+
+
+def resident_mib(pid: int) -> dict[str, float]:
+    """A process's resident memory in MiB (Linux ``/proc``): rss, anon, file."""
+    keys = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file"}
+    out = dict.fromkeys(keys.values(), 0.0)
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in keys:
+                out[keys[name]] = int(value.split()[0]) / 1024
+    return out
+
+
+def expert_memory(server: Server, specs: list[Any]) -> str:
+    """The resident memory of every expert replica process of ``server``, as a table."""
+    from cscr.serve.deployments import deployment_name
+
+    lines = [f"| {'expert':<28} | {'model':<28} |    pid |  RSS MiB |     anon |     file |",
+             f"|{'-' * 30}|{'-' * 30}|--------|----------|----------|----------|"]
+    for spec in specs:
+        for pid in server.replica_pids(":" + deployment_name(spec.name)):
+            try:
+                m = resident_mib(pid)
+            except OSError:  # the replica exited meanwhile
+                continue
+            lines.append(f"| {spec.name:<28} | {str(spec.source.model)[-28:]:<28} | {pid:>6} | {m['rss']:>8.0f} "
+                         f"| {m['anon']:>8.0f} | {m['file']:>8.0f} |")
+    return "\n".join(lines)
 
 
 def pool_of(base: str) -> dict[str, Any]:
@@ -288,6 +320,9 @@ def run_faults(run: Path, pool: Path, workdir: Path, clients: int = 8, requests:
             row.pool_before, row.pool_after = before, pool_of(server.base)
             rows.append(row)
             log(format_row(row))
+            if name == "baseline":
+                log("resident memory of the expert replicas after the baseline load:\n"
+                    + expert_memory(server, specs))
     finally:
         if server.proc is not None and server.proc.poll() is None:
             server.stop()

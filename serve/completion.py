@@ -12,15 +12,23 @@ Serving binds Ray handles to them (``serve.deployments``); ``serve.local`` binds
 
 1. the plan: request limits (messages, characters, ``stop``, ``max_tokens`` against every
    expert the request may reach: never a silent cap), then the ranked experts to try (routed)
-   or the named expert (direct);
+   or the named expert (direct). A request without ``max_tokens`` gets ``default_max_tokens``
+   (at most every expert's limit), which each expert shortens to the room its context leaves
+   after the prompt: the client asked for no particular length. An explicit ``max_tokens`` is
+   never shortened: an expert whose context cannot hold the prompt plus it refuses the request
+   (``context_length_exceeded``, OpenAI's message);
 2. one fallback loop for unary and streamed calls: an expert that raises or does not answer
    (its first token, when streaming) within ``expert_timeout_s`` is cancelled and the next one
    is tried; the answer says which failed. A circuit breaker per expert (``serve.health``)
    skips, at once and without a call, an expert that failed ``breaker_failures`` times in a
    row or whose replicas are dead (``ExpertUnavailable``), for ``breaker_cooldown_s``; then one
    trial request decides whether it is back (when every expert a request may use is out, they
-   are tried anyway: a last resort, never a refusal). A client error of an expert (a prompt longer than
-   its context) tries the next expert and, when every one refused, is the answer (a 400);
+   are tried anyway: a last resort, never a refusal). A client error of an expert (a prompt, or a
+   prompt plus the requested ``max_tokens``, longer than its context) is not a failure (the
+   breaker does not count it): a routed request tries the next ranked expert, whose context may
+   be larger (what a client of a router expects: an answer from an expert that can take the
+   request), and when every expert tried refused, the first refusal is the answer (a 400); a
+   request naming an expert gets that expert's 400;
 3. SSE framing of streamed answers (``data: {...}`` events, ``data: [DONE]``; an expert that
    fails mid-stream ends the stream with an error event: too late to fall back);
 4. cost accounting: the estimated cost of the expert that answered against the best expert's.
@@ -258,7 +266,7 @@ class CompletionService:
     def _generation(self, req: Request, order: list[str]) -> GenerationRequest:
         limits = {n: self.experts.limit(n) for n in order}
         asked = req.token_limit()
-        if asked is None:
+        if asked is None:  # the default, shortened by each expert to the room its context leaves
             max_tokens = min([self.settings.default_max_tokens, *limits.values()])
         else:
             over = [n for n, lim in limits.items() if asked > lim]
@@ -268,7 +276,8 @@ class CompletionService:
                                     f"({limits[over[0]]} tokens); ask for at most "
                                     f"{min(limits.values())}", param=param, code="max_tokens_too_large")
             max_tokens = asked
-        common: dict[str, Any] = {"max_tokens": max_tokens, "temperature": req.temperature or 0.0,
+        common: dict[str, Any] = {"max_tokens": max_tokens, "max_tokens_is_default": asked is None,
+                                  "temperature": req.temperature or 0.0,
                                   "top_p": req.top_p or 1.0, "stop": req.stop_list()}
         if isinstance(req, ChatCompletionRequest):
             msgs = [{"role": m.role, "content": m.text()} for m in req.messages]

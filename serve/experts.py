@@ -12,8 +12,13 @@ chat messages through the tokenizer's chat template when it has one; without a t
 single user message is sent as its raw text (as when the expert was labelled and
 fingerprinted; this server used to send "user: ...\\nassistant:"), and a longer conversation as
 its message contents joined by blank lines. Completions are raw text. A prompt that does not
-fit the model's context is refused with HTTP 400 (``context_length_exceeded``), never cut. The
-generated tokens are capped by the spec's ``max_new_tokens``. Black-box experts are called
+fit the model's context is refused with HTTP 400 (``context_length_exceeded``), never cut; so is
+one whose prompt plus the client's ``max_tokens`` does not fit (OpenAI's message: "This model's
+maximum context length is N tokens. However, you requested M tokens (P in the messages, K in the
+completion)..."). A ``max_tokens`` the client did not name (``max_tokens_is_default``: the
+server's default) is shortened to the spec's ``max_new_tokens`` and to the room the context
+leaves; one the client named above ``max_new_tokens`` is refused (``max_tokens_too_large``).
+Black-box experts are called
 through the ``openai`` SDK with its own retries (``max_retries``) and timeouts (``timeout_s``).
 """
 
@@ -39,8 +44,8 @@ class ExpertBackend(Protocol):
 
 
 def _too_long(exc: PromptTooLong, req: GenerationRequest) -> ProtocolError:
-    return ProtocolError(str(exc), status=400, code="context_length_exceeded",
-                         param="messages" if req.kind == "chat" else "prompt")
+    param = "messages" if req.kind == "chat" else "prompt"
+    return ProtocolError(exc.describe(param), status=400, code="context_length_exceeded", param=param)
 
 
 class Expert:
@@ -56,8 +61,12 @@ class Expert:
         return getattr(self.llm, "path", None)
 
     def _args(self, req: GenerationRequest) -> tuple[Any, Sampling, bool]:
-        sampling = Sampling(max_tokens=min(req.max_tokens, self.spec.max_new_tokens), temperature=req.temperature,
-                            top_p=req.top_p, stop=tuple(req.stop))
+        limit = self.spec.max_new_tokens
+        if req.max_tokens > limit and not req.max_tokens_is_default:
+            raise ProtocolError(f"max_tokens={req.max_tokens} is above what expert {self.spec.name!r} generates "
+                                f"({limit} tokens)", param="max_tokens", code="max_tokens_too_large")
+        sampling = Sampling(max_tokens=min(req.max_tokens, limit), temperature=req.temperature, top_p=req.top_p,
+                            stop=tuple(req.stop), max_tokens_is_default=req.max_tokens_is_default)
         if req.kind == "completion":
             return req.prompt or "", sampling, True
         return list(req.messages or []), sampling, False

@@ -383,6 +383,10 @@ class GenerationRequest(BaseModel):
     messages: list[dict[str, str]] | None = None  # chat: [{"role", "content"}]
     prompt: str | None = None  # completion
     max_tokens: int = 64
+    # True: the client named no max_tokens and this is the server's default, which an expert
+    # shortens to the room its context leaves; False: the client's own limit, refused (400,
+    # context_length_exceeded / max_tokens_too_large) when it does not fit, never capped
+    max_tokens_is_default: bool = False
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = Field(default_factory=list)

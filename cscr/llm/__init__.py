@@ -57,7 +57,12 @@ def make_backend(backend: str, model: str, **kwargs: Any) -> Any:
 
 
 def serving_backend(spec: ExpertSpec, torch_threads: int | None = None) -> Any:
-    """The streaming backend of one live pool expert (open-weights or black-box)."""
+    """The streaming backend of one live pool expert (open-weights or black-box).
+
+    ``spec.engine_kwargs`` reach the open-weights backend: ``dtype`` (``auto``, the default: the
+    checkpoint's own dtype, see ``cscr.llm.hf.resolve_dtype``; or ``float32`` / ``bfloat16`` /
+    ``float16``) for both; ``device`` and ``num_threads`` for transformers; vLLM engine
+    arguments for vLLM."""
     extra = dict(spec.engine_kwargs)
     if spec.kind == "black-box":
         from cscr.llm.openai_api import OpenAIBackend
@@ -75,5 +80,5 @@ def serving_backend(spec: ExpertSpec, torch_threads: int | None = None) -> Any:
     from cscr.llm.hf import HFBackend
 
     threads = torch_threads or int(extra.get("num_threads", 0) or 0) or None
-    kwargs = {"dtype": str(extra["dtype"])} if extra.get("dtype") else {}
-    return HFBackend(str(spec.source.model), device=extra.get("device") or "auto", num_threads=threads, **kwargs)
+    return HFBackend(str(spec.source.model), device=extra.get("device") or "auto",
+                     dtype=str(extra.get("dtype") or "auto"), num_threads=threads)

@@ -38,6 +38,10 @@ class Sampling:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0  # nucleus sampling (temperature > 0 only)
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    # max_tokens is the server's default (the client named none): shortened to the room the prompt
+    # leaves in the context; False (the client's own limit): a prompt plus max_tokens longer than
+    # the context is refused (PromptTooLong), never capped
+    max_tokens_is_default: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

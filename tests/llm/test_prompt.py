@@ -62,9 +62,18 @@ def test_empty_prompts_and_the_context_check(toks):
     plain, _ = toks
     with pytest.raises(ValueError, match="empty"):
         prompt_ids(plain, [])
-    assert fit_context(10, 64, None) == 64 and fit_context(10, 64, 1024) == 64 and fit_context(1000, 64, 1024) == 24
+    assert fit_context(10, 64, None) == 64 and fit_context(10, 64, 1024) == 64 and fit_context(960, 64, 1024) == 64
     with pytest.raises(PromptTooLong, match="the prompt has 1024 tokens; the model's context is 1024"):
         fit_context(1024, 1, 1024)
+    with pytest.raises(PromptTooLong, match="the prompt has 1024 tokens"):
+        fit_context(1024, 1, 1024, shorten=True)  # no room at all: refused even for a default
+    # the client's max_tokens is never capped; a server default is shortened to the room left
+    with pytest.raises(PromptTooLong, match=r"maximum context length is 1024 tokens\. However, you requested "
+                                            r"1064 tokens \(1000 in the prompt, 64 in the completion\)") as err:
+        fit_context(1000, 64, 1024)
+    assert (err.value.prompt_tokens, err.value.max_tokens, err.value.context) == (1000, 64, 1024)
+    assert "1000 in the messages" in err.value.describe("messages")
+    assert fit_context(1000, 64, 1024, shorten=True) == 24
 
 
 def test_context_length_from_the_model_config(tmp_path):

@@ -185,8 +185,8 @@ class MidStreamFailure:
         raise RuntimeError("connection reset")
 
 
-def router_service(encoder):
-    """A real RouterService: CSCR from parts (a seeded random head) over the COSTS experts."""
+def router_service(encoder, costs: dict[str, float] | None = None, ref=None):
+    """A real RouterService: CSCR from parts (a seeded random head) over ``costs`` (default: COSTS)."""
     import torch
     from cscr.serve.service import RouterService
 
@@ -197,9 +197,10 @@ def router_service(encoder):
     torch.manual_seed(0)
     head = Head(HeadConfig(in_dim=384, hidden=32, out_dim=16))
     rng = np.random.default_rng(0)
-    desc = {n: rng.standard_normal(16) for n in COSTS}
-    router = CSCRRouter.from_parts(head, desc, dict(COSTS), top_k=len(COSTS))
-    return RouterService(encoder, router, reference=reference())
+    costs = dict(costs if costs is not None else COSTS)
+    desc = {n: rng.standard_normal(16) for n in costs}
+    router = CSCRRouter.from_parts(head, desc, costs, top_k=len(costs))
+    return RouterService(encoder, router, reference=ref if ref is not None else reference())
 
 
 def tiny_backends(tiny_lms) -> dict:

@@ -60,9 +60,13 @@ def test_stream_passes_the_same_tokens_as_generate(tiny):
         assert _run(_collect(tiny.stream(req))) == whole.text  # greedy: identical text
 
 
-def test_max_tokens_is_capped_by_the_spec(tiny_lms):
+def test_max_tokens_above_the_spec_is_refused_and_a_default_is_capped(tiny_lms):
     capped = build_backend(ExpertSpec(name="t", model=str(tiny_lms["a"]), max_new_tokens=3))
-    out = _run(capped.generate(GenerationRequest(kind="completion", prompt="Hello", max_tokens=50)))
+    req = GenerationRequest(kind="completion", prompt="Hello", max_tokens=50)
+    with pytest.raises(ProtocolError, match=r"max_tokens=50 is above what expert 't' generates \(3 tokens\)") as err:
+        _run(capped.generate(req))
+    assert err.value.status == 400 and err.value.code == "max_tokens_too_large"
+    out = _run(capped.generate(req.model_copy(update={"max_tokens_is_default": True})))
     assert out.completion_tokens == 3
 
 
@@ -106,10 +110,16 @@ def test_a_prompt_longer_than_the_context_is_a_400_not_a_cut(tiny):
         assert err.value.status == 400 and err.value.code == "context_length_exceeded"
         with pytest.raises(ProtocolError, match="context is 1024 tokens"):
             _run(_collect(tiny.stream(req)))
-    # near the end of the context: the answer is shortened to what fits, not refused
+    # near the end of the context: the client's max_tokens is refused, never capped; the server's
+    # default (the client named none) is shortened to what fits
     n = len(prompt_ids(tiny.llm.tokenizer, "word " * 1000, completion=True))
-    near = _run(tiny.generate(GenerationRequest(kind="completion", prompt="word " * 1000, max_tokens=200)))
-    assert near.completion_tokens <= 1024 - n < 200
+    near = GenerationRequest(kind="completion", prompt="word " * 1000, max_tokens=200)
+    with pytest.raises(ProtocolError, match=rf"you requested {n + 200} tokens \({n} in the prompt, 200 in the "
+                                            rf"completion\)\..*\(at most {1024 - n} completion tokens fit\)") as err:
+        _run(tiny.generate(near))
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded" and err.value.param == "prompt"
+    shortened = _run(tiny.generate(near.model_copy(update={"max_tokens_is_default": True})))
+    assert shortened.completion_tokens <= 1024 - n < 200
 
 
 def test_an_abandoned_transformers_stream_stops_generating(tiny):
