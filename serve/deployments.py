@@ -43,7 +43,7 @@ from cscr.serve.protocol import (
     RouteDecision,
     check_lambda,
 )
-from cscr.serve.routes import EdgeSettings, build_api
+from cscr.serve.routes import EdgeSettings, build_api, error_response
 from cscr.serve.service import CostReference, RouterService
 from cscr.serve.state import (
     PoolRecord,
@@ -92,6 +92,7 @@ class PoolController:
 
     async def drain(self) -> None:
         await self.state.drain()
+        self.spend.flush()  # a graceful stop: the tally on disk is complete before the port closes
 
     async def drained(self, timeout_s: float = 1.0) -> dict[str, object]:
         return await self.state.drained(timeout_s)
@@ -622,7 +623,7 @@ class EdgeGate:
             await self.app(scope, receive, send)
             return
         if self.follower.draining:
-            await self._refuse(send)
+            await self._refuse(scope, receive, send)
             return
 
         async def send_with_version(message: dict[str, Any]) -> None:
@@ -639,13 +640,8 @@ class EdgeGate:
         finally:
             self.inflight -= 1
 
-    async def _refuse(self, send: Any) -> None:
-        import json
-
-        body = json.dumps({"error": {"message": "the server is restarting or stopping: retry shortly",
-                                     "type": "server_error", "param": None, "code": "server_draining"}}).encode()
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"retry-after", b"2"), (b"connection", b"close"),
-            (b"x-cscr-pool-version", str(self.follower.version).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, scope: Any, receive: Any, send: Any) -> None:
+        response = error_response(503, "the server is restarting or stopping: retry shortly", "server_draining",
+                                  headers={"retry-after": "2", "connection": "close",
+                                           "x-cscr-pool-version": str(self.follower.version)})
+        await response(scope, receive, send)

@@ -229,13 +229,12 @@ class RouterService:
             self.add_expert(name, cost, descriptor, refresh=False)
         for name in removed:
             self.remove_expert(name, refresh=False)
-        if table is not None and sorted(table.expert_names) == sorted(self.expert_names):
-            self._tables.clear()
-            self.table = table if list(table.expert_names) == self.expert_names else None
-            if self.table is not None:
-                self._apply_default_point()
-                return None
-        elif not added and not removed and self.table is not None:
+        if table is not None and list(table.expert_names) == self.expert_names:
+            self._tables.clear()  # narrowed pools' tables were of the old pool
+            self.table = table
+            self._apply_default_point()
+            return None
+        if not added and not removed and self.table is not None:
             return self.table  # the run's own table of an unchanged pool: the record keeps it
         self.refresh_table()
         return self.table

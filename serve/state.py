@@ -186,8 +186,7 @@ class PoolState:
     async def attach_table(self, version: int, table: dict[str, Any]) -> bool:
         """Attach the operating-point table of pool ``version`` (persisted); False when that version
         is no longer the current one or already has a table for its pool (first writer wins)."""
-        covered = self.record.table_names()
-        if version != self.record.version or (covered is not None and sorted(covered) == sorted(self.record.names())):
+        if version != self.record.version or self.record.operating_points is not None:  # with_table: it covers the pool
             return False
         record = self.record.with_table(table)
         if self.store is not None:
@@ -298,9 +297,10 @@ SPEND_FILE = "spend.json"
 class SpendBook:
     """Spend per API-key name, shared by every ingress replica (``serve.budgets``), in the run's
     cost unit. With a folder, the tally is loaded from ``spend.json`` at start and written back
-    atomically at most every ``flush_s`` seconds (``flush`` writes now): a crash of the
-    controller loses at most that much of the tally; a restart of ``cscr serve`` keeps it (delete
-    the file to start the keys afresh)."""
+    atomically by a charge that comes ``flush_s`` or more after the last write, and by ``flush``
+    (the controller flushes when the server drains): a graceful restart of ``cscr serve`` keeps
+    the whole tally, a crash loses the charges since the last write (delete the file to start the
+    keys afresh)."""
 
     def __init__(self, folder: str | os.PathLike[str] | None = None, flush_s: float = 0.5) -> None:
         self.path = Path(folder) / SPEND_FILE if folder is not None else None
