@@ -22,8 +22,13 @@ reference taken in the same process, same machine, same moment:
    (DELETE /v1/experts) and re-added (POST /v1/experts, its descriptor from the run): failed
    requests, and requests answered by the removed expert while it was out, are counted.
 
+With ``--router-in-ingress`` the same measures run on the graph without a Router deployment
+(``cscr serve --router-in-ingress``: each Ingress replica routes itself); the ingress-to-router hop
+is then an in-process call.
+
     python bench/serve_latency.py [--run RUN] [--data-dir ../shared/data] [--requests 200]
-                                  [--concurrency 16] [--load-seconds 40] [--smoke-test]
+                                  [--concurrency 16] [--load-seconds 40] [--router-in-ingress]
+                                  [--smoke-test]
 """
 
 from __future__ import annotations
@@ -241,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-requests", type=int, default=64,
                    help="latency and throughput again on real RouterBench test prompts (0: skip)")
     p.add_argument("--load-seconds", type=float, default=40.0, help="0: skip the load run")
+    p.add_argument("--router-in-ingress", action="store_true",
+                   help="route inside the Ingress replica, no Router deployment (cscr serve --router-in-ingress)")
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes")
     args = p.parse_args(argv)
     if args.smoke_test:
@@ -277,7 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     app = build_app({"run": str(run), "pool": str(pool), "expert_num_cpus": 0.1, "expert_timeout_s": 60,
-                     "default_max_tokens": 4, "admin_key": ADMIN_KEY, "batch_wait_ms": args.batch_wait_ms})
+                     "default_max_tokens": 4, "admin_key": ADMIN_KEY, "batch_wait_ms": args.batch_wait_ms,
+                     "router_in_ingress": args.router_in_ingress})
+    router_deployment = "Ingress" if args.router_in_ingress else "Router"  # the replica that embeds
+
+    def batch_stats() -> dict[str, int]:
+        return dict(ray_serve.get_deployment_handle(router_deployment, "cscr").batch_stats.remote().result())
+
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
@@ -303,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
             long_enc = encoder_latency(encoder, args.long_requests, rb)
             long_route = route_latency(base, args.long_requests, prompts=rb)
             long_enc += encoder_latency(encoder, args.long_requests, rb)
-            before = ray_serve.get_deployment_handle("Router", "cscr").batch_stats.remote().result()
+            before = batch_stats()
             long_rps, _ = asyncio.run(route_throughput(base, args.concurrency, args.long_requests, rb))
-            after = ray_serve.get_deployment_handle("Router", "cscr").batch_stats.remote().result()
+            after = batch_stats()
             long_batch = (after["prompts"] - before["prompts"]) / max(after["batches"] - before["batches"], 1)
             long_ps = encoder_throughput(encoder, 32, args.long_requests, rb)
             tag = f"RouterBench prompts (median {chars:.0f} chars)"
@@ -315,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                          [f"{tag}: throughput (req/s, {args.concurrency} clients)", num(long_rps, ".1f"),
                           f"batched MiniLM {num(long_ps, '.1f')} prompts/s (router's mean batch {long_batch:.1f})",
                           f"{num(long_rps / long_ps, '.2f')}x"]]
-        batches = ray_serve.get_deployment_handle("Router", "cscr").batch_stats.remote().result()
+        batches = batch_stats()
         victim = names[0]
         readd = {"expert": {"name": victim, "model": str(lms[victim]), "num_cpus": 0.1}, "cost": costs[victim],
                  "descriptor": [float(x) for x in descriptors[victim]]}
@@ -328,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     print(f"\nserve latency bench (loopback; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
-          f"router batch wait {args.batch_wait_ms:g} ms)")
+          f"router batch wait {args.batch_wait_ms:g} ms; "
+          f"{'routed in the ingress replica' if args.router_in_ingress else 'Router deployment'})")
     print(markdown_table(["measure", "cscr serve", "reference", "ratio"], [
         *[[f"short prompts: route p{q} (ms)", num(pct(route_ms, q), ".2f"), f"MiniLM forward {num(pct(enc_ms, q), '.2f')}",
            f"{num(pct(route_ms, q) / pct(enc_ms, q), '.2f')}x"] for q in (50, 99)],
@@ -343,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             ("MiniLM forward (bare, this process)", enc50),
             ("router replica beyond the forward (batch wait, thread hop, FAISS, knob)",
              float(np.median(router_ms)) - enc50),
-            ("ingress -> router hop (handle call)", float(np.median(ingress_call - router_ms))),
+            ("ingress -> router hop (in-process call)" if args.router_in_ingress else
+             "ingress -> router hop (handle call)", float(np.median(ingress_call - router_ms))),
             ("HTTP proxy + ingress (FastAPI, checks, JSON)", float(np.median(client - ingress_call))),
             ("client total", pct(route_ms, 50)))], "lrr"))
     print(f"\nrouter encoder batches: {batches['batches']}, mean size "

@@ -7,9 +7,11 @@
 pool: a mismatch is refused with the names that differ), makes the first pool record (or
 loads the latest one from the state folder: ``serve.state``), then binds the PoolController,
 the Router (``router_replicas`` or autoscaling), the experts and the Ingress (``ingress_replicas``
-or autoscaling). This module is the only place deployments are bound: experts with their own
-application (every expert under ``cscr serve``, and experts added at run time) are bound by
-``ExpertLauncher``. Arguments arrive as strings from ``serve run``; pydantic converts.
+or autoscaling). With ``router_in_ingress`` there is no Router deployment: every Ingress replica
+holds its own router (``serve.router_core.RouterCore``) and its CPU share. This module is the
+only place deployments are bound: experts with their own application (every expert under
+``cscr serve``, and experts added at run time) are bound by ``ExpertLauncher``. Arguments
+arrive as strings from ``serve run``; pydantic converts.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class ServeArgs(BaseModel):
     check_pool: bool = True  # refuse a run whose index does not match the pool
     state_dir: str | None = None  # durable pool record (None: in memory only; cscr serve: RUN/serve-state)
     router_replicas: int = Field(1, ge=1)
+    router_in_ingress: bool = False  # every Ingress replica routes itself: no Router deployment, no hop
     ingress_replicas: int = Field(1, ge=1)
     min_replicas: int | None = Field(None, ge=0)  # autoscaling of Router and Ingress (with max_replicas)
     max_replicas: int | None = Field(None, ge=1)  # set: Router and Ingress autoscale in [min, max]
@@ -140,7 +143,8 @@ def initial_record(a: ServeArgs, specs: list[ExpertSpec]) -> PoolRecord:
 
 
 def build_app(args: dict[str, Any] | ServeArgs) -> Any:
-    """One Serve application: PoolController + Router + experts + the OpenAI-compatible ingress."""
+    """One Serve application: PoolController + Router + experts + the OpenAI-compatible ingress
+    (which routes itself, without a Router deployment, with ``router_in_ingress``)."""
     return plan_app(args)[0]
 
 
@@ -160,6 +164,9 @@ def plan_app(args: dict[str, Any] | ServeArgs) -> tuple[Any, PoolRecord, ServeAr
     admin_key = a.admin_key or os.environ.get("CSCR_ADMIN_KEY") or None
     if admin_key is not None and admin_key == api_key:
         raise ValueError("the admin key must differ from the API key (every API user would be an admin)")
+    if a.router_in_ingress and a.router_replicas != 1:
+        raise ValueError("router_replicas has no effect with router_in_ingress (each Ingress replica routes): "
+                         "scale ingress_replicas")
     router_opts, ingress_opts = replica_options(a, a.router_replicas), replica_options(a, a.ingress_replicas)
     record = initial_record(a, specs)
     from cscr.serve.completion import CompletionSettings
@@ -187,19 +194,23 @@ def plan_app(args: dict[str, Any] | ServeArgs) -> tuple[Any, PoolRecord, ServeAr
     controller = PoolController.options(  # type: ignore[attr-defined]  # a @serve.deployment class
         ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
     ).bind(record.model_dump(), a.state_dir)
-    router = RouterDeployment.options(ray_actor_options={"num_cpus": a.router_num_cpus},  # type: ignore[attr-defined]
-                                      **router_opts).bind(
-        source, controller, max_batch_size=a.max_batch_size,
-        batch_wait_timeout_s=a.batch_wait_ms / 1e3, torch_threads=a.torch_threads)
+    router_kwargs = {"source": source, "max_batch_size": a.max_batch_size,
+                     "batch_wait_timeout_s": a.batch_wait_ms / 1e3, "torch_threads": a.torch_threads}
+    router, local_router, ingress_cpus = None, None, a.ingress_num_cpus
+    if a.router_in_ingress:  # each Ingress replica does the Router's work too: it gets its CPU share
+        local_router, ingress_cpus = router_kwargs, a.ingress_num_cpus + a.router_num_cpus
+    else:
+        router = RouterDeployment.options(ray_actor_options={"num_cpus": a.router_num_cpus},  # type: ignore[attr-defined]
+                                          **router_opts).bind(controller=controller, **router_kwargs)
     bound = {e.name: expert_application(e.spec, a.torch_threads) for e in record.experts if e.app is None}
-    ingress = Ingress.options(ray_actor_options={"num_cpus": a.ingress_num_cpus}, **ingress_opts)  # type: ignore[attr-defined]
+    ingress = Ingress.options(ray_actor_options={"num_cpus": ingress_cpus}, **ingress_opts)  # type: ignore[attr-defined]
     from cscr.serve.policy import SourcePolicy
 
     policy = SourcePolicy.build(specs, a.allow_upstreams, a.model_roots)
     admin = {"expert_num_cpus": a.expert_num_cpus if a.expert_num_cpus is not None else 0.25,
              "converge_timeout_s": a.converge_timeout_s, "policy": policy.model_dump()}
     app = ingress.bind(router, controller, bound, completion.model_dump(), edge.model_dump(),
-                       ExpertLauncher(a.torch_threads, a.expert_deploy_timeout_s), admin)
+                       ExpertLauncher(a.torch_threads, a.expert_deploy_timeout_s), admin, local_router=local_router)
     return app, record, a
 
 

@@ -4,15 +4,18 @@
   commits, persisted atomically in the state folder, and a long poll that every Router and
   Ingress replica follows (``PoolFollower``). One replica, pinned to the head node (where the
   state folder is); Serve restarts it on failure and it reloads the durable record.
-- ``RouterDeployment``: one ``RouterService``; encoder calls of concurrent requests are batched
-  with ``@serve.batch`` (one MiniLM forward per batch). Its index follows the pool record, so it
-  runs as many replicas as asked (or autoscales).
+- ``RouterDeployment``: one ``serve.router_core.RouterCore`` (a ``RouterService``; encoder calls
+  of concurrent requests batched with ``@serve.batch``, one MiniLM forward per batch). Its index
+  follows the pool record, so it runs as many replicas as asked (or autoscales).
 - ``ExpertDeployment``: one per expert, wrapping a backend of ``serve.experts``.
 - ``Ingress``: the HTTP app of ``serve.routes`` over a ``CompletionService`` and an
   ``AdminService``, with Ray handles behind their client interfaces (``HandleRouter``,
   ``ServeExperts``). Its expert handles are a function of the pool record (the main
   application's bound handles, or ``serve.get_deployment_handle`` by application name), so it
   also runs as many replicas as asked.
+  With ``local_router`` (``ServeArgs.router_in_ingress``) it holds its own ``RouterCore``
+  instead of a Router handle: no Router deployment, no ingress-to-router hop; its follower then
+  applies each record to the expert handles and to that router.
 
 Everything here is glue; requests are served by ``serve.completion``, the HTTP edge is
 ``serve.routes`` / ``serve.admin``, decisions live in ``serve.service``. The deployments are
@@ -25,11 +28,9 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
-import numpy as np
 from cscr.serve.admin import AdminService
 from cscr.serve.budgets import KeyBudgets
 from cscr.serve.completion import CompletionService, CompletionSettings
@@ -41,10 +42,10 @@ from cscr.serve.protocol import (
     GenerationResult,
     ProtocolError,
     RouteDecision,
-    check_lambda,
 )
+from cscr.serve.router_core import RouterCore
 from cscr.serve.routes import EdgeSettings, build_api, error_response
-from cscr.serve.service import CostReference, RouterService
+from cscr.serve.service import CostReference
 from cscr.serve.state import (
     PoolRecord,
     PoolState,
@@ -187,109 +188,40 @@ class PoolFollower:
                 await asyncio.sleep(1.0)
 
 
-def make_service(source: dict[str, Any]) -> RouterService:
-    """A RouterService from a source: a run folder, or factories (tests, programmatic use)."""
-    kwargs = {k: source[k] for k in ("default_lambda", "max_prompt_chars", "default_budget",
-                                     "default_quality_target") if source.get(k) is not None}
-    encoder = source["encoder_factory"]() if source.get("encoder_factory") else None
-    if encoder is None:
-        from cscr.config import EncoderConfig
-        from cscr.encoder import Encoder
-
-        if source.get("run") is not None and not source.get("encoder"):
-            encoder = Encoder.from_run(source["run"])  # embeds as the run's prompts were embedded
-        else:
-            encoder = Encoder(EncoderConfig(model=source.get("encoder")))
-    if source.get("router_factory") is not None:
-        router = source["router_factory"]()
-        return RouterService(encoder, router, **kwargs)
-    return RouterService.from_run(source["run"], source.get("variant", "cscr"), encoder=encoder, **kwargs)
-
-
 @serve.deployment(name="Router", num_replicas=1, max_ongoing_requests=512,
                   ray_actor_options={"num_cpus": 0.25})
 class RouterDeployment:
+    """The Router as its own deployment: a ``RouterCore`` that follows the pool record."""
+
     async def __init__(self, source: dict[str, Any], controller: Any,  # type: ignore[misc]  # Serve awaits it
-                     max_batch_size: int = 32,
-                     batch_wait_timeout_s: float = 0.002, torch_threads: int = 1) -> None:
-        import torch
-
-        torch.set_num_threads(torch_threads)
-        self.service = make_service(source)
-        self.embed_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]  # @serve.batch
-        self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
-        self.stats = {"batches": 0, "prompts": 0, "largest": 0}  # encoder batching
-        self.controller = controller
-        self.follower = PoolFollower(controller, "Router", self.apply)
+                       max_batch_size: int = 32,
+                       batch_wait_timeout_s: float = 0.002, torch_threads: int = 1) -> None:
+        self.core = RouterCore(source, controller, max_batch_size, batch_wait_timeout_s, torch_threads)
+        self.follower = PoolFollower(controller, "Router", self.core.apply)
         await self.follower.start()
-
-    async def apply(self, record: PoolRecord) -> None:
-        """Make the index hold the record's experts (add the new ones by their descriptors, drop
-        the removed ones; the run's experts are in the index from the start), then route with the
-        record's operating-point table, or compute it and attach it to the record."""
-        added: list[tuple[str, float, list[float]]] = []
-        for entry in record.experts:
-            if entry.name in self.service.expert_names:
-                continue
-            if entry.descriptor is None:
-                log.error("pool v%d: expert %r has no descriptor and is not in the run's index; not routed",
-                          record.version, entry.name)
-                continue
-            added.append((entry.name, entry.cost, entry.descriptor))
-        want = set(record.names())
-        removed = [n for n in self.service.expert_names if n not in want]
-        table = None
-        if record.operating_points is not None:
-            from cscr.operating import OperatingTable
-
-            table = OperatingTable.from_json(record.operating_points)
-        computed = self.service.apply_pool(added, removed, table)
-        if computed is not None:  # the first replica on this version: the record keeps it
-            with contextlib.suppress(Exception):  # best effort: another replica may attach it
-                await self.controller.attach_table.remote(record.version, computed.to_json())
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def embed_batch(self, texts: list[str]) -> list[np.ndarray]:
-        self.stats["batches"] += 1
-        self.stats["prompts"] += len(texts)
-        self.stats["largest"] = max(self.stats["largest"], len(texts))
-        emb = await asyncio.to_thread(self.service.embed, texts)  # (n, d)
-        return list(emb)
 
     async def route(self, text: str, lam: float | None, max_cost: float | None = None,
                     candidates: list[str] | None = None, budget: float | None = None,
                     quality_target: float | str | None = None) -> RouteDecision:
-        t0 = time.perf_counter()
-        self.service.check_prompt(text, param="prompt")
-        if lam is not None:  # None: the service picks it (operating point or its default)
-            check_lambda(lam)
-        self.service.candidate_names(candidates, max_cost)  # refuse bad filters before encoding
-        emb = await self.embed_batch(text)
-        version = self.follower.version  # the index the decision is made on (apply runs on this loop)
-        decision = self.service.decide(np.asarray(emb)[None, :], lam, max_cost, candidates, budget,
-                                       quality_target)[0]
-        decision.routing_ms = (time.perf_counter() - t0) * 1e3
-        decision.pool_version = version
-        return decision
+        return await self.core.route(text, lam, max_cost, candidates, budget, quality_target)
 
-    # async: they run on the replica's event loop, never concurrently with a decision
     async def experts(self) -> dict[str, float]:
-        return self.service.expert_costs()
+        return await self.core.experts()
 
     async def pool_version(self) -> int:
-        return self.follower.version
+        return await self.core.pool_version()
 
     async def reference(self) -> CostReference:
-        return self.service.reference
+        return await self.core.reference()
 
     async def fingerprint_plan(self) -> Any:
-        return await asyncio.to_thread(self.service.fingerprint_plan)  # reads the run's files only
+        return await self.core.fingerprint_plan()
 
     async def check_descriptor(self, descriptor: list[float] | None) -> None:
-        self.service.check_descriptor(descriptor)
+        await self.core.check_descriptor(descriptor)
 
     async def batch_stats(self) -> dict[str, int]:
-        return dict(self.stats)
+        return await self.core.batch_stats()
 
 
 @serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
@@ -577,10 +509,14 @@ class ServeExperts:
 class Ingress:
     async def __init__(self, router: Any, controller: Any,  # type: ignore[misc]  # Serve awaits it
                        experts: dict[str, Any], completion: dict[str, Any],
-                       edge: dict[str, Any], launcher: Launcher, admin: dict[str, Any]) -> None:
+                       edge: dict[str, Any], launcher: Launcher, admin: dict[str, Any],
+                       local_router: dict[str, Any] | None = None) -> None:
+        """``router``: the Router deployment's handle; or None with ``local_router``, the keyword
+        arguments of a ``RouterCore`` this replica holds (it routes without a hop)."""
         from cscr.serve.metrics import ServeMetrics
 
-        self.router = HandleRouter(router)
+        self.core = RouterCore(controller=controller, **local_router) if local_router is not None else None
+        self.router: RouterCore | HandleRouter = self.core if self.core is not None else HandleRouter(router)
         settings = CompletionSettings(**completion)
         self.experts = ServeExperts(experts, launcher, settings.connect_timeout_s)
         self.completion = CompletionService(self.router, self.experts, settings, ServeMetrics())
@@ -589,9 +525,23 @@ class Ingress:
         self.edge = EdgeSettings(**edge)
         self.controller = controller
         self.gate: EdgeGate | None = None  # the ASGI middleware (built with the app)
-        self.follower = PoolFollower(controller, "Ingress", self.experts.apply,
+        self.follower = PoolFollower(controller, "Ingress", self.apply,
                                      inflight=lambda: self.gate.inflight if self.gate is not None else 0)
         await self.follower.start()
+
+    async def apply(self, record: PoolRecord) -> None:
+        """Serve ``record``: its expert handles, and its index when this replica routes (both
+        change before the loop runs anything else: the core's first await comes after its index)."""
+        self.experts.apply(record)
+        if self.core is not None:
+            await self.core.apply(record)
+
+    async def batch_stats(self) -> dict[str, int]:
+        """The encoder batching of this replica's router (routing in ingress only)."""
+        if self.core is None:
+            raise ProtocolError("this ingress routes through the Router deployment: ask it", status=404,
+                                code="not_found")
+        return await self.core.batch_stats()
 
     def __serve_build_asgi_app__(self) -> Any:
         budgets = None

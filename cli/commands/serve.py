@@ -8,7 +8,8 @@
 Starts an embedded local Ray cluster with Ray's token auth (or joins one with --address, e.g. on
 a cluster started from cluster.yaml) and deploys the Serve application of serve/app.py: the pool
 controller, the Router (--router-replicas, or autoscaling with --max-replicas), one application
-per expert, the ingress (--ingress-replicas). The run's expert index must match the pool (refused
+per expert, the ingress (--ingress-replicas); with --router-in-ingress every ingress replica routes
+itself (no Router deployment, one hop less). The run's expert index must match the pool (refused
 otherwise, before anything starts). The live pool is saved in --state-dir (default RUN/serve-state)
 on every admin change, and restored from there on the next start. Ctrl-C or SIGTERM stops it;
 exit code 3 when its Ray cluster dies.
@@ -66,6 +67,9 @@ def register(subparsers: Any) -> None:
                    help="folder of the durable pool record (default: RUN/serve-state); the latest "
                         "version there is served on start")
     p.add_argument("--router-replicas", type=int, default=1, help="Router replicas (default: 1)")
+    p.add_argument("--router-in-ingress", action="store_true",
+                   help="route inside every Ingress replica (its own encoder and index) instead of a Router "
+                        "deployment: saves the ingress-to-router hop; routers then scale with --ingress-replicas")
     p.add_argument("--max-batch-size", type=int, default=32,
                    help="prompts the router embeds in one encoder forward (default: 32)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
@@ -105,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
                              ("--min-replicas", args.min_replicas, 0), ("--max-replicas", args.max_replicas, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.router_in_ingress and args.router_replicas != 1:
+        raise ValueError("--router-replicas has no effect with --router-in-ingress (every ingress replica "
+                         "routes): scale --ingress-replicas")
     if args.min_replicas is not None and args.max_replicas is None:
         raise ValueError("--min-replicas needs --max-replicas (autoscaling)")
     if args.max_batch_size < 1:
@@ -128,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         expert_num_cpus=args.expert_cpus, expert_num_gpus=args.expert_gpus,
         state_dir=args.state_dir or os.path.join(args.run, "serve-state"),
         router_replicas=args.router_replicas, ingress_replicas=args.ingress_replicas,
+        router_in_ingress=args.router_in_ingress,
         min_replicas=args.min_replicas, max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests, expert_apps=True,
         expert_deploy_timeout_s=args.expert_deploy_timeout, drain_timeout_s=args.drain_timeout,
