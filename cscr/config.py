@@ -116,6 +116,9 @@ class HeadConfig:
     # quality = sigmoid(a q.d_m + b(d_m)), P(good) with a shared slope and a descriptor-computed bias
     utility: Literal["similarity", "quality"] = "similarity"
     members: int = 1  # an ensemble of this many MLPs, trained together from their own inits; logits averaged
+    # quality heads: the quality map reads a learned linear map P of the unit query, a * (P q).d_m + b(d_m)
+    # (beyond the write-up; P starts as the identity; the InfoNCE keeps the unit query q)
+    query_map: bool = False
 
     def __post_init__(self) -> None:
         _check(min(self.in_dim, self.hidden, self.out_dim) > 0, "head widths must be > 0")
@@ -137,9 +140,15 @@ class LossConfig:
     # > 0 makes the head a quality head (TrainConfig sets head.utility from it). 4.0: chosen on RouterBench
     # validation (docs/routing-quality.md); a record without the field means 0 (TrainConfig.from_nested)
     bce_weight: float = 4.0
+    # the quality BCE's target on a train cell: (1 - s) * its own quality + s * the mean quality of that
+    # expert over the prompt's category in the train split (all train prompts when the table has none);
+    # beyond the write-up. 0: the cell's own quality
+    category_smoothing: float = 0.75
 
     def __post_init__(self) -> None:
         _check(self.bce_weight >= 0, f"bce_weight must be >= 0, got {self.bce_weight}")
+        _check(0 <= self.category_smoothing <= 1,
+               f"category_smoothing must be in [0, 1], got {self.category_smoothing}")
         _check(self.bands >= 1, f"bands must be >= 1, got {self.bands}")
         _check(self.tau_min >= 0 and self.alpha >= 0, "tau_min and alpha must be >= 0")
         _check(self.tau_min + self.alpha > 0, "tau_min + alpha must be > 0 (temperature would be 0)")
@@ -158,12 +167,16 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10  # passes over the train prompts
-    batch_size: int = 512  # prompts per step
-    lr: float = 2e-4  # AdamW learning rate (SPEC: 5e-4; 2e-4 chosen on RouterBench validation with the quality head)
+    # epochs, batch size, lr, the head's dropout and query map and the loss's category smoothing: chosen by
+    # 5-fold cross-validation on train + val of RouterBench and LLMRouter (docs/routing-quality.md); SPEC:
+    # lr 5e-4, batch 512, 10 epochs
+    epochs: int = 20  # passes over the train prompts
+    batch_size: int = 128  # prompts per step
+    lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay
     seed: int = 0  # torch / numpy seed
-    head: HeadConfig = field(default_factory=HeadConfig)  # head.utility follows loss.bce_weight (__post_init__)
+    # head.utility follows loss.bce_weight (__post_init__)
+    head: HeadConfig = field(default_factory=lambda: HeadConfig(dropout=0.1, query_map=True))
     loss: LossConfig = field(default_factory=LossConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     select_window: int = 1  # best epoch by the trailing mean of this many epochs' val AUDC (1: its own)
@@ -182,11 +195,13 @@ class TrainConfig:
     def from_nested(d: dict[str, Any]) -> TrainConfig:
         """A TrainConfig from a nested dict (a record's ``asdict``): a missing field takes its
         dataclass field default, but a missing ``loss.bce_weight`` is 0 (similarity utilities: what a
-        record written before the quality head meant)."""
+        record written before the quality head meant), a missing ``loss.category_smoothing`` is 0 and the
+        head's missing fields are HeadConfig's (no dropout, no query map): what older records meant."""
         d = dict(d)
-        head = from_dict(HeadConfig, d.pop("head", {}))
+        head = from_dict(HeadConfig, d.pop("head", {}))  # a record without query_map: none (HeadConfig's default)
         loss_d = dict(d.pop("loss", {}))
         loss_d.setdefault("bce_weight", 0.0)  # a record written before the quality head: similarity utilities
+        loss_d.setdefault("category_smoothing", 0.0)  # a record written before the smoothing: none
         loss = from_dict(LossConfig, loss_d)
         index = from_dict(IndexConfig, d.pop("index", {}))
         return from_dict(TrainConfig, {**d, "head": head, "loss": loss, "index": index})

@@ -53,6 +53,10 @@ class Head(nn.Module):
             self.bias_map = nn.Linear(self.cfg.out_dim, 1)  # d_m -> bias b(d_m)
             nn.init.zeros_(self.bias_map.weight)
             nn.init.zeros_(self.bias_map.bias)
+            if self.cfg.query_map:
+                self.query_proj = nn.Linear(self.cfg.out_dim, self.cfg.out_dim, bias=False)  # P, from the identity
+                with torch.no_grad():
+                    self.query_proj.weight.copy_(torch.eye(self.cfg.out_dim))
 
     def parts(self) -> list[Head]:
         """The single heads: the ensemble's members, or [self]."""
@@ -72,7 +76,11 @@ class Head(nn.Module):
             raise ValueError("this head has no single quality map (utility 'similarity', or an ensemble: "
                              "use its parts())")
         bias = self.bias_map(e).squeeze(-1)  # (M,)
-        return quality_logits(q, e, self.log_scale.exp(), bias)  # (N, M)
+        return quality_logits(self.quality_query(q), e, self.log_scale.exp(), bias)  # (N, M)
+
+    def quality_query(self, q: Tensor) -> Tensor:
+        """(N, D') what the quality map compares with the descriptors: ``P q`` with a query map, else ``q``."""
+        return self.query_proj(q) if self.cfg.utility == "quality" and self.cfg.query_map else q
 
     @torch.no_grad()
     def quality_map(self, descriptors: np.ndarray) -> tuple[float, np.ndarray]:
@@ -86,11 +94,12 @@ class Head(nn.Module):
     def _routing_query(self, x: Tensor) -> Tensor:
         """(N, D') what the router searches with: the unit query, or an ensemble's combination."""
         if self.cfg.members == 1:
-            return self(x)  # (N, D')
+            return self.quality_query(self(x))  # (N, D')
         qs = self(x)  # (K, N, D')
         if self.cfg.utility == "quality":
             scales = torch.stack([m.log_scale.exp() for m in self.parts()])  # (K,)
-            return (scales[:, None, None] * qs).mean(0)  # (N, D') mean_k a_k q_k
+            mapped = torch.stack([m.quality_query(qs[k]) for k, m in enumerate(self.parts())])  # (K, N, D')
+            return (scales[:, None, None] * mapped).mean(0)  # (N, D') mean_k a_k P_k q_k
         return qs.mean(0)  # (N, D')
 
     @torch.no_grad()

@@ -92,9 +92,11 @@ def test_quality_utility_follows_the_bce_weight_and_old_records_mean_similarity(
         LossConfig(bce_weight=-1.0)
     # the defaults: the quality head (chosen on validation); a record without the fields: similarity
     d = TrainConfig()
-    assert (d.head.utility, d.loss.bce_weight, d.lr) == ("quality", 4.0, 2e-4)
+    assert (d.head.utility, d.loss.bce_weight, d.lr, d.batch_size, d.epochs) == ("quality", 4.0, 1e-3, 128, 20)
+    assert (d.head.query_map, d.head.dropout, d.loss.category_smoothing) == (True, 0.1, 0.75)
     old = TrainConfig.from_nested({"head": {"hidden": 384}, "loss": {"gamma": 0.2}})
     assert (old.head.utility, old.loss.bce_weight) == ("similarity", 0.0)
+    assert (old.head.query_map, old.head.dropout, old.loss.category_smoothing) == (False, 0.0, 0.0)
     assert TrainConfig.from_nested(dataclasses.asdict(d)) == d
     with pytest.raises(ConfigError, match="utility must be"):
         HeadConfig(utility="odds")  # type: ignore[arg-type]
@@ -153,3 +155,30 @@ def test_an_ensemble_averages_its_members_logits_in_one_search(synth, tmp_path, 
     save_trained(tmp_path / "run", res)
     back = load_trained(tmp_path / "run", "cscr")
     np.testing.assert_allclose(_router(back, arrays).utilities(arrays.val_x), u, rtol=1e-6, atol=1e-7)
+
+
+def test_category_smoothing_shrinks_the_bce_targets_towards_the_category_means(synth):
+    from cscr.training.loop import bce_targets
+
+    table, _, arrays = synth
+    train = table.split_index("train")
+    # the category means are over the whole train split (prompts without a positive included)
+    cats = table.categories[train]
+    keep = ~np.isnan(table.quality[train]).all(axis=1) & (np.nan_to_num(table.quality[train]) > 0).any(axis=1)
+    assert arrays.category_quality is not None and arrays.category_quality.shape == arrays.quality.shape
+    first = cats[keep][0]
+    expect = np.nanmean(table.quality[train][cats == first], axis=0)
+    np.testing.assert_allclose(arrays.category_quality[0], expect, rtol=1e-5)
+    assert len({tuple(r) for r in np.round(arrays.category_quality, 6)}) == len(set(cats[keep]))
+    np.testing.assert_array_equal(bce_targets(arrays, 0.0), arrays.quality)
+    np.testing.assert_allclose(bce_targets(arrays, 1.0), arrays.category_quality)
+    half = bce_targets(arrays, 0.5)
+    np.testing.assert_allclose(half, 0.5 * arrays.quality + 0.5 * arrays.category_quality, rtol=1e-6)
+    with pytest.raises(ConfigError, match="category_smoothing"):
+        LossConfig(category_smoothing=1.5)
+    # a smoothed head trains and still routes by its quality map
+    cfg = dataclasses.replace(QUALITY, loss=LossConfig(bce_weight=1.0, category_smoothing=0.5))
+    res = fit_head(arrays, cfg, "cscr", log=None)
+    assert res.config.loss.category_smoothing == 0.5 and res.best_val_audc is not None
+    u = _router(res, arrays).utilities(arrays.val_x)
+    assert ((u > 0) & (u < 1)).all()

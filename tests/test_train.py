@@ -60,13 +60,18 @@ def test_epoch_batches_shard_one_permutation_per_epoch():
         epoch_batches(1, 4, 0, 0, rank=0, world=2)
 
 
-def test_prepare_arrays_drops_prompts_without_positive_and_incomplete_val_rows():
+def test_prepare_arrays_keeps_prompts_without_positive_and_drops_incomplete_val_rows():
     table, emb, _ = synthetic_table(n=300, n_experts=4, seed=1, probe_size=32, missing=0.05)
     arrays = prepare_arrays(table, emb, probe_outcome_descriptors(table))
-    assert arrays.positives.any(axis=1).all()
+    # a train prompt nobody answered well stays (the quality map learns it fails everywhere; the
+    # InfoNCE skips it: no positive); one with no observed cell at all is dropped
+    train_q = table.quality[table.split_index("train")]
+    assert arrays.n == int((~np.isnan(train_q)).any(axis=1).sum())
+    assert arrays.observed.any(axis=1).all()
+    assert arrays.meta["n_train_with_positive"] == int(arrays.positives.any(axis=1).sum()) < arrays.n
+    assert (arrays.quality[~arrays.positives.any(axis=1)] == 0).all()
     assert not (arrays.positives & ~arrays.observed).any()
     assert not np.isnan(arrays.val_quality).any()
-    assert arrays.meta["n_train_with_positive"] == arrays.n < arrays.meta["n_train"]
     assert arrays.descriptors.shape == (4, 32)
     with pytest.raises(ValueError, match=r"no descriptor for expert\(s\) \['expert-3'\]"):
         prepare_arrays(table, emb, {f"expert-{j}": np.ones(32) for j in range(3)})

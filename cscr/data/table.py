@@ -272,3 +272,17 @@ def assign_splits(
     splits[perm[:n_probe]] = "probe"
     splits[perm[n_probe : n_probe + n_val]] = "val"
     return splits.astype(str)
+
+
+def category_means(quality: np.ndarray, groups: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(means (G, M) with NaN where a group never observed an expert, overall means (M,)) of
+    quality (n, M) (NaN = missing) over the rows of each group id in ``groups`` (n,) < n_groups."""
+    seen = ~np.isnan(quality)  # (n, M)
+    q = np.nan_to_num(quality, nan=0.0)
+    total = np.zeros((n_groups, quality.shape[1]))
+    count = np.zeros((n_groups, quality.shape[1]))
+    np.add.at(total, groups, q)
+    np.add.at(count, groups, seen)
+    means = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    overall = q.sum(axis=0) / np.maximum(seen.sum(axis=0), 1)
+    return means, overall

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from cscr.data.table import RoutingTable
+from cscr.data.table import RoutingTable, category_means
 from cscr.losses import positives_from_quality
 
 
@@ -31,6 +31,9 @@ class TrainArrays:
     val_cost: np.ndarray  # (v, M) float64
     meta: dict[str, Any] = field(default_factory=dict)  # descriptor kind, basis id, counts
     quality: np.ndarray | None = None  # (n, M) float32 quality in [0, 1], 0 where missing (the BCE target)
+    # (n, M) float32 each train prompt's category mean quality per expert (over the whole train split,
+    # prompts without a positive included; an expert never seen in the category: its overall mean)
+    category_quality: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -55,10 +58,15 @@ def prepare_arrays(table: RoutingTable, emb: np.ndarray, descriptors: Mapping[st
         raise ValueError("the table has no train prompts")
     pos, obs = positives_from_quality(table.quality[train], tolerance)
     pos_np, obs_np = pos.numpy(), obs.numpy()
-    keep = pos_np.any(axis=1)  # prompts without a positive are skipped by the loss anyway
-    if not keep.any():
+    if not pos_np.any():
         raise ValueError("no train prompt has a positive expert (every quality is 0 or missing)")
+    # every prompt with an observed cell: one nobody answered well has no positive (the InfoNCE skips it)
+    # but teaches the quality map that such prompts fail everywhere (cheap experts are then as good)
+    keep = obs_np.any(axis=1)
     quality = np.nan_to_num(table.quality[train][keep].astype(np.float32), nan=0.0)  # (n, M) masked by observed
+    cats, groups = np.unique(np.asarray(table.categories[train], dtype=str), return_inverse=True)
+    means, overall = category_means(table.quality[train], groups.reshape(-1), len(cats))  # (G, M), (M,)
+    means = np.where(np.isnan(means), overall[None, :], means)  # (G, M)
     val = table.split_index("val")
     val = val[~np.isnan(table.quality[val]).any(axis=1)]
     return TrainArrays(
@@ -68,6 +76,7 @@ def prepare_arrays(table: RoutingTable, emb: np.ndarray, descriptors: Mapping[st
         val_x=np.ascontiguousarray(emb[val], dtype=np.float32),
         val_quality=table.quality[val], val_cost=table.cost[val],
         meta={"descriptor_kind": descriptor_kind, "basis_id": basis_id, "n_train": int(train.size),
-              "n_train_with_positive": int(keep.sum()), "n_val": int(val.size), "source": table.source},
+              "n_train_with_positive": int(pos_np.any(axis=1).sum()), "n_val": int(val.size), "source": table.source},
         quality=np.clip(quality, 0.0, 1.0),
+        category_quality=np.clip(means[groups.reshape(-1)][keep], 0.0, 1.0).astype(np.float32),
     )

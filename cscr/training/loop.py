@@ -112,9 +112,18 @@ class Tensors:
             descriptors=torch.from_numpy(arrays.descriptors).to(device),
             costs=torch.from_numpy(arrays.costs.astype(np.float32)).to(device),
             bands=cost_bands(arrays.costs, cfg.loss.bands).to(device),
-            quality=torch.from_numpy(arrays.quality if arrays.quality is not None
-                                     else arrays.positives.astype(np.float32)).to(device),
+            quality=torch.from_numpy(bce_targets(arrays, cfg.loss.category_smoothing)).to(device),
         )
+
+
+def bce_targets(arrays: TrainArrays, smoothing: float = 0.0) -> np.ndarray:
+    """(n, M) float32 targets of the quality BCE: each cell's quality (the positives on arrays without
+    one), shrunk towards its category's mean quality by ``smoothing`` (the category mean carries the
+    task's signal with less noise than one 0/1 answer; 0 leaves the cells as they are)."""
+    own = arrays.quality if arrays.quality is not None else arrays.positives.astype(np.float32)  # (n, M)
+    if smoothing <= 0 or arrays.category_quality is None:
+        return np.ascontiguousarray(own, dtype=np.float32)
+    return ((1.0 - smoothing) * own + smoothing * arrays.category_quality).astype(np.float32)  # (n, M)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
@@ -205,7 +214,9 @@ def run_epochs(arrays: TrainArrays, cfg: TrainConfig, head: Head, opt: torch.opt
     for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter()
         batches = epoch_batches(arrays.n, cfg.batch_size, cfg.seed, epoch, rank, world)
-        m: dict[str, Any] = train_epoch(model, opt, t, batches, cfg.loss)
+        with torch.random.fork_rng(devices=[]):  # dropout: seeded per epoch, so a resumed run continues exactly
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, rank]).generate_state(1)[0]))
+            m: dict[str, Any] = train_epoch(model, opt, t, batches, cfg.loss)
         m["prompts"] = m["prompts"] * world  # every worker trains an equal shard
         m["val_audc"] = validate(head) if validate is not None else None
         m["epoch_seconds"] = time.perf_counter() - t0

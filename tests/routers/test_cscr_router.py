@@ -88,7 +88,7 @@ def test_an_added_expert_is_chosen_for_prompts_near_it_without_retraining():
     desc = probe_outcome_descriptors(table)
     # similarity utilities (SPEC section 5), so that "near" below is the lambda = 0 choice; the quality
     # head's version of this property is tests/test_quality_head.py's
-    similarity = TrainConfig(epochs=2, batch_size=128, head=HeadConfig(), loss=LossConfig(bce_weight=0.0))
+    similarity = TrainConfig(epochs=2, batch_size=128, lr=2e-4, head=HeadConfig(), loss=LossConfig(bce_weight=0.0))
     res = fit_head(prepare_arrays(table, emb, desc), similarity, log=None)
     costs = dict(zip(table.expert_names, table.expert_costs(), strict=True))
     router = CSCRRouter.from_parts(res.head, desc, costs)
