@@ -50,7 +50,7 @@ def register(subparsers: Any) -> None:
                         help="descriptor kind from the run's store (default: the kind the run was last trained "
                              "with, else probe-outcome)")
     common.add_argument("--epochs", type=int, default=None,
-                        help="CSCR training epochs (default: the run's last training's, else 10)")
+                        help="CSCR training epochs (default: the run's last training's, else TrainConfig's)")
     common.add_argument("--lambdas", type=int, default=EvalConfig.n_lambdas, help="knob values per sweep")
     common.add_argument("--bootstrap", type=int, default=EvalConfig.bootstrap, help="paired bootstrap resamples")
     common.add_argument("--out", default=None, help="output folder (default: <run>/experiments/<name>)")

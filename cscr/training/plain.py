@@ -22,7 +22,8 @@ def train_run(run_dir: str, variant: str = "cscr", cfg: TrainConfig | None = Non
     kind = prepare_descriptors(run_dir, descriptor_kind, log=log)  # probe-outcome: computed and stored
     arrays = load_training_arrays(run_dir, cfg.loss.tolerance, kind)
     if log:
-        log(f"train[{variant}]: {arrays.n} train prompts with a positive, {arrays.val_x.shape[0]} val prompts, "
+        log(f"train[{variant}]: {arrays.n} train prompts ({arrays.meta.get('n_train_with_positive', arrays.n)} with a positive), "
+            f"{arrays.val_x.shape[0]} val prompts, "
             f"{len(arrays.expert_names)} experts, {arrays.meta['descriptor_kind']} descriptors "
             f"(D' = {arrays.descriptors.shape[1]}), plain loop")
     result = fit_head(arrays, cfg, variant, log=log)
