@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="sequential /v1/route requests (latency)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--throughput-requests", type=int, default=400)
-    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="the router's batch wait (cscr serve --batch-wait-ms)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="the router's extra batch wait (cscr serve --batch-wait-ms; 0: continuous batching)")
     p.add_argument("--long-requests", type=int, default=64,
                    help="latency and throughput again on real RouterBench test prompts (0: skip)")
     p.add_argument("--load-seconds", type=float, default=40.0, help="0: skip the load run")

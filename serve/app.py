@@ -63,7 +63,7 @@ class ServeArgs(BaseModel):
     expert_num_gpus: float | None = Field(None, ge=0)  # GPUs of every open-weights expert replica
     torch_threads: int = Field(1, ge=0)  # torch threads per replica (0: torch's default)
     max_batch_size: int = Field(32, ge=1)  # encoder calls batched per forward
-    batch_wait_ms: float = Field(2.0, ge=0)  # how long the router waits to fill a batch
+    batch_wait_ms: float = Field(0.0, ge=0)  # extra wait to fill an encoder batch (0: continuous batching only)
     check_pool: bool = True  # refuse a run whose index does not match the pool
     state_dir: str | None = None  # durable pool record (None: in memory only; cscr serve: RUN/serve-state)
     router_replicas: int = Field(1, ge=1)

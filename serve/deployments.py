@@ -5,7 +5,7 @@
   Ingress replica follows (``PoolFollower``). One replica, pinned to the head node (where the
   state folder is); Serve restarts it on failure and it reloads the durable record.
 - ``RouterDeployment``: one ``serve.router_core.RouterCore`` (a ``RouterService``; encoder calls
-  of concurrent requests batched with ``@serve.batch``, one MiniLM forward per batch). Its index
+  of concurrent requests batched by ``serve.batching.EncoderBatcher``, one MiniLM forward per batch). Its index
   follows the pool record, so it runs as many replicas as asked (or autoscales).
 - ``ExpertDeployment``: one per expert, wrapping a backend of ``serve.experts``.
 - ``Ingress``: the HTTP app of ``serve.routes`` over a ``CompletionService`` and an
@@ -195,7 +195,7 @@ class RouterDeployment:
 
     async def __init__(self, source: dict[str, Any], controller: Any,  # type: ignore[misc]  # Serve awaits it
                        max_batch_size: int = 32,
-                       batch_wait_timeout_s: float = 0.002, torch_threads: int = 1) -> None:
+                       batch_wait_timeout_s: float = 0.0, torch_threads: int = 1) -> None:
         self.core = RouterCore(source, controller, max_batch_size, batch_wait_timeout_s, torch_threads)
         self.follower = PoolFollower(controller, "Router", self.core.apply)
         await self.follower.start()

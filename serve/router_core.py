@@ -1,8 +1,8 @@
 """The router's work inside a Serve replica, in one place: ``RouterCore``.
 
 A ``RouterService`` (``make_service``) whose index follows the pool record (``apply``), with the
-encoder calls of concurrent requests batched into one MiniLM forward (``@serve.batch``) and the
-decisions made on the replica's event loop. Two replicas hold one:
+encoder calls of concurrent requests batched into one MiniLM forward (``serve.batching.EncoderBatcher``:
+continuous batching, no fixed wait) and the decisions made on the replica's event loop. Two replicas hold one:
 
 - ``serve.deployments.RouterDeployment``: the Router as its own deployment (the default graph:
   HTTP proxy -> Ingress -> Router), a thin wrapper that Ingress replicas call through handles;
@@ -11,9 +11,8 @@ decisions made on the replica's event loop. Two replicas hold one:
 
 ``RouterCore`` has the async interface of the router client of the completion and admin services
 (``route``, ``experts``, ``reference``, ``check_descriptor``, ``fingerprint_plan``), the same as
-``serve.deployments.HandleRouter``, so an Ingress uses either. It must live in a Serve replica:
-``@serve.batch`` builds its queue there, on the replica's event loop (one queue per process:
-one ``RouterCore`` per replica).
+``serve.deployments.HandleRouter``, so an Ingress uses either. Its batcher runs on the event loop
+of its first call (the replica's).
 """
 
 from __future__ import annotations
@@ -25,10 +24,10 @@ import time
 from typing import Any
 
 import numpy as np
+from cscr.serve.batching import EncoderBatcher
 from cscr.serve.protocol import RouteDecision, check_lambda
 from cscr.serve.service import CostReference, RouterService
 from cscr.serve.state import PoolRecord
-from ray import serve
 
 log = logging.getLogger("cscr.serve")
 
@@ -60,14 +59,13 @@ class RouterCore:
     operating-point table attaches it. ``torch_threads`` is set for the whole process."""
 
     def __init__(self, source: dict[str, Any], controller: Any, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.002, torch_threads: int = 1) -> None:
+                 batch_wait_timeout_s: float = 0.0, torch_threads: int = 1) -> None:
         import torch
 
         torch.set_num_threads(torch_threads)
         self.service = make_service(source)
-        self.embed_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]  # @serve.batch
-        self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
-        self.stats = {"batches": 0, "prompts": 0, "largest": 0}  # encoder batching
+        self.batcher = EncoderBatcher(self._embed, max_batch_size, batch_wait_timeout_s)
+        self.stats = self.batcher.stats  # encoder batching: batches, prompts, largest
         self.controller = controller
         self.version = 0  # the pool version the index holds (0: none applied yet)
 
@@ -97,12 +95,8 @@ class RouterCore:
             with contextlib.suppress(Exception):  # best effort: another replica may attach it
                 await self.controller.attach_table.remote(record.version, computed.to_json())
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def embed_batch(self, texts: list[str]) -> list[np.ndarray]:
-        self.stats["batches"] += 1
-        self.stats["prompts"] += len(texts)
-        self.stats["largest"] = max(self.stats["largest"], len(texts))
-        emb = await asyncio.to_thread(self.service.embed, texts)  # (n, d)
+    async def _embed(self, texts: list[str]) -> list[np.ndarray]:
+        emb = await asyncio.to_thread(self.service.embed, texts)  # (n, d), off the event loop
         return list(emb)
 
     async def route(self, text: str, lam: float | None, max_cost: float | None = None,
@@ -113,7 +107,7 @@ class RouterCore:
         if lam is not None:  # None: the service picks it (operating point or its default)
             check_lambda(lam)
         self.service.candidate_names(candidates, max_cost)  # refuse bad filters before encoding
-        emb = await self.embed_batch(text)
+        emb = await self.batcher.submit(text)
         version = self.version  # the index the decision is made on (apply runs on this loop)
         decision = self.service.decide(np.asarray(emb)[None, :], lam, max_cost, candidates, budget,
                                        quality_target)[0]

@@ -72,9 +72,9 @@ def register(subparsers: Any) -> None:
                         "deployment: saves the ingress-to-router hop; routers then scale with --ingress-replicas")
     p.add_argument("--max-batch-size", type=int, default=32,
                    help="prompts the router embeds in one encoder forward (default: 32)")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0,
-                   help="how long the router waits to fill an encoder batch (default: 2; long prompts "
-                        "under load gain throughput from ~20: bench/serve_latency.py --batch-wait-ms)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="extra wait to fill an encoder batch (default: 0: continuous batching, a lone request "
+                        "is embedded at once and requests arriving during a forward share the next one)")
     p.add_argument("--ingress-replicas", type=int, default=1, help="Ingress (HTTP) replicas (default: 1)")
     p.add_argument("--min-replicas", type=int, default=None,
                    help="autoscaling: fewest Router/Ingress replicas (default: 1; needs --max-replicas)")
