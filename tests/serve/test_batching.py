@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from cscr.serve.batching import EncoderBatcher
 
 
