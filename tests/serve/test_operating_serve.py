@@ -265,6 +265,13 @@ def iid_run(tmp_path_factory, shared_data) -> Path:
         idx = idx[short[idx]] if split != "probe" else idx
         rows.append(rng.choice(idx, min(k, idx.size), replace=False))
     sub = table.subset(np.sort(np.concatenate(rows)), RB_EXPERTS)
+    # RouterBench's validation prompts come from the upstream train files and its test prompts from
+    # the test files, whose difficulty differs (the best expert: about 0.05 apart); split afresh, half
+    # and half within each task (quality depends on the task mix), the two are one distribution, as
+    # the promise assumes
+    for cat in np.unique(sub.categories):
+        held = np.flatnonzero(np.isin(sub.splits, ["val", "test"]) & (sub.categories == cat))
+        sub.splits[rng.permutation(held)] = np.where(np.arange(held.size) % 2 == 0, "val", "test")
     paths = RunPaths.of(tmp_path_factory.mktemp("iid-run") / "run")
     sub.save(paths.table)
     embed_table(sub, Encoder(), paths.embeddings, progress=None)
@@ -322,9 +329,7 @@ def test_openai_client_gets_the_tables_point_and_the_routers_choices(iid_run, en
 def test_served_choices_realise_the_promise_on_held_out_prompts(iid_run, encoder):
     """The promised-vs-realised check (``cscr.operating_run.check_choices``, z = 1.96 on the sampling
     errors of both means) of the requests above on every held-out test prompt of the slice, with
-    the router's choices at the chosen lambda (the served ones, as the test above shows). The
-    promises run high on this slice (its validation prompts are easier than its test prompts for
-    every expert alike): about 0.05 in quality, inside the tolerance of 250 + 221 prompts."""
+    the router's choices at the chosen lambda (the served ones, as the test above shows)."""
     service = RouterService.from_run(iid_run, encoder=encoder)
     table = service.table
     held = split_arrays(iid_run, service.router, "test")
