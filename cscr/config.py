@@ -119,9 +119,14 @@ class HeadConfig:
     # quality heads: the quality map reads a learned linear map P of the unit query, a * (P q).d_m + b(d_m)
     # (beyond the write-up; P starts as the identity; the InfoNCE keeps the unit query q)
     query_map: bool = False
+    # logits of the prompt's category read from the unit query (beyond the write-up): an auxiliary
+    # classifier trained when loss.category_weight > 0, never read by routing; set at train time
+    # to the number of train categories (0: none)
+    categories: int = 0
 
     def __post_init__(self) -> None:
         _check(min(self.in_dim, self.hidden, self.out_dim) > 0, "head widths must be > 0")
+        _check(self.categories >= 0, f"categories must be >= 0, got {self.categories}")
         _check(self.members >= 1, f"members must be >= 1, got {self.members}")
         _check(self.utility in ("similarity", "quality"),
                f"utility must be 'similarity' or 'quality', got {self.utility!r}")
@@ -144,9 +149,14 @@ class LossConfig:
     # expert over the prompt's category in the train split (all train prompts when the table has none);
     # beyond the write-up. 0: the cell's own quality
     category_smoothing: float = 0.75
+    # weight of an auxiliary cross-entropy: the unit query predicts the prompt's category (the head's
+    # ``category_map``; beyond the write-up). Routing never reads it; 0: none. A table without
+    # categories (one group) adds nothing
+    category_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.bce_weight >= 0, f"bce_weight must be >= 0, got {self.bce_weight}")
+        _check(self.category_weight >= 0, f"category_weight must be >= 0, got {self.category_weight}")
         _check(0 <= self.category_smoothing <= 1,
                f"category_smoothing must be in [0, 1], got {self.category_smoothing}")
         _check(self.bands >= 1, f"bands must be >= 1, got {self.bands}")

@@ -57,6 +57,8 @@ class Head(nn.Module):
                 self.query_proj = nn.Linear(self.cfg.out_dim, self.cfg.out_dim, bias=False)  # P, from the identity
                 with torch.no_grad():
                     self.query_proj.weight.copy_(torch.eye(self.cfg.out_dim))
+        if self.cfg.categories > 0:  # the auxiliary category classifier (training only)
+            self.category_map = nn.Linear(self.cfg.out_dim, self.cfg.categories)
 
     def parts(self) -> list[Head]:
         """The single heads: the ensemble's members, or [self]."""
@@ -77,6 +79,13 @@ class Head(nn.Module):
                              "use its parts())")
         bias = self.bias_map(e).squeeze(-1)  # (M,)
         return quality_logits(self.quality_query(q), e, self.log_scale.exp(), bias)  # (N, M)
+
+    def category_logits(self, q: Tensor) -> Tensor:
+        """(N, C) logits of the prompt's category from unit queries (N, D') (a single head with
+        ``cfg.categories > 0``): the auxiliary task of ``loss.category_weight``."""
+        if self.cfg.categories < 1 or self.cfg.members > 1:
+            raise ValueError("this head has no single category map (categories 0, or an ensemble: use its parts())")
+        return self.category_map(q)  # type: ignore[no-any-return]
 
     def quality_query(self, q: Tensor) -> Tensor:
         """(N, D') what the quality map compares with the descriptors: ``P q`` with a query map, else ``q``."""

@@ -182,3 +182,33 @@ def test_category_smoothing_shrinks_the_bce_targets_towards_the_category_means(s
     assert res.config.loss.category_smoothing == 0.5 and res.best_val_audc is not None
     u = _router(res, arrays).utilities(arrays.val_x)
     assert ((u > 0) & (u < 1)).all()
+
+
+def test_the_auxiliary_category_task_teaches_the_query_the_category_and_routing_ignores_it(synth, tmp_path):
+    import torch
+
+    table, _, arrays = synth
+    names = arrays.meta["categories"]
+    assert arrays.category_ids is not None and len(names) > 1
+    train = table.split_index("train")
+    np.testing.assert_array_equal(np.asarray(names)[arrays.category_ids][:5], table.categories[train][:5])
+    with pytest.raises(ConfigError, match="category_weight"):
+        LossConfig(category_weight=-0.1)
+    # off by default, and a record written before the option has none
+    assert TrainConfig().loss.category_weight == 0.0 and TrainConfig.from_nested({}).head.categories == 0
+    assert fit_head(arrays, dataclasses.replace(QUALITY, epochs=1), "cscr", log=None).head.cfg.categories == 0
+    cfg = dataclasses.replace(QUALITY, epochs=8, loss=dataclasses.replace(QUALITY.loss, category_weight=1.0))
+    res = fit_head(arrays, cfg, "cscr", log=None)
+    assert res.head.cfg.categories == len(names)
+    res.head.eval()
+    with torch.no_grad():  # the classifier reads the unit query q (the routing query is P q)
+        pred = res.head.category_logits(res.head(torch.from_numpy(arrays.x[:400]))).argmax(1).numpy()
+    # the classifier learned the categories (chance: 1 / len(names))
+    assert (pred == arrays.category_ids[:400]).mean() > 0.9  # (near chance, 0.28, at weight 1e-4)
+    # the vanilla ablation keeps the task; save / load keeps the classifier (the state dict loads)
+    assert fit_head(arrays, dataclasses.replace(cfg, epochs=1), "vanilla", log=None).config.loss.category_weight == 1.0
+    save_trained(tmp_path / "run", res)
+    back = load_trained(tmp_path / "run", "cscr")
+    assert back.head.cfg.categories == len(names)
+    np.testing.assert_allclose(_router(back, arrays).utilities(arrays.val_x), _router(res, arrays).utilities(arrays.val_x),
+                               rtol=1e-6, atol=1e-7)

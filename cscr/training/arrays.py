@@ -34,6 +34,9 @@ class TrainArrays:
     # (n, M) float32 each train prompt's category mean quality per expert (over the whole train split,
     # prompts without a positive included; an expert never seen in the category: its overall mean)
     category_quality: np.ndarray | None = None
+    # (n,) int64 each train prompt's category, an index into meta["categories"] (the auxiliary
+    # category loss's target; one category when the table has none)
+    category_ids: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -76,7 +79,9 @@ def prepare_arrays(table: RoutingTable, emb: np.ndarray, descriptors: Mapping[st
         val_x=np.ascontiguousarray(emb[val], dtype=np.float32),
         val_quality=table.quality[val], val_cost=table.cost[val],
         meta={"descriptor_kind": descriptor_kind, "basis_id": basis_id, "n_train": int(train.size),
-              "n_train_with_positive": int(pos_np.any(axis=1).sum()), "n_val": int(val.size), "source": table.source},
+              "n_train_with_positive": int(pos_np.any(axis=1).sum()), "n_val": int(val.size), "source": table.source,
+              "categories": [str(c) for c in cats]},
         quality=np.clip(quality, 0.0, 1.0),
         category_quality=np.clip(means[groups.reshape(-1)][keep], 0.0, 1.0).astype(np.float32),
+        category_ids=groups.reshape(-1)[keep].astype(np.int64),
     )

@@ -44,9 +44,8 @@ def variant_config(cfg: TrainConfig, variant: str) -> TrainConfig:
     if variant == "cscr":
         return cfg
     if variant == "vanilla":
-        loss = LossConfig(bands=1, tau_min=cfg.loss.tau_min, alpha=0.0, gamma=0.0, tolerance=cfg.loss.tolerance,
-                          bce_weight=cfg.loss.bce_weight)
-        return dataclasses.replace(cfg, loss=loss)
+        # the cost-spectrum terms off; everything else (the quality BCE, its targets, the category task) kept
+        return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, bands=1, alpha=0.0, gamma=0.0))
     raise ValueError(f"unknown training variant {variant!r}; expected one of {VARIANTS}")
 
 
@@ -72,10 +71,20 @@ class TrainState:
 
 def head_for(arrays: TrainArrays, cfg: TrainConfig) -> Head:
     """A fresh head of the right widths (in: embedding width, out: descriptor width), seeded."""
-    head_cfg = dataclasses.replace(cfg.head, in_dim=int(arrays.x.shape[1]), out_dim=int(arrays.descriptors.shape[1]))
+    head_cfg = dataclasses.replace(cfg.head, in_dim=int(arrays.x.shape[1]), out_dim=int(arrays.descriptors.shape[1]),
+                                   categories=category_count(arrays, cfg))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return Head(head_cfg)
+
+
+def category_count(arrays: TrainArrays, cfg: TrainConfig) -> int:
+    """Categories of the head's auxiliary classifier: the train split's, when ``loss.category_weight`` > 0
+    and the table has more than one; else 0 (no classifier)."""
+    if cfg.loss.category_weight <= 0 or arrays.category_ids is None:
+        return 0
+    n = len(arrays.meta.get("categories", [])) or int(arrays.category_ids.max(initial=-1)) + 1
+    return n if n > 1 else 0
 
 
 def init_training(arrays: TrainArrays, cfg: TrainConfig, state: TrainState | None = None,
@@ -102,6 +111,7 @@ class Tensors:
     costs: torch.Tensor  # (M,)
     bands: torch.Tensor  # (M,) int64 band ids
     quality: torch.Tensor  # (n, M) float32 BCE targets (0 where missing)
+    categories: torch.Tensor | None = None  # (n,) int64 category ids (the auxiliary category loss)
 
     @staticmethod
     def of(arrays: TrainArrays, cfg: TrainConfig, device: torch.device | str = "cpu") -> Tensors:
@@ -113,6 +123,7 @@ class Tensors:
             costs=torch.from_numpy(arrays.costs.astype(np.float32)).to(device),
             bands=cost_bands(arrays.costs, cfg.loss.bands).to(device),
             quality=torch.from_numpy(bce_targets(arrays, cfg.loss.category_smoothing)).to(device),
+            categories=None if category_count(arrays, cfg) == 0 else torch.from_numpy(arrays.category_ids).to(device),
         )
 
 
@@ -158,6 +169,9 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, t: Tensors, 
             if loss_cfg.bce_weight > 0:
                 logits = member.logits(qs[k], t.descriptors)  # (b, M) the quality map's logits
                 loss = loss + loss_cfg.bce_weight * quality_bce(logits, t.quality[ib], t.observed[ib])
+            if loss_cfg.category_weight > 0 and t.categories is not None:
+                loss = loss + loss_cfg.category_weight * torch.nn.functional.cross_entropy(
+                    member.category_logits(qs[k]), t.categories[ib])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

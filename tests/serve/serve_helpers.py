@@ -6,7 +6,10 @@ from __future__ import annotations
 import socket
 import threading
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import httpx
 import numpy as np
 
 from cscr.routers.base import Router
@@ -52,6 +55,15 @@ def make_tiny_lm(out_dir: Path, seed: int) -> Path:
     from cscr.models import tiny_random_lm
 
     return tiny_random_lm(out_dir, seed, tokenizer="smollm2")
+
+
+def app_clients(base: str, key: str, admin_key: str, **extra: Any) -> SimpleNamespace:
+    """What a live-app fixture yields: ``base``, an ``http`` client with the API key, an ``admin``
+    client with the admin key, and ``extra`` (the pool, the state folder, a local service ...)."""
+    def client(k: str) -> httpx.Client:
+        return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {k}"}, timeout=300)
+
+    return SimpleNamespace(base=base, http=client(key), admin=client(admin_key), **extra)
 
 
 def free_port() -> int:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import httpx
 import pytest
 import yaml
 from cscr.serve.service import RouterService
-from serve_helpers import RB_EXPERTS, free_port
+from serve_helpers import RB_EXPERTS, app_clients, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +62,7 @@ def cluster(trained_run, tiny_lms, tmp_path_factory, encoder):
         launch_expert_apps(record, ExpertLauncher(deploy_timeout_s=300))
         ray_serve.run(app, name="cscr", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        yield SimpleNamespace(
-            base=base, state_dir=state_dir, local=RouterService.from_run(trained_run, encoder=encoder),
-            http=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=300),
-            admin=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=300))
+        yield app_clients(base, KEY, ADMIN, state_dir=state_dir, local=RouterService.from_run(trained_run, encoder=encoder))
     finally:
         ray_serve.shutdown()
         ray.shutdown()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -19,7 +18,7 @@ import yaml
 from cscr.cli import main
 from cscr.serve.app import ServeArgs, plan_app
 from cscr.serve.service import RouterService
-from serve_helpers import RB_EXPERTS, free_port
+from serve_helpers import RB_EXPERTS, app_clients, free_port
 
 KEY, ADMIN = "k-in-ingress", "admin-in-ingress"
 MISTRAL = RB_EXPERTS[0]
@@ -59,10 +58,7 @@ def served(trained_run, tiny_lms, tmp_path_factory, encoder):
         ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         ray_serve.run(app, name="cscr", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        yield SimpleNamespace(
-            base=base, pool=pool, local=RouterService.from_run(trained_run, encoder=encoder),
-            http=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=300),
-            admin=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=300))
+        yield app_clients(base, KEY, ADMIN, pool=pool, local=RouterService.from_run(trained_run, encoder=encoder))
     finally:
         ray_serve.shutdown()
         ray.shutdown()

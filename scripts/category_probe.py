@@ -1,0 +1,142 @@
+"""How much of the per-category router's lead is the category label? K-fold cross-validation on train + val.
+
+The per-category router (SPEC.md section 7) is handed each prompt's category; CSCR sees only the prompt.
+For each fold this trains the default CSCR head (cscr.config.TrainConfig, best epoch on the fold, so its
+figure runs a little high) and the baselines on the other folds, then scores on the held-out fold:
+
+- ``head``: the CSCR router; ``per-category``, ``parametric``: the baselines;
+- ``head+cat w``: ``(1 - w) * P_head(good) + w * Qbar[category]``: CSCR *given* the category label;
+- ``softcat``: prompt only: a softmax regression from the prompt embedding to the category,
+  ``u = sum_c p(c | x) * Qbar[c]``; ``head+softcat w``: its blend with the head.
+
+    python scripts/category_probe.py --run runs/llmr [--folds 5] [--out probe.json]
+
+The test split is never read. One line per variant: the mean AUDC over the folds, then each fold's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BLEND = (0.25, 0.5, 0.75)
+
+
+def category_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-4, steps: int = 300):
+    """A softmax regression (L2, full-batch L-BFGS) from embeddings (n, d) to classes (n,); returns
+    ``proba(x) -> (m, n_classes)``."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        xt, yt = torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
+        lin = torch.nn.Linear(xt.shape[1], n_classes)
+        opt = torch.optim.LBFGS(lin.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(lin(xt), yt) + l2 * lin.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+    def proba(z: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(lin(torch.from_numpy(np.asarray(z, dtype=np.float32))), 1).double().numpy()
+
+    return proba
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cscr.config import TrainConfig
+    from cscr.data.table import RoutingTable, category_means
+    from cscr.eval import metrics as M
+    from cscr.routers.base import Router, RouterContext, get_router
+    from cscr.routers.cscr import CSCRRouter
+    from cscr.runs.inputs import Run
+    from cscr.training.arrays import prepare_arrays
+    from cscr.training.fit import fit_head
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+
+    class Given(Router):  # fixed utilities, scored as every router is
+        def __init__(self, names: list[str], costs: np.ndarray, u: np.ndarray) -> None:
+            super().__init__()
+            self.expert_names, self.costs, self.u = list(names), costs, u
+
+        def utilities(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+            return self.u
+
+    run = Run.of(a.run)
+    table, emb = run.table, run.embeddings
+
+    def audc(r: Router, t: RoutingTable, rows: np.ndarray) -> float:  # on the fold table t
+        lam = r.knob_grid(emb[rows], 200)
+        x, y = M.operating_points(r.route_sweep(emb[rows], lam), t.quality[rows], t.cost[rows])
+        lo, hi = M.pool_range(t.cost[rows].mean(axis=0))
+        return float(M.audc(M.deferral_curve(x, y), lo, hi))
+
+    desc, kind, basis = run.descriptors()
+    cats = np.asarray(table.categories, dtype=str)
+    pool = table.split_index("train", "val")
+    folds = np.array_split(np.random.default_rng(12345).permutation(pool), a.folds)  # as scripts/cv_grid.py
+    res: dict[str, list[float]] = {}
+    for k in range(a.folds):
+        t0 = time.time()
+        t = copy.copy(table)
+        sp = table.splits.copy()
+        sp[pool], sp[folds[k]] = "train", "val"
+        t.splits = sp
+        rows = t.split_index("val")
+        rows = rows[~np.isnan(t.quality[rows]).any(axis=1)]
+        cfg = TrainConfig()
+        arrays = prepare_arrays(t, emb, desc, cfg.loss.tolerance, kind, basis)
+        head = fit_head(arrays, cfg, log=None)
+        router = CSCRRouter.from_trained(head, dict(zip(arrays.expert_names, arrays.descriptors, strict=True)),
+                                         dict(zip(arrays.expert_names, arrays.costs, strict=True)), use_gpu=False)
+        ctx = RouterContext.from_table(t, emb, 0)
+        per_cat = get_router("per-category").fit(ctx)
+        u = {"head": router.utilities(emb[rows]), "per-category": per_cat.utilities(emb[rows], rows),
+             "parametric": get_router("parametric").fit(ctx).utilities(emb[rows], rows)}
+        train = t.split_index("train")
+        names = sorted(set(cats[train].tolist()))
+        code = {c: i for i, c in enumerate(names)}
+        proba = category_classifier(emb[train], np.array([code[c] for c in cats[train]]), len(names))
+        p_c = proba(emb[rows])  # (n, C)
+        means, overall = category_means(t.quality[train], np.array([code[c] for c in cats[train]]), len(names))
+        qbar = np.where(np.isnan(means), overall[None, :], means)  # (C, M) as the per-category router's table
+        u["softcat"] = p_c @ qbar
+        held = cats[rows]
+        acc = float(np.mean(np.array(names)[p_c.argmax(1)] == held))
+        for w in BLEND:
+            u[f"head+cat w={w}"] = (1 - w) * u["head"] + w * u["per-category"]
+            u[f"head+softcat w={w}"] = (1 - w) * u["head"] + w * u["softcat"]
+
+        for name, util in u.items():
+            res.setdefault(name, []).append(audc(Given(per_cat.expert_names, per_cat.costs, util), t, rows))
+        res.setdefault("category accuracy (softcat)", []).append(acc)
+        print(f"fold {k}: head {res['head'][-1]:.4f}  per-category {res['per-category'][-1]:.4f}  "
+              f"softcat {res['softcat'][-1]:.4f} (category accuracy {acc:.3f})  {time.time() - t0:.0f} s", flush=True)
+    for name, vals in res.items():
+        print(f"{name:30s} {np.mean(vals):.4f}   {' '.join(f'{v:.4f}' for v in vals)}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"run": str(run.root), "folds": a.folds, "results": res}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
