@@ -7,7 +7,9 @@ figure runs a little high) and the baselines on the other folds, then scores on 
 - ``head``: the CSCR router; ``per-category``, ``parametric``: the baselines;
 - ``head+cat w``: ``(1 - w) * P_head(good) + w * Qbar[category]``: CSCR *given* the category label;
 - ``softcat``: prompt only: a softmax regression from the prompt embedding to the category,
-  ``u = sum_c p(c | x) * Qbar[c]``; ``head+softcat w``: its blend with the head.
+  ``u = sum_c p(c | x) * Qbar[c]``; ``head+softcat w``: its blend with the head;
+- ``head+pool w``: ``(1 - w) * P_head(good) + w * Qbar``: the head shrunk towards the pool's mean
+  train quality per expert (prompt only; scripts/ood_shrink_probe.py asks the same on unseen groups).
 
     python scripts/category_probe.py --run runs/llmr [--folds 5] [--out probe.json]
 
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         for w in BLEND:
             u[f"head+cat w={w}"] = (1 - w) * u["head"] + w * u["per-category"]
             u[f"head+softcat w={w}"] = (1 - w) * u["head"] + w * u["softcat"]
+            u[f"head+pool w={w}"] = (1 - w) * u["head"] + w * overall[None, :]
 
         for name, util in u.items():
             res.setdefault(name, []).append(audc(Given(per_cat.expert_names, per_cat.costs, util), t, rows))

@@ -1,0 +1,124 @@
+"""Does shrinking CSCR's expected quality towards the pool's mean help on unseen task groups?
+
+The out-of-distribution experiment (``cscr experiment ood``) trains on some task groups and tests on
+a held-out one. There the default head falls below the query-blind routers (pareto-random, the
+per-category table's fallback). The hypothesis: on a prompt unlike any training group the head's
+per-expert estimates are overconfident, and a mix with the pool's mean quality would transfer better:
+
+    u_w(x) = (1 - w) * P_head(good | x, m) + w * Qbar_m        (Qbar_m: mean train quality of expert m)
+
+``w`` is chosen without the held-out group (nested leave-one-group-out): for each outer held-out
+group g, a head is trained on each inner split of the remaining groups (one of them held out in
+turn), and ``w`` is the grid value with the best mean inner AUDC. Then the outer head (trained on
+every group but g, as the experiment trains it) is scored on g with that ``w``, and, for reference,
+with every grid value. The outer held-out group never informs the choice.
+
+    python scripts/ood_shrink_probe.py --run runs/llmr [--split tasks] [--seed 0] [--out shrink.json]
+
+A diagnostic: nothing in the package changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GRID = (0.0, 0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cscr.cli.commands.experiment import ood_splits, resolve_split
+
+    from cscr.config import TrainConfig
+    from cscr.eval import metrics as M
+    from cscr.experiments.common import costs_of, cscr_router, default_descriptors, train_cscr
+    from cscr.experiments.ood import LLMROUTER_TASK_GROUPS, leave_one_group_out
+    from cscr.routers.base import Router
+    from cscr.runs.inputs import Run
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True)
+    p.add_argument("--split", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+
+    class Given(Router):  # fixed utilities, scored as every router is
+        def __init__(self, names: list[str], costs: np.ndarray, u: np.ndarray) -> None:
+            super().__init__()
+            self.expert_names, self.costs, self.u = list(names), costs, u
+
+        def utilities(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+            return self.u
+
+    run = Run.of(a.run)
+    table, emb = run.table, run.embeddings
+    split = resolve_split(a.split, {str(c) for c in table.categories if str(c).strip()})
+    cfg = TrainConfig(seed=a.seed)
+
+    def head_and_mean(t, e):  # the cscr router trained on t's train split, and the pool's mean quality
+        desc = default_descriptors(t)
+        train = t.split_index("train")
+        router = cscr_router("cscr", train_cscr(t, e, desc, "cscr", cfg), {n: desc[n] for n in t.expert_names},
+                             costs_of(t, train))
+        return router, np.nanmean(t.quality[train], axis=0)
+
+    def audcs(router, qbar, t, e, rows) -> list[float]:  # AUDC on rows for every w of GRID
+        rows = rows[~np.isnan(t.quality[rows]).any(axis=1)]
+        u = router.utilities(e[rows])
+        lo, hi = M.pool_range(t.cost[rows].mean(axis=0))
+        out = []
+        for w in GRID:
+            g = Given(router.expert_names, router.costs, (1 - w) * u + w * qbar[None, :])
+            lam = g.knob_grid(e[rows], 200)
+            x, y = M.operating_points(g.route_sweep(e[rows], lam), t.quality[rows], t.cost[rows])
+            out.append(float(M.audc(M.deferral_curve(x, y), lo, hi)))
+        return out
+
+    results = []
+    for s in ood_splits(table, split):
+        t0 = time.time()
+        e_out = emb[s.emb_rows]
+        # inner: the training groups only, one of them held out in turn
+        keep = np.setdiff1d(np.arange(s.table.n), s.ood_rows)
+        inner_table, inner_emb = s.table.subset(keep), e_out[keep]
+        if split == "tasks":
+            groups = {k: v for k, v in LLMROUTER_TASK_GROUPS.items() if k != s.test_group}
+        else:
+            cats = sorted({str(c) for c in inner_table.categories if str(c).strip()})
+            groups = {c: [c] for c in cats}
+        inner = []
+        for si in leave_one_group_out(inner_table, groups):
+            ei = inner_emb[si.emb_rows]
+            r, qbar = head_and_mean(si.table, ei)
+            inner.append(audcs(r, qbar, si.table, ei, si.ood_rows))
+        inner_mean = np.mean(inner, axis=0)
+        w_star = GRID[int(np.argmax(inner_mean))]
+        r, qbar = head_and_mean(s.table, e_out)
+        outer = audcs(r, qbar, s.table, e_out, s.ood_rows)
+        in_dist = audcs(r, qbar, s.table, e_out, s.id_rows)
+        row = {"held_out": s.test_group, "grid": list(GRID), "inner_mean": inner_mean.tolist(), "w": w_star,
+               "ood": outer, "ood_at_w": outer[GRID.index(w_star)], "ood_head": outer[0], "id": in_dist}
+        results.append(row)
+        print(f"{s.test_group:18s} inner {' '.join(f'{v:.4f}' for v in inner_mean)} -> w={w_star}; "
+              f"held-out head {outer[0]:.4f}, at w {row['ood_at_w']:.4f} (grid {' '.join(f'{v:.4f}' for v in outer)}); "
+              f"in-dist at w {in_dist[GRID.index(w_star)]:.4f} vs {in_dist[0]:.4f}  ({time.time() - t0:.0f} s)",
+              flush=True)
+    head = np.mean([r["ood_head"] for r in results])
+    chosen = np.mean([r["ood_at_w"] for r in results])
+    print(f"mean over held-out groups: head {head:.4f}, nested-chosen shrink {chosen:.4f} ({chosen - head:+.4f})")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"run": str(run.root), "split": split, "seed": a.seed, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
