@@ -5,13 +5,18 @@ a held-out one. There the default head falls below the query-blind routers (pare
 per-category table's fallback). The hypothesis: on a prompt unlike any training group the head's
 per-expert estimates are overconfident, and a mix with the pool's mean quality would transfer better:
 
-    u_w(x) = (1 - w) * P_head(good | x, m) + w * Qbar_m        (Qbar_m: mean train quality of expert m)
+    u_w(x) = (1 - w(x)) * P_head(good | x, m) + w(x) * Qbar_m        (Qbar_m: mean train quality of expert m)
 
-``w`` is chosen without the held-out group (nested leave-one-group-out): for each outer held-out
+``w(x) = w`` for every prompt (gate q = 1), or only for prompts far from the training prompts:
+``w(x) = w`` when x's mean cosine similarity to its 10 nearest training prompts is below the q-quantile
+of the same figure over the training prompts themselves (each without itself), else 0. So at q = 0.05
+about 5 % of in-distribution prompts are shrunk.
+
+``(w, q)`` is chosen without the held-out group (nested leave-one-group-out): for each outer held-out
 group g, a head is trained on each inner split of the remaining groups (one of them held out in
-turn), and ``w`` is the grid value with the best mean inner AUDC. Then the outer head (trained on
-every group but g, as the experiment trains it) is scored on g with that ``w``, and, for reference,
-with every grid value. The outer held-out group never informs the choice.
+turn), and ``(w, q)`` is the grid pair with the best mean inner AUDC. Then the outer head (trained on
+every group but g, as the experiment trains it) is scored on g with that pair, and, for reference,
+with every ``w`` at q = 1. The outer held-out group never informs the choice.
 
     python scripts/ood_shrink_probe.py --run runs/llmr [--split tasks] [--seed 0] [--out shrink.json]
 
@@ -31,6 +36,8 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GRID = (0.0, 0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
+GATES = (0.02, 0.05, 0.1, 0.25, 1.0)
+K_NEAR = 10
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,17 +77,40 @@ def main(argv: list[str] | None = None) -> int:
                              costs_of(t, train))
         return router, np.nanmean(t.quality[train], axis=0)
 
-    def audcs(router, qbar, t, e, rows) -> list[float]:  # AUDC on rows for every w of GRID
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    def nearness(q: np.ndarray, ref: np.ndarray, self_excluded: bool = False) -> np.ndarray:
+        """(n,) mean cosine similarity of each row of q to its K_NEAR most similar rows of ref."""
+        out = np.empty(len(q))
+        for i in range(0, len(q), 2048):
+            sim = unit(q[i:i + 2048]) @ unit(ref).T
+            if self_excluded:
+                sim[np.arange(sim.shape[0]), np.arange(i, i + sim.shape[0])] = -np.inf
+            out[i:i + 2048] = np.sort(sim, axis=1)[:, -K_NEAR:].mean(axis=1)
+        return out
+
+    def audcs(router, qbar, t, e, rows) -> np.ndarray:  # (gates, w) AUDC on rows
         rows = rows[~np.isnan(t.quality[rows]).any(axis=1)]
         u = router.utilities(e[rows])
+        train = e[t.split_index("train")]
+        ref = nearness(train, train, self_excluded=True)
+        near = nearness(e[rows], train)
         lo, hi = M.pool_range(t.cost[rows].mean(axis=0))
-        out = []
-        for w in GRID:
-            g = Given(router.expert_names, router.costs, (1 - w) * u + w * qbar[None, :])
-            lam = g.knob_grid(e[rows], 200)
-            x, y = M.operating_points(g.route_sweep(e[rows], lam), t.quality[rows], t.cost[rows])
-            out.append(float(M.audc(M.deferral_curve(x, y), lo, hi)))
+        out = np.zeros((len(GATES), len(GRID)))
+        for i, q in enumerate(GATES):
+            far = np.ones(len(rows), bool) if q >= 1 else near < np.quantile(ref, q)
+            for j, w in enumerate(GRID):
+                wx = np.where(far, w, 0.0)[:, None]
+                g = Given(router.expert_names, router.costs, (1 - wx) * u + wx * qbar[None, :])
+                lam = g.knob_grid(e[rows], 200)
+                x, y = M.operating_points(g.route_sweep(e[rows], lam), t.quality[rows], t.cost[rows])
+                out[i, j] = float(M.audc(M.deferral_curve(x, y), lo, hi))
         return out
+
+    def show(v: np.ndarray) -> str:
+        return " ".join(f"{x:.4f}" for x in v)
 
     results = []
     for s in ood_splits(table, split):
@@ -100,20 +130,26 @@ def main(argv: list[str] | None = None) -> int:
             r, qbar = head_and_mean(si.table, ei)
             inner.append(audcs(r, qbar, si.table, ei, si.ood_rows))
         inner_mean = np.mean(inner, axis=0)
-        w_star = GRID[int(np.argmax(inner_mean))]
+        gi, wi = np.unravel_index(int(np.argmax(inner_mean)), inner_mean.shape)
+        ci = GATES.index(1.0)
+        w_const = int(np.argmax(inner_mean[ci]))  # the best constant shrink (q = 1)
         r, qbar = head_and_mean(s.table, e_out)
         outer = audcs(r, qbar, s.table, e_out, s.ood_rows)
         in_dist = audcs(r, qbar, s.table, e_out, s.id_rows)
-        row = {"held_out": s.test_group, "grid": list(GRID), "inner_mean": inner_mean.tolist(), "w": w_star,
-               "ood": outer, "ood_at_w": outer[GRID.index(w_star)], "ood_head": outer[0], "id": in_dist}
+        row = {"held_out": s.test_group, "grid": list(GRID), "gates": list(GATES), "inner_mean": inner_mean.tolist(),
+               "w": GRID[w_const], "gate": GATES[gi], "w_gated": GRID[wi], "ood": outer.tolist(), "id": in_dist.tolist(),
+               "ood_head": outer[ci, 0], "ood_at_w": outer[ci, w_const], "ood_gated": outer[gi, wi],
+               "id_head": in_dist[ci, 0], "id_at_w": in_dist[ci, w_const], "id_gated": in_dist[gi, wi]}
         results.append(row)
-        print(f"{s.test_group:18s} inner {' '.join(f'{v:.4f}' for v in inner_mean)} -> w={w_star}; "
-              f"held-out head {outer[0]:.4f}, at w {row['ood_at_w']:.4f} (grid {' '.join(f'{v:.4f}' for v in outer)}); "
-              f"in-dist at w {in_dist[GRID.index(w_star)]:.4f} vs {in_dist[0]:.4f}  ({time.time() - t0:.0f} s)",
-              flush=True)
-    head = np.mean([r["ood_head"] for r in results])
-    chosen = np.mean([r["ood_at_w"] for r in results])
-    print(f"mean over held-out groups: head {head:.4f}, nested-chosen shrink {chosen:.4f} ({chosen - head:+.4f})")
+        print(f"{s.test_group:18s} constant: inner {show(inner_mean[ci])} -> w={GRID[w_const]}; held-out head "
+              f"{outer[ci, 0]:.4f}, at w {row['ood_at_w']:.4f} (grid {show(outer[ci])}); in-dist {row['id_at_w']:.4f} "
+              f"vs {row['id_head']:.4f}\n{'':18s} gated: chose q={GATES[gi]}, w={GRID[wi]} -> held-out "
+              f"{row['ood_gated']:.4f}, in-dist {row['id_gated']:.4f}  ({time.time() - t0:.0f} s)", flush=True)
+    for key, label in (("ood_at_w", "constant shrink"), ("ood_gated", "gated shrink")):
+        head, chosen = np.mean([r["ood_head"] for r in results]), np.mean([r[key] for r in results])
+        idh, idc = np.mean([r["id_head"] for r in results]), np.mean([r[key.replace("ood", "id")] for r in results])
+        print(f"mean over held-out groups, {label}: held-out head {head:.4f} -> {chosen:.4f} ({chosen - head:+.4f}); "
+              f"in-distribution {idh:.4f} -> {idc:.4f} ({idc - idh:+.4f})")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"run": str(run.root), "split": split, "seed": a.seed, "results": results}, f, indent=1)
