@@ -59,10 +59,11 @@ def category_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from _utility_audc import utility_audc
+
     from cscr.config import TrainConfig
-    from cscr.data.table import RoutingTable, category_means
-    from cscr.eval import metrics as M
-    from cscr.routers.base import Router, RouterContext, get_router
+    from cscr.data.table import category_means
+    from cscr.routers.base import RouterContext, get_router
     from cscr.routers.cscr import CSCRRouter
     from cscr.runs.inputs import Run
     from cscr.training.arrays import prepare_arrays
@@ -74,22 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
 
-    class Given(Router):  # fixed utilities, scored as every router is
-        def __init__(self, names: list[str], costs: np.ndarray, u: np.ndarray) -> None:
-            super().__init__()
-            self.expert_names, self.costs, self.u = list(names), costs, u
-
-        def utilities(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-            return self.u
-
     run = Run.of(a.run)
     table, emb = run.table, run.embeddings
-
-    def audc(r: Router, t: RoutingTable, rows: np.ndarray) -> float:  # on the fold table t
-        lam = r.knob_grid(emb[rows], 200)
-        x, y = M.operating_points(r.route_sweep(emb[rows], lam), t.quality[rows], t.cost[rows])
-        lo, hi = M.pool_range(t.cost[rows].mean(axis=0))
-        return float(M.audc(M.deferral_curve(x, y), lo, hi))
 
     desc, kind, basis = run.descriptors()
     cats = np.asarray(table.categories, dtype=str)
@@ -129,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             u[f"head+pool w={w}"] = (1 - w) * u["head"] + w * overall[None, :]
 
         for name, util in u.items():
-            res.setdefault(name, []).append(audc(Given(per_cat.expert_names, per_cat.costs, util), t, rows))
+            res.setdefault(name, []).append(utility_audc(per_cat.expert_names, per_cat.costs, util, emb[rows],
+                                                         t.quality[rows], t.cost[rows]))
         res.setdefault("category accuracy (softcat)", []).append(acc)
         print(f"fold {k}: head {res['head'][-1]:.4f}  per-category {res['per-category'][-1]:.4f}  "
               f"softcat {res['softcat'][-1]:.4f} (category accuracy {acc:.3f})  {time.time() - t0:.0f} s", flush=True)

@@ -41,13 +41,12 @@ K_NEAR = 10
 
 
 def main(argv: list[str] | None = None) -> int:
+    from _utility_audc import utility_audc
     from cscr.cli.commands.experiment import ood_splits, resolve_split
 
     from cscr.config import TrainConfig
-    from cscr.eval import metrics as M
     from cscr.experiments.common import costs_of, cscr_router, default_descriptors, train_cscr
     from cscr.experiments.ood import LLMROUTER_TASK_GROUPS, leave_one_group_out
-    from cscr.routers.base import Router
     from cscr.runs.inputs import Run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,56 +56,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
 
-    class Given(Router):  # fixed utilities, scored as every router is
-        def __init__(self, names: list[str], costs: np.ndarray, u: np.ndarray) -> None:
-            super().__init__()
-            self.expert_names, self.costs, self.u = list(names), costs, u
-
-        def utilities(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-            return self.u
-
     run = Run.of(a.run)
     table, emb = run.table, run.embeddings
     split = resolve_split(a.split, {str(c) for c in table.categories if str(c).strip()})
     cfg = TrainConfig(seed=a.seed)
 
-    def head_and_mean(t, e):  # the cscr router trained on t's train split, and the pool's mean quality
-        desc = default_descriptors(t)
-        train = t.split_index("train")
-        router = cscr_router("cscr", train_cscr(t, e, desc, "cscr", cfg), {n: desc[n] for n in t.expert_names},
-                             costs_of(t, train))
-        return router, np.nanmean(t.quality[train], axis=0)
-
     def unit(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
-    def nearness(q: np.ndarray, ref: np.ndarray, self_excluded: bool = False) -> np.ndarray:
-        """(n,) mean cosine similarity of each row of q to its K_NEAR most similar rows of ref."""
+    def nearness(q: np.ndarray, ref_unit: np.ndarray, self_excluded: bool = False) -> np.ndarray:
+        """(n,) mean cosine similarity of each row of q to its K_NEAR most similar rows of ref_unit
+        (unit rows); self_excluded: q is ref_unit itself, each row skips its own."""
         out = np.empty(len(q))
         for i in range(0, len(q), 2048):
-            sim = unit(q[i:i + 2048]) @ unit(ref).T
+            sim = unit(q[i:i + 2048]) @ ref_unit.T
             if self_excluded:
                 sim[np.arange(sim.shape[0]), np.arange(i, i + sim.shape[0])] = -np.inf
             out[i:i + 2048] = np.sort(sim, axis=1)[:, -K_NEAR:].mean(axis=1)
         return out
 
-    def audcs(router, qbar, t, e, rows) -> np.ndarray:  # (gates, w) AUDC on rows
+    def fit_split(t, e):
+        """The cscr router trained on t's train split, the pool's mean train quality, the unit train
+        embeddings and each train prompt's own nearness to the others (the gate's reference)."""
+        desc = default_descriptors(t)
+        train = t.split_index("train")
+        router = cscr_router("cscr", train_cscr(t, e, desc, "cscr", cfg), {n: desc[n] for n in t.expert_names},
+                             costs_of(t, train))
+        train_unit = unit(e[train])
+        return router, np.nanmean(t.quality[train], axis=0), train_unit, nearness(train_unit, train_unit, True)
+
+    def audcs(fitted, t, e, rows) -> np.ndarray:  # (gates, w) AUDC on rows
+        router, qbar, train_unit, ref = fitted
         rows = rows[~np.isnan(t.quality[rows]).any(axis=1)]
         u = router.utilities(e[rows])
-        train = e[t.split_index("train")]
-        ref = nearness(train, train, self_excluded=True)
-        near = nearness(e[rows], train)
-        lo, hi = M.pool_range(t.cost[rows].mean(axis=0))
+        near = nearness(e[rows], train_unit)
         out = np.zeros((len(GATES), len(GRID)))
         for i, q in enumerate(GATES):
             far = np.ones(len(rows), bool) if q >= 1 else near < np.quantile(ref, q)
             for j, w in enumerate(GRID):
                 wx = np.where(far, w, 0.0)[:, None]
-                g = Given(router.expert_names, router.costs, (1 - wx) * u + wx * qbar[None, :])
-                lam = g.knob_grid(e[rows], 200)
-                x, y = M.operating_points(g.route_sweep(e[rows], lam), t.quality[rows], t.cost[rows])
-                out[i, j] = float(M.audc(M.deferral_curve(x, y), lo, hi))
+                out[i, j] = utility_audc(router.expert_names, router.costs, (1 - wx) * u + wx * qbar[None, :],
+                                         e[rows], t.quality[rows], t.cost[rows])
         return out
 
     def show(v: np.ndarray) -> str:
@@ -127,15 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         inner = []
         for si in leave_one_group_out(inner_table, groups):
             ei = inner_emb[si.emb_rows]
-            r, qbar = head_and_mean(si.table, ei)
-            inner.append(audcs(r, qbar, si.table, ei, si.ood_rows))
+            inner.append(audcs(fit_split(si.table, ei), si.table, ei, si.ood_rows))
         inner_mean = np.mean(inner, axis=0)
         gi, wi = np.unravel_index(int(np.argmax(inner_mean)), inner_mean.shape)
         ci = GATES.index(1.0)
         w_const = int(np.argmax(inner_mean[ci]))  # the best constant shrink (q = 1)
-        r, qbar = head_and_mean(s.table, e_out)
-        outer = audcs(r, qbar, s.table, e_out, s.ood_rows)
-        in_dist = audcs(r, qbar, s.table, e_out, s.id_rows)
+        fitted = fit_split(s.table, e_out)
+        outer = audcs(fitted, s.table, e_out, s.ood_rows)
+        in_dist = audcs(fitted, s.table, e_out, s.id_rows)
         row = {"held_out": s.test_group, "grid": list(GRID), "gates": list(GATES), "inner_mean": inner_mean.tolist(),
                "w": GRID[w_const], "gate": GATES[gi], "w_gated": GRID[wi], "ood": outer.tolist(), "id": in_dist.tolist(),
                "ood_head": outer[ci, 0], "ood_at_w": outer[ci, w_const], "ood_gated": outer[gi, wi],
