@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from cscr.routers.base import RouterContext, get_router
     from cscr.routers.cscr import CSCRRouter
     from cscr.runs.inputs import Run
+    from cscr.runs.settings import recorded_training
     from cscr.training.arrays import prepare_arrays
     from cscr.training.fit import fit_head
 
@@ -78,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     run = Run.of(a.run)
     table, emb = run.table, run.embeddings
 
-    desc, kind, basis = run.descriptors()
+    recorded = recorded_training(run.paths)  # the descriptor kind the run was trained with, as `cscr train` reads it
+    try:
+        desc, kind, basis = run.descriptors(recorded.descriptor_kind if recorded else None)
+    except FileNotFoundError as exc:  # the message names the command that computes them
+        print(f"category_probe: {exc}", file=sys.stderr)
+        return 2
     cats = np.asarray(table.categories, dtype=str)
     pool = table.split_index("train", "val")
     folds = np.array_split(np.random.default_rng(12345).permutation(pool), a.folds)  # as scripts/cv_grid.py
