@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "calibrate": "operating points of a run's router: cost and quality per knob value (table + plot)",
     "route": "route one prompt offline: ranked experts at a budget, quality target or cost weight",
     "train": "train the CSCR head (Ray Train, or --plain)",
+    "guard": "choose and attach the out-of-distribution guard of a trained head (nested leave-one-group-out)",
     "quickstart": "RouterBench end to end: prepare, descriptors, train, evaluate",
     "fingerprint": "compute expert descriptors (logit / perplexity) for a pool",
     "label": "run a live pool on prompts with answers and write a routing table",

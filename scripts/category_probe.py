@@ -59,10 +59,9 @@ def category_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from _utility_audc import utility_audc
-
     from cscr.config import TrainConfig
     from cscr.data.table import category_means
+    from cscr.eval.utility import utility_audc
     from cscr.routers.base import RouterContext, get_router
     from cscr.routers.cscr import CSCRRouter
     from cscr.runs.inputs import Run

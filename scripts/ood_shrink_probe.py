@@ -20,7 +20,10 @@ with every ``w`` at q = 1. The outer held-out group never informs the choice.
 
     python scripts/ood_shrink_probe.py --run runs/llmr [--split tasks] [--seed 0] [--out shrink.json]
 
-A diagnostic: nothing in the package changes.
+A diagnostic, kept as the evidence behind the out-of-distribution guard that grew out of it
+(cscr/guard.py: ``cscr guard``, ``cscr experiment ood --guard``); it shares the guard's grid and
+scorer. ``--pool-mean head`` shrinks towards the head's own mean expected quality instead of the
+labels' mean (it does not help: docs/routing-quality.md).
 """
 
 from __future__ import annotations
@@ -35,18 +38,14 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-GRID = (0.0, 0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
-GATES = (0.02, 0.05, 0.1, 0.25, 1.0)
-K_NEAR = 10
-
 
 def main(argv: list[str] | None = None) -> int:
-    from _utility_audc import utility_audc
     from cscr.cli.commands.experiment import ood_splits, resolve_split
 
     from cscr.config import TrainConfig
     from cscr.experiments.common import costs_of, cscr_router, default_descriptors, train_cscr
     from cscr.experiments.ood import LLMROUTER_TASK_GROUPS, leave_one_group_out
+    from cscr.guard import GATES, GRID, grid_audc
     from cscr.runs.inputs import Run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--pool-mean", choices=("labels", "head"), default="labels",
+                   help="Qbar_m: the mean train quality (labels) or the head's own mean P(good) over the train prompts")
     a = p.parse_args(argv)
 
     run = Run.of(a.run)
@@ -61,44 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     split = resolve_split(a.split, {str(c) for c in table.categories if str(c).strip()})
     cfg = TrainConfig(seed=a.seed)
 
-    def unit(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    def nearness(q: np.ndarray, ref_unit: np.ndarray, self_excluded: bool = False) -> np.ndarray:
-        """(n,) mean cosine similarity of each row of q to its K_NEAR most similar rows of ref_unit
-        (unit rows); self_excluded: q is ref_unit itself, each row skips its own."""
-        out = np.empty(len(q))
-        for i in range(0, len(q), 2048):
-            sim = unit(q[i:i + 2048]) @ ref_unit.T
-            if self_excluded:
-                sim[np.arange(sim.shape[0]), np.arange(i, i + sim.shape[0])] = -np.inf
-            out[i:i + 2048] = np.sort(sim, axis=1)[:, -K_NEAR:].mean(axis=1)
-        return out
-
     def fit_split(t, e):
-        """The cscr router trained on t's train split, the pool's mean train quality, the unit train
-        embeddings and each train prompt's own nearness to the others (the gate's reference)."""
+        """The cscr router trained on t's train split and the means it shrinks to (--pool-mean)."""
         desc = default_descriptors(t)
         train = t.split_index("train")
         router = cscr_router("cscr", train_cscr(t, e, desc, "cscr", cfg), {n: desc[n] for n in t.expert_names},
                              costs_of(t, train))
-        train_unit = unit(e[train])
-        return router, np.nanmean(t.quality[train], axis=0), train_unit, nearness(train_unit, train_unit, True)
+        qbar = None if a.pool_mean == "labels" else router.utilities(e[train]).mean(axis=0)
+        return router, train, qbar
 
     def audcs(fitted, t, e, rows) -> np.ndarray:  # (gates, w) AUDC on rows
-        router, qbar, train_unit, ref = fitted
-        rows = rows[~np.isnan(t.quality[rows]).any(axis=1)]
-        u = router.utilities(e[rows])
-        near = nearness(e[rows], train_unit)
-        out = np.zeros((len(GATES), len(GRID)))
-        for i, q in enumerate(GATES):
-            far = np.ones(len(rows), bool) if q >= 1 else near < np.quantile(ref, q)
-            for j, w in enumerate(GRID):
-                wx = np.where(far, w, 0.0)[:, None]
-                out[i, j] = utility_audc(router.expert_names, router.costs, (1 - wx) * u + wx * qbar[None, :],
-                                         e[rows], t.quality[rows], t.cost[rows])
-        return out
+        router, train, qbar = fitted
+        return grid_audc(router, t, e, train, rows[~np.isnan(t.quality[rows]).any(axis=1)], qbar)
 
     def show(v: np.ndarray) -> str:
         return " ".join(f"{x:.4f}" for x in v)

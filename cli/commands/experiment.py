@@ -72,6 +72,9 @@ def register(subparsers: Any) -> None:
     o.add_argument("--routers", default=OOD_ROUTERS, help=f"comma-separated (default: {OOD_ROUTERS})")
     o.add_argument("--split", default="auto", choices=SPLITS, help="how to group categories (default: auto)")
     o.add_argument("--group", default=None, metavar="NAME", help="run only the split that holds out this group")
+    o.add_argument("--guard", action="store_true",
+                   help="also evaluate cscr+guard: the cscr head with the out-of-distribution guard (cscr guard) "
+                        "searched inside the training groups only")
     o.set_defaults(func=run_ood_cmd)
 
 
@@ -119,10 +122,11 @@ def _compare_cscr(result: Any) -> None:
     """Significance of CSCR against the strongest other router (the oracle excluded), in place."""
     from cscr.eval.evaluate import compare_routers
 
-    if "cscr" in result.routers:
-        other = result.strongest_other("cscr")
+    variants = [v for v in ("cscr", "cscr+guard") if v in result.routers]
+    for v in variants:  # each against the strongest router that is not a cscr variant
+        other = result.strongest_other(v, exclude=variants)
         if other is not None:
-            result.significance.append(compare_routers(result, "cscr", other))
+            result.significance.append(compare_routers(result, v, other))
 
 
 def _settings(args: argparse.Namespace, routers: list[str], train: TrainConfig, ev: EvalConfig,
@@ -215,12 +219,24 @@ def ood_splits(table: Any, split: str, group: str | None = None) -> list[Any]:
     return splits
 
 
+def _inner_groups(split: str, held_out: str) -> dict[str, list[str]] | None:
+    """The groups the guard's search holds out inside a split's training groups: the other LLMRouter
+    task groups for --split tasks, else the training categories (cscr.guard.category_groups)."""
+    from cscr.experiments.ood import LLMROUTER_TASK_GROUPS
+
+    if split != "tasks":
+        return None
+    return {k: list(v) for k, v in LLMROUTER_TASK_GROUPS.items() if k != held_out}
+
+
 def run_ood_cmd(args: argparse.Namespace) -> int:
     from cscr.experiments.ood import run_ood
     from cscr.experiments.report import slug, write_ood
     from cscr.runs.descriptors import DEFAULT_KIND, read_descriptors
 
     routers = _routers(args.routers)
+    if args.guard and "cscr" not in routers:
+        raise InputError("--guard evaluates the cscr head with its guard: put cscr in --routers")
     paths, table, emb = _load(args)
     train, ev, kind = _configs(args)
     split = resolve_split(args.split, {str(c) for c in table.categories if str(c).strip()})
@@ -232,10 +248,12 @@ def run_ood_cmd(args: argparse.Namespace) -> int:
     results = []
     for i, s in enumerate(splits, 1):
         say(f"ood[{split}] {i}/{len(splits)}: train on {s.train_group}, test on {s.test_group} ({s.counts})")
-        res = run_ood(s, emb, routers, train, ev, desc, args.seed, say)
+        res = run_ood(s, emb, routers, train, ev, desc, args.seed, say, guard=args.guard,
+                      guard_groups=_inner_groups(split, s.test_group))
         _compare_cscr(res.out_of_distribution)
         results.append(res)
     name = f"ood-{split}" if args.group is None else f"ood-{split}-{slug(args.group)}"
     out = Path(args.out).expanduser() if args.out else paths.experiment(name)
-    settings = _settings(args, routers, train, ev, kind, basis_id=basis, split=split, group=args.group)
+    settings = _settings(args, routers, train, ev, kind, basis_id=basis, split=split, group=args.group,
+                         guard=args.guard)
     return _finish(write_ood(results, out, split, paths.root, settings))

@@ -131,9 +131,9 @@ class EvalResult:
     def best_quality(self) -> float:
         return float(self.expert_quality[self.best_index])
 
-    def strongest_other(self, name: str) -> str | None:
-        """Highest-AUDC router other than ``name`` and the oracle (None if there is none)."""
-        others = [r for r in self.routers.values() if r.name != name and r.name != "oracle"]
+    def strongest_other(self, name: str, exclude: Sequence[str] = ()) -> str | None:
+        """Highest-AUDC router other than ``name``, the oracle and ``exclude`` (None if there is none)."""
+        others = [r for r in self.routers.values() if r.name not in (name, "oracle", *exclude)]
         return max(others, key=lambda r: r.audc).name if others else None
 
 

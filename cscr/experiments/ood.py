@@ -14,8 +14,10 @@ Groupings:
     multiple choice, generation): train on four groups, test on the fifth.
 
 ``run_ood`` trains CSCR heads on the in-distribution rows, fits the named baselines on the same
-rows and evaluates every router on both sets (``cscr.eval.evaluate_routers``). Pure: nothing
-is written; the CLI and the report layer write files.
+rows and evaluates every router on both sets (``cscr.eval.evaluate_routers``). With ``guard``
+it also evaluates ``cscr+guard``: the same cscr head with the out-of-distribution guard
+(cscr/guard.py) searched by nested leave-one-group-out inside the in-distribution rows, so the
+held-out group never informs it. Pure: nothing is written; the CLI and the report layer write files.
 """
 
 from __future__ import annotations
@@ -28,8 +30,18 @@ import numpy as np
 from cscr.config import EvalConfig, TrainConfig
 from cscr.data.table import RoutingTable, TableError
 from cscr.eval import EvalResult, evaluate_routers
-from cscr.experiments.common import CSCR_VARIANTS, Log, default_descriptors, fit_routers, train_cscr
+from cscr.experiments.common import (
+    CSCR_VARIANTS,
+    Log,
+    TrainResult,
+    costs_of,
+    cscr_router,
+    default_descriptors,
+    fit_routers,
+    train_cscr,
+)
 from cscr.routers.base import RouterContext
+from cscr.routers.cscr import CSCRRouter
 
 # MMLU's own category map (hendrycks/test categories.py): subjects whose subcategory is physics,
 # chemistry, biology, computer science, math or engineering
@@ -143,11 +155,14 @@ class OODResult:
 
 def run_ood(split: OODSplit, emb: np.ndarray, routers: Sequence[str], train_cfg: TrainConfig | None = None,
             eval_cfg: EvalConfig | None = None, descriptors: Mapping[str, np.ndarray] | None = None,
-            seed: int = 0, log: Log | None = None) -> OODResult:
+            seed: int = 0, log: Log | None = None, guard: bool = False,
+            guard_groups: Mapping[str, Sequence[str]] | None = None) -> OODResult:
     """Train on the split's in-distribution rows, evaluate on both sets.
 
     ``emb``: embeddings of the *original* table (sliced with ``split.emb_rows``). ``descriptors``:
-    default probe-outcome descriptors from the in-distribution probe rows.
+    default probe-outcome descriptors from the in-distribution probe rows. ``guard``: add
+    ``cscr+guard`` (needs ``cscr`` among the routers); ``guard_groups``: the groups its search holds
+    out (None: the in-distribution categories).
     """
     table = split.table
     e = np.asarray(emb)[split.emb_rows]
@@ -155,6 +170,30 @@ def run_ood(split: OODSplit, emb: np.ndarray, routers: Sequence[str], train_cfg:
     heads = {v: train_cscr(table, e, desc, v, train_cfg, log) for v in CSCR_VARIANTS if v in routers}
     ctx = RouterContext.from_table(table, e, seed=seed)
     fitted = fit_routers(routers, ctx, heads, desc)
+    if guard:
+        fitted[GUARDED] = _guarded(table, e, heads, desc if descriptors is not None else None, train_cfg,
+                                   guard_groups, log)
     cfg = eval_cfg or EvalConfig()
     return OODResult(split, evaluate_routers(fitted, table, e, split.id_rows, cfg),
-                     evaluate_routers(fitted, table, e, split.ood_rows, cfg), list(routers))
+                     evaluate_routers(fitted, table, e, split.ood_rows, cfg), list(fitted))
+
+
+GUARDED = "cscr+guard"
+
+
+def _guarded(table: RoutingTable, e: np.ndarray, heads: Mapping[str, TrainResult], descriptors: Mapping[str, np.ndarray] | None,
+             train_cfg: TrainConfig | None, groups: Mapping[str, Sequence[str]] | None, log: Log | None) -> CSCRRouter:
+    """The cscr head's router with a guard searched and fitted on the in-distribution rows only."""
+    from cscr.guard import Guard, search_guard
+
+    if "cscr" not in heads:
+        raise ValueError(f"{GUARDED!r} needs 'cscr' among the routers")
+    desc = dict(descriptors) if descriptors is not None else default_descriptors(table)
+    search = search_guard(table, e, train_cfg, "cscr", descriptors, groups, log=log)
+    router = cscr_router("cscr", heads["cscr"], {n: desc[n] for n in table.expert_names},
+                         costs_of(table, table.split_index("train")))
+    assert isinstance(router, CSCRRouter)
+    if log is not None:
+        log(f"{GUARDED}: w = {search.w}, gate = {search.gate} (chosen without the held-out group)")
+    router.set_guard(Guard.fit(table, e, search.w, search.gate, search=search.record()))
+    return router

@@ -12,6 +12,10 @@ write-up, labelled so) the retrieved experts' utilities are expected quality ins
 ``sigmoid(a * q.d_m + b(d_m))`` (cscr/head.py), so that lambda trades P(good) against cost in
 commensurate units; the bias comes from the descriptor, so a new expert still needs only that.
 
+An optional out-of-distribution guard (cscr/guard.py, beyond the write-up, labelled so; ``cscr
+guard``) shrinks those expected qualities towards each expert's mean on prompts far from the
+training prompts; ``set_guard`` attaches it, the loader does so when the run has one.
+
 Adding or removing an expert is an index update (``add_expert`` / ``remove_expert``): the head is
 not retrained. The router does no file I/O: ``from_parts`` builds it from a head, descriptors and
 costs, ``from_trained`` from a trained head's record; ``cscr.runs.loader.load_router`` builds it
@@ -21,7 +25,7 @@ from a run folder.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 
@@ -29,6 +33,9 @@ from cscr.config import TrainConfig
 from cscr.head import Head
 from cscr.index import ExpertIndex, ExpertIndexError
 from cscr.routers.base import DescriptorBasis, Router, RouterContext, RouterError, register
+
+if TYPE_CHECKING:
+    from cscr.guard import Guard
 
 
 class TrainedHeadLike(Protocol):
@@ -53,6 +60,7 @@ class CSCRRouter(Router):
         self.head: Head | None = None
         self.index: ExpertIndex | None = None
         self.basis_id = ""  # what the descriptor coordinates mean (the store's basis id)
+        self.guard: Guard | None = None  # the out-of-distribution guard (cscr/guard.py), if attached
 
     # ---- building ----
     def _set_parts(self, head: Head, descriptors: Mapping[str, np.ndarray] | ExpertIndex,
@@ -101,6 +109,27 @@ class CSCRRouter(Router):
                           f"cscr.runs.loader.load_router(run, {self.name!r}) (after `cscr train`) or "
                           "CSCRRouter.from_parts / from_trained")
 
+    def set_guard(self, guard: Guard | None) -> None:
+        """Attach an out-of-distribution guard (None: detach). Experts it has no mean quality for
+        (they joined after training) get the head's mean expected quality over its training prompts."""
+        self._check_parts()
+        if guard is None:
+            self.guard = None
+            return
+        if guard.reference.ndim != 2 or guard.reference.shape[1] != self.head.cfg.in_dim:  # type: ignore[union-attr]
+            raise RouterError(f"{self.name}: the guard's training prompts have shape {guard.reference.shape}, the "
+                              f"head takes {self.head.cfg.in_dim}-d embeddings")  # type: ignore[union-attr]
+        self.guard = guard
+        missing = [n for n in self.expert_names if n not in guard.qbar]
+        if missing:
+            self.guard = guard.with_means({n: self._head_mean(n) for n in missing})
+
+    def _head_mean(self, name: str) -> float:
+        """The head's mean expected quality for expert ``name`` over (a sample of) the guard's training prompts."""
+        sample = self.guard.sample()  # type: ignore[union-attr]
+        u = self._raw_utilities(sample, [name])[:, self.expert_names.index(name)]
+        return float(np.mean(u[np.isfinite(u)])) if np.isfinite(u).any() else 0.0
+
     # ---- pool updates at run time (no retraining) ----
     @property
     def descriptor_basis(self) -> DescriptorBasis | None:
@@ -119,6 +148,8 @@ class CSCRRouter(Router):
             raise RouterError(str(exc), param="descriptor") from exc
         self.expert_names = list(self.index.names)  # type: ignore[union-attr]
         self.costs = np.append(self.costs, float(cost))
+        if self.guard is not None and name not in self.guard.qbar:  # trained experts keep their label mean
+            self.guard = self.guard.with_means({name: self._head_mean(name)})
 
     def remove_expert(self, name: str) -> None:
         self._check_parts()
@@ -151,6 +182,10 @@ class CSCRRouter(Router):
         return self.head.encode(emb)  # type: ignore[union-attr]
 
     def _utilities(self, emb: np.ndarray, candidates: Sequence[str] | None) -> np.ndarray:
+        u = self._raw_utilities(emb, candidates)
+        return u if self.guard is None else self.guard.apply(u, self.expert_names, emb)
+
+    def _raw_utilities(self, emb: np.ndarray, candidates: Sequence[str] | None) -> np.ndarray:
         q = self.queries(emb)  # (n, D')
         k = self.top_k or len(self.expert_names)  # 0 (or unset): every expert
         scores, pos = self.index.search(q, k, candidates)  # type: ignore[union-attr]

@@ -6,7 +6,9 @@ Serving, ``cscr evaluate`` and the experiment commands all load routers here:
   ``models/<variant>`` (cscr.runs.heads), the run's descriptors of the table's experts of the
   kind the head was trained with, refused when their basis is not the one the head was trained
   on (cscr.runs.descriptors), and c_m from the train split; built with
-  ``CSCRRouter.from_trained``. The prompt embeddings are not read.
+  ``CSCRRouter.from_trained``, with the out-of-distribution guard of ``models/<variant>/guard/``
+  attached when ``cscr guard`` wrote one (``guard=False``: without it). The prompt embeddings are
+  not read.
 * any other registered router (``kwargs`` go to its constructor): fitted on the run's table and
   prompt embeddings with the given seed.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from cscr.guard import load_guard
 from cscr.routers.base import Router, RouterContext, RouterError, router_class
 from cscr.routers.cscr import CSCRRouter
 from cscr.runs.descriptors import DEFAULT_KIND
@@ -25,8 +28,8 @@ from cscr.runs.paths import RunPaths
 
 
 def load_router(run: Run | str | os.PathLike[str] | RunPaths, variant: str = "cscr", *, seed: int = 0,
-                top_k: int | None = None, use_gpu: bool | None = None, **kwargs: Any) -> Router:
-    """The fitted router ``variant`` of a run (``top_k`` / ``use_gpu``: CSCR variants only)."""
+                top_k: int | None = None, use_gpu: bool | None = None, guard: bool = True, **kwargs: Any) -> Router:
+    """The fitted router ``variant`` of a run (``top_k`` / ``use_gpu`` / ``guard``: CSCR variants only)."""
     run = Run.of(run)
     base, at, _ = variant.partition("@")
     cls = router_class(base)
@@ -35,8 +38,12 @@ def load_router(run: Run | str | os.PathLike[str] | RunPaths, variant: str = "cs
             raise RouterError(f"{base}: unexpected option(s) {sorted(kwargs)} (a trained head takes top_k, use_gpu)")
         trained = load_trained(run.paths, variant)
         desc, kind, basis = run.descriptors(trained.descriptor_kind or DEFAULT_KIND, trained.basis_id)
-        return cls.from_trained(trained, desc, run.train_costs(), top_k=top_k, use_gpu=use_gpu, kind=kind,
-                                basis_id=basis)
+        built = cls.from_trained(trained, desc, run.train_costs(), top_k=top_k, use_gpu=use_gpu, kind=kind,
+                                 basis_id=basis)
+        saved = load_guard(run.paths.model(variant)) if guard else None
+        if saved is not None:
+            built.set_guard(saved)
+        return built
     if at:
         raise RouterError(f"{variant!r}: '@KIND' names a head trained with descriptor kind KIND; "
                           f"{base!r} has no trained head")

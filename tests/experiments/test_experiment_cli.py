@@ -67,6 +67,17 @@ def test_ood_holds_out_a_task_group(tasks_run):
     assert "deferral-math.png" in (out / "report.md").read_text()
 
 
+def test_ood_with_the_guard_searches_inside_the_training_groups(tasks_run):
+    run, _, _ = tasks_run
+    assert main(["experiment", "ood", "--run", str(run), "--split", "tasks", "--group", "code", "--guard",
+                 "--routers", "cscr,knn", *FAST, "--out", str(run / "ood-guard")]) == 0
+    rec = json.loads((run / "ood-guard" / "metrics.json").read_text())
+    assert rec["settings"]["guard"] is True
+    for t in rec["tables"]:
+        assert {r[0] for r in t["rows"]} == {"cscr", "cscr+guard", "knn"}
+    assert {(s["a"], s["b"]) for s in rec["significance"]} == {("cscr", "knn"), ("cscr+guard", "knn")}
+
+
 def test_split_resolution_and_stem_grouping(tmp_path):
     assert resolve_split("auto", {"abstract_algebra", "philosophy"}) == "stem"
     assert resolve_split("auto", {"math", "mbpp"}) == "tasks"
@@ -85,6 +96,7 @@ def test_split_resolution_and_stem_grouping(tmp_path):
     (["experiment", "ood", "--routers", "cscr,nope"], "unknown router 'nope'"),
     (["experiment", "ood", "--routers", "single"], "single experts are always evaluated"),
     (["experiment", "ood", "--split", "tasks", "--group", "poetry"], "--group 'poetry'"),
+    (["experiment", "ood", "--routers", "knn", "--guard"], "put cscr in --routers"),
     (["experiment", "unseen-experts", "--unseen", "expert-0,gpt-9"], "unknown expert(s) ['gpt-9']"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(tasks_run, capsys, argv, message):

@@ -1,8 +1,9 @@
-"""Score fixed per-prompt utilities as a router is scored: shared by the probes in scripts/.
+"""Score fixed per-prompt utilities as a router is scored.
 
 ``utility_audc(names, costs, u, emb, quality, cost)`` routes each prompt by ``u - lambda * costs``
 over the router knob grid (``Router.knob_grid``, 200 values) and returns SPEC's AUDC on the pool's
-cost range of those rows.
+cost range of those rows. The guard's search (cscr/guard.py) and the probes in scripts/ use it to
+score many utility variants of one trained head without rebuilding a router for each.
 """
 
 from __future__ import annotations

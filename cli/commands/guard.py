@@ -1,0 +1,99 @@
+"""``cscr guard --run RUN``: choose and attach the out-of-distribution guard of a trained head.
+
+    cscr guard --run runs/rb                  # search (w, gate), write RUN/models/cscr/guard/
+    cscr guard --run runs/rb --show           # what the run's guard is, if any
+    cscr guard --run runs/rb --off            # remove it
+
+The guard (cscr/guard.py; beyond the write-up, labelled so) shrinks the head's expected quality
+towards each expert's mean train quality on prompts far from the training prompts. Its weight w and
+gate are chosen by nested leave-one-group-out over the prompt categories of the train, val and
+probe rows (heads retrained with the run's training configuration; the test split is never read);
+w = 0 wins when no shrink helps on held-out groups, and then no guard is written. LLMRouter task
+names are grouped as the ood experiment groups them; more than --max-groups categories are dealt
+into that many groups. Once written, every consumer of the run's router (``cscr evaluate``,
+``cscr route``, ``cscr serve``) routes through it; retraining the head removes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+HELP = "choose and attach the out-of-distribution guard of a trained head (nested leave-one-group-out)"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("guard", help=HELP, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder with a trained head (`cscr train`)")
+    p.add_argument("--variant", default="cscr", help="trained head: cscr or vanilla (default cscr)")
+    p.add_argument("--seed", type=int, default=None, help="training seed of the search's heads (default: the head's)")
+    p.add_argument("--max-groups", type=int, default=8, help="most held-out groups in the search (default 8)")
+    p.add_argument("--show", action="store_true", help="print the run's guard and exit")
+    p.add_argument("--off", action="store_true", help="remove the run's guard")
+    p.set_defaults(func=run)
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cscr.errors import InputError
+    from cscr.guard import Guard, load_guard, remove_guard, save_guard, search_guard
+    from cscr.runs.heads import load_trained
+    from cscr.runs.inputs import Run
+
+    if args.max_groups < 2:
+        raise InputError(f"--max-groups must be at least 2, got {args.max_groups}")
+    run_ = Run.of(args.run)
+    folder = run_.paths.model(args.variant)
+    if args.show or args.off:
+        if args.off:
+            print(f"removed the guard in {folder}" if remove_guard(folder) else f"no guard in {folder}")
+            return 0
+        guard = load_guard(folder)
+        if guard is None:
+            print(f"no guard in {folder} (run `cscr guard --run {run_.paths.root}`)")
+        else:
+            rec = guard.record()
+            rec.pop("search", None)
+            print(json.dumps(rec, indent=1))
+        return 0
+    trained = load_trained(run_.paths, args.variant)
+    cfg = trained.config if args.seed is None else dataclasses.replace(trained.config, seed=args.seed)
+    table, emb = run_.table, run_.embeddings
+    desc = None
+    from cscr.runs.descriptors import DEFAULT_KIND, read_descriptors
+
+    kind = trained.descriptor_kind or DEFAULT_KIND
+    if kind != DEFAULT_KIND:  # fingerprints from the store; probe-outcome ones come from each split's probes
+        desc, kind, _ = read_descriptors(run_.paths, table.expert_names, kind)
+    groups = _task_groups(table)
+    say(f"guard search on {run_.paths.root} ({args.variant}, {kind} descriptors, seed {cfg.seed}): held-out "
+        f"{'LLMRouter task groups' if groups else 'categories'}; the test split is not read")
+    search = search_guard(table, emb, cfg, args.variant, desc, groups, args.max_groups, log=say)
+    print(f"mean AUDC on held-out groups ({len(search.per_group)}: {', '.join(search.per_group)}); "
+          f"* = chosen\n{search.table()}")
+    if search.w <= 0.0:
+        removed = remove_guard(folder)
+        print(f"no shrink helped on held-out groups (w = 0 chosen): no guard written"
+              f"{'; the previous guard was removed' if removed else ''}")
+        return 0
+    guard = Guard.fit(table, emb, search.w, search.gate, search=search.record())
+    out = save_guard(folder, guard)
+    print(f"guard: w = {guard.w}, gate = {guard.gate} (about {guard.gate:.0%} of training prompts count as far) "
+          f"-> {out}")
+    return 0
+
+
+def _task_groups(table: Any) -> dict[str, list[str]] | None:
+    """LLMRouter's task groups when every category is an LLMRouter task name, else None."""
+    from cscr.experiments.ood import LLMROUTER_TASK_GROUPS
+
+    cats = {str(c) for c in table.categories if str(c).strip()}
+    tasks = {c for v in LLMROUTER_TASK_GROUPS.values() for c in v}
+    return {k: list(v) for k, v in LLMROUTER_TASK_GROUPS.items()} if cats and cats <= tasks else None
