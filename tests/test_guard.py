@@ -14,10 +14,21 @@ from cscr.serve.service import RouterService
 from cscr.config import EvalConfig, TrainConfig
 from cscr.experiments.ood import ood_split, run_ood
 from cscr.fingerprints.probe_outcome import probe_outcome_descriptors
-from cscr.guard import GATES, GRID, Guard, GuardError, Nearness, category_groups, load_guard, save_guard, search_guard
+from cscr.guard import (
+    GATES,
+    GRID,
+    Guard,
+    GuardError,
+    Nearness,
+    category_groups,
+    load_guard,
+    save_guard,
+    search_guard,
+)
 from cscr.runs.descriptors import compute_probe_outcome
 from cscr.runs.heads import save_trained
 from cscr.runs.loader import load_router
+from cscr.runs.settings import head_line
 from cscr.synthetic import synthetic_table, write_synthetic_run
 from cscr.training import fit_head, prepare_arrays
 
@@ -119,6 +130,7 @@ def test_saved_guard_is_loaded_served_and_pickled(trained, tmp_path, encoder):
     router = load_router(folder, "cscr")
     assert router.guard is not None and router.guard.w == 0.7
     assert load_router(folder, "cscr", guard=False).guard is None
+    assert "guard w = 0.7, gate = 0.25" in head_line(folder, "cscr")  # evaluate names what it evaluates
     test = table.split_index("test")
     e = emb[test]
     far = router.guard.far(e)

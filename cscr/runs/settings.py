@@ -232,4 +232,11 @@ def head_line(run: RunLike, variant: str) -> str | None:
              "k = every expert" if k == 0 else f"k = {k}",
              f"trained {config.get('created', '?')}",
              f"best epoch {config.get('best_epoch', '?')} (val AUDC {'n/a' if audc is None else f'{audc:.4f}'})"]
+    guard = RunPaths.of(run).model(variant) / "guard" / "guard.json"  # cscr.guard.FOLDER
+    if guard.exists():
+        try:
+            g = json.loads(guard.read_text())
+            parts.append(f"out-of-distribution guard w = {g['w']}, gate = {g['gate']} (`cscr guard`)")
+        except (OSError, ValueError, KeyError):
+            parts.append("an unreadable guard folder")
     return f"head {variant}: {os.path.join(_where(run), 'models', variant)}: {', '.join(parts)}"
