@@ -219,6 +219,16 @@ def category_groups(categories: Sequence[str], max_groups: int = MAX_GROUPS) -> 
     return groups
 
 
+def task_groups(table: RoutingTable) -> dict[str, list[str]] | None:
+    """LLMRouter's task groups (as the ood experiment holds them out) when every category of the
+    table is an LLMRouter task name, else None (the categories themselves)."""
+    from cscr.experiments.ood import LLMROUTER_TASK_GROUPS
+
+    cats = {str(c) for c in table.categories if str(c).strip()}
+    tasks = {c for v in LLMROUTER_TASK_GROUPS.values() for c in v}
+    return {k: list(v) for k, v in LLMROUTER_TASK_GROUPS.items()} if cats and cats <= tasks else None
+
+
 @dataclass
 class GuardSearch:
     w: float

@@ -9,9 +9,13 @@ figure runs a little high) and the baselines on the other folds, then scores on 
 - ``softcat``: prompt only: a softmax regression from the prompt embedding to the category,
   ``u = sum_c p(c | x) * Qbar[c]``; ``head+softcat w``: its blend with the head;
 - ``head+pool w``: ``(1 - w) * P_head(good) + w * Qbar``: the head shrunk towards the pool's mean
-  train quality per expert (prompt only; scripts/ood_shrink_probe.py asks the same on unseen groups).
+  train quality per expert (prompt only; scripts/ood_shrink_probe.py asks the same on unseen groups);
+- ``head+guard`` (``--guard``): the head with the out-of-distribution guard (cscr/guard.py) as
+  ``cscr guard`` would choose it from the other folds (the held-out fold is hidden from the search
+  as if it were the test split; the next fold is the inner validation split): what the guard costs
+  or gains in distribution, without the test split.
 
-    python scripts/category_probe.py --run runs/llmr [--folds 5] [--out probe.json]
+    python scripts/category_probe.py --run runs/llmr [--folds 5] [--guard] [--out probe.json]
 
 The test split is never read. One line per variant: the mean AUDC over the folds, then each fold's.
 """
@@ -62,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     from cscr.config import TrainConfig
     from cscr.data.table import category_means
     from cscr.eval.utility import utility_audc
+    from cscr.guard import Guard, search_guard, task_groups
     from cscr.routers.base import RouterContext, get_router
     from cscr.routers.cscr import CSCRRouter
+    from cscr.runs.descriptors import DEFAULT_KIND
     from cscr.runs.inputs import Run
     from cscr.runs.settings import recorded_training
     from cscr.training.arrays import prepare_arrays
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--out", default=None)
+    p.add_argument("--guard", action="store_true", help="add the head+guard row (a guard search per fold)")
     a = p.parse_args(argv)
 
     run = Run.of(a.run)
@@ -86,6 +93,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cats = np.asarray(table.categories, dtype=str)
     pool = table.split_index("train", "val")
+    groups = task_groups(table)
+
+    def guarded(t, sp, inner_val, router, rows):
+        """The head's utilities on rows with the guard searched on the other folds (fold -> test)."""
+        hidden = copy.copy(t)
+        spl = sp.copy()
+        spl[rows], spl[inner_val] = "test", "val"
+        hidden.splits = spl
+        search = search_guard(hidden, emb, TrainConfig(), "cscr", None if kind == DEFAULT_KIND else desc, groups)
+        guard = Guard.fit(t, emb, search.w, search.gate)  # reference and means: the training folds
+        return guard.apply(router.utilities(emb[rows]), router.expert_names, emb[rows]), (search.w, search.gate)
+
     folds = np.array_split(np.random.default_rng(12345).permutation(pool), a.folds)  # as scripts/cv_grid.py
     res: dict[str, list[float]] = {}
     for k in range(a.folds):
@@ -120,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             u[f"head+softcat w={w}"] = (1 - w) * u["head"] + w * u["softcat"]
             u[f"head+pool w={w}"] = (1 - w) * u["head"] + w * overall[None, :]
 
+        if a.guard:
+            u["head+guard"], chosen = guarded(t, sp, folds[(k + 1) % a.folds], router, rows)
+            res.setdefault("guard w", []).append(chosen[0])
+            res.setdefault("guard gate", []).append(chosen[1])
         for name, util in u.items():
             res.setdefault(name, []).append(utility_audc(per_cat.expert_names, per_cat.costs, util, emb[rows],
                                                          t.quality[rows], t.cost[rows]))

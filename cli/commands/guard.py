@@ -43,7 +43,7 @@ def say(msg: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cscr.errors import InputError
-    from cscr.guard import Guard, load_guard, remove_guard, save_guard, search_guard
+    from cscr.guard import Guard, load_guard, remove_guard, save_guard, search_guard, task_groups
     from cscr.runs.heads import load_trained
     from cscr.runs.inputs import Run
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     kind = trained.descriptor_kind or DEFAULT_KIND
     if kind != DEFAULT_KIND:  # fingerprints from the store; probe-outcome ones come from each split's probes
         desc, kind, _ = read_descriptors(run_.paths, table.expert_names, kind)
-    groups = _task_groups(table)
+    groups = task_groups(table)
     say(f"guard search on {run_.paths.root} ({args.variant}, {kind} descriptors, seed {cfg.seed}): held-out "
         f"{'LLMRouter task groups' if groups else 'categories'}; the test split is not read")
     search = search_guard(table, emb, cfg, args.variant, desc, groups, args.max_groups, log=say)
@@ -89,11 +89,3 @@ def run(args: argparse.Namespace) -> int:
           f"-> {out}")
     return 0
 
-
-def _task_groups(table: Any) -> dict[str, list[str]] | None:
-    """LLMRouter's task groups when every category is an LLMRouter task name, else None."""
-    from cscr.experiments.ood import LLMROUTER_TASK_GROUPS
-
-    cats = {str(c) for c in table.categories if str(c).strip()}
-    tasks = {c for v in LLMROUTER_TASK_GROUPS.values() for c in v}
-    return {k: list(v) for k, v in LLMROUTER_TASK_GROUPS.items()} if cats and cats <= tasks else None
