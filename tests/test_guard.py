@@ -165,7 +165,7 @@ def test_saved_guard_is_loaded_served_and_pickled(trained, tmp_path, encoder):
 
 
 def test_cli_search_show_off_and_bad_input(trained, capsys, tmp_path):
-    folder, table, _, _ = trained
+    folder, table, emb, _ = trained
     assert main(["guard", "--run", str(folder), "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert "mean AUDC on held-out groups (4" in out and "*" in out
@@ -176,8 +176,12 @@ def test_cli_search_show_off_and_bad_input(trained, capsys, tmp_path):
         assert written.search["groups"] and written.w > 0 and str(folder / "models" / "cscr" / "guard") in out
         assert main(["guard", "--run", str(folder), "--show"]) == 0
         assert json.loads(capsys.readouterr().out)["w"] == written.w
+    save_guard(folder / "models" / "cscr", Guard.fit(table, emb, 0.5, 0.25))
+    points = folder / "models" / "cscr" / "operating_points.json"
+    points.unlink(missing_ok=True)
     assert main(["guard", "--run", str(folder), "--off"]) == 0
     assert load_guard(folder / "models" / "cscr") is None
+    assert points.exists()  # budgets map to the knob of the router as it now routes
     capsys.readouterr()
     assert main(["guard", "--run", str(folder), "--max-groups", "1"]) == 2
     assert "--max-groups" in capsys.readouterr().err

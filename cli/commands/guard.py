@@ -11,7 +11,8 @@ probe rows (heads retrained with the run's training configuration; the test spli
 w = 0 wins when no shrink helps on held-out groups, and then no guard is written. LLMRouter task
 names are grouped as the ood experiment groups them; more than --max-groups categories are dealt
 into that many groups. Once written, every consumer of the run's router (``cscr evaluate``,
-``cscr route``, ``cscr serve``) routes through it; retraining the head removes it.
+``cscr route``, ``cscr serve``) routes through it, and the operating-point table that turns budgets
+and quality targets into the knob is rewritten for it (also on --off); retraining the head removes it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
     folder = run_.paths.model(args.variant)
     if args.show or args.off:
         if args.off:
-            print(f"removed the guard in {folder}" if remove_guard(folder) else f"no guard in {folder}")
+            if remove_guard(folder):
+                print(f"removed the guard in {folder}")
+                _recalibrate(run_, args.variant)
+            else:
+                print(f"no guard in {folder}")
             return 0
         guard = load_guard(folder)
         if guard is None:
@@ -82,10 +87,21 @@ def run(args: argparse.Namespace) -> int:
         removed = remove_guard(folder)
         print(f"no shrink helped on held-out groups (w = 0 chosen): no guard written"
               f"{'; the previous guard was removed' if removed else ''}")
+        if removed:
+            _recalibrate(run_, args.variant)
         return 0
     guard = Guard.fit(table, emb, search.w, search.gate, search=search.record())
     out = save_guard(folder, guard)
     print(f"guard: w = {guard.w}, gate = {guard.gate} (about {guard.gate:.0%} of training prompts count as far) "
           f"-> {out}")
+    _recalibrate(run_, args.variant)
     return 0
+
+
+def _recalibrate(run: Any, variant: str) -> None:
+    """The operating-point table (budgets, quality targets -> lambda) belongs to the router as it
+    routes now: rewrite it, as `cscr train` does after saving a head."""
+    from cscr.operating_run import calibrate_after_training
+
+    calibrate_after_training(run, variant, log=say)
 
