@@ -15,7 +15,8 @@ each expert's mean quality, but only for such prompts:
   descriptor (no labels) gets the head's own mean expected quality over the training prompts, so a
   new expert still needs nothing but its descriptor.
 
-``search_guard`` chooses ``(w, gate)`` without looking at any held-out prompt of the run: nested
+``search_guard`` (cscr/experiments/ood.py: it is a nested out-of-distribution experiment) chooses
+``(w, gate)`` without looking at any held-out prompt of the run: nested
 leave-one-group-out over the prompt categories of the train, val and probe rows (the test split is
 never read). For each group a head is trained on the other groups (the run's training
 configuration), scored on the group's prompts for every pair of the grid, and the pair with the
@@ -36,7 +37,7 @@ import dataclasses
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,7 @@ import faiss
 import numpy as np
 
 from cscr.atomic import atomic_dir
-from cscr.config import TrainConfig
-from cscr.data.table import RoutingTable, TableError
+from cscr.data.table import RoutingTable
 
 GRID = (0.0, 0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)  # w
 GATES = (0.02, 0.05, 0.1, 0.25, 1.0)  # gate quantiles; 1.0: every prompt
@@ -219,16 +219,6 @@ def category_groups(categories: Sequence[str], max_groups: int = MAX_GROUPS) -> 
     return groups
 
 
-def task_groups(table: RoutingTable) -> dict[str, list[str]] | None:
-    """LLMRouter's task groups (as the ood experiment holds them out) when every category of the
-    table is an LLMRouter task name, else None (the categories themselves)."""
-    from cscr.experiments.ood import LLMROUTER_TASK_GROUPS
-
-    cats = {str(c) for c in table.categories if str(c).strip()}
-    tasks = {c for v in LLMROUTER_TASK_GROUPS.values() for c in v}
-    return {k: list(v) for k, v in LLMROUTER_TASK_GROUPS.items()} if cats and cats <= tasks else None
-
-
 @dataclass
 class GuardSearch:
     w: float
@@ -273,52 +263,3 @@ def grid_audc(router: Any, table: RoutingTable, emb: np.ndarray, train: np.ndarr
             out[a, b] = utility_audc(router.expert_names, router.costs, (1 - wx) * u + wx * qbar[None, :],
                                      emb[rows], table.quality[rows], table.cost[rows])
     return out
-
-
-def search_guard(table: RoutingTable, emb: np.ndarray, cfg: TrainConfig | None = None, variant: str = "cscr",
-                 descriptors: Mapping[str, np.ndarray] | None = None,
-                 groups: Mapping[str, Sequence[str]] | None = None, max_groups: int = MAX_GROUPS,
-                 log: Callable[[str], None] | None = None) -> GuardSearch:
-    """Choose (w, gate) by nested leave-one-group-out on ``table``'s non-test rows (see the module).
-
-    ``descriptors``: the experts' descriptors (None: probe-outcome descriptors from each inner
-    split's probe rows); ``groups``: name -> categories (None: ``category_groups``).
-    """
-    from cscr.experiments.common import costs_of, cscr_router, default_descriptors, train_cscr
-    from cscr.experiments.ood import leave_one_group_out
-
-    keep = np.flatnonzero(table.splits != "test")
-    t0, e0 = table.subset(keep), np.asarray(emb)[keep]
-    cats = [str(c) for c in t0.categories if str(c).strip()]
-    chosen: dict[str, list[str]] = {k: list(v) for k, v in (groups or category_groups(cats, max_groups)).items()}
-    present = {k: v for k, v in chosen.items() if set(v) & set(cats)}
-    if len(present) < 2:
-        raise GuardError(f"the guard's search holds out prompt categories in turn and needs at least 2 groups of "
-                         f"them; this table has {len(present)} ({sorted(set(cats))[:8]})")
-    try:
-        splits = leave_one_group_out(t0, present)
-    except TableError as exc:
-        raise GuardError(f"the guard's search cannot hold out these groups: {exc}") from exc
-    per_group: dict[str, list[list[float]]] = {}
-    for i, s in enumerate(splits, 1):
-        es = e0[s.emb_rows]
-        desc = dict(descriptors) if descriptors is not None else default_descriptors(s.table)
-        try:
-            res = train_cscr(s.table, es, desc, variant, cfg, log=None)
-        except (TableError, ValueError) as exc:
-            raise GuardError(f"the guard's search could not train without group {s.test_group!r}: {exc}") from exc
-        train = s.table.split_index("train")
-        router = cscr_router(variant, res, {n: desc[n] for n in s.table.expert_names}, costs_of(s.table, train))
-        rows = s.ood_rows[~np.isnan(s.table.quality[s.ood_rows]).any(axis=1)]
-        if len(rows) == 0:
-            continue
-        out = grid_audc(router, s.table, es, train, rows)
-        per_group[s.test_group] = out.tolist()
-        if log is not None:
-            log(f"guard search {i}/{len(splits)}: held out {s.test_group} ({len(rows)} prompts): no shrink "
-                f"{out[0, 0]:.4f}, best {out.max():.4f}")
-    if not per_group:
-        raise GuardError("the guard's search found no held-out prompt with every quality cell")
-    mean = np.mean([np.asarray(v) for v in per_group.values()], axis=0)
-    a, b = np.unravel_index(int(np.argmax(mean)), mean.shape)
-    return GuardSearch(GRID[b], GATES[a], mean, per_group, present)

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from cscr.config import TrainConfig
     from cscr.data.table import category_means
     from cscr.eval.utility import utility_audc
-    from cscr.guard import Guard, search_guard, task_groups
+    from cscr.experiments.ood import search_guard, task_groups
+    from cscr.guard import Guard
     from cscr.routers.base import RouterContext, get_router
     from cscr.routers.cscr import CSCRRouter
     from cscr.runs.descriptors import DEFAULT_KIND

@@ -233,6 +233,21 @@ class CompletionService:
             raise ProtocolError("the prompt is empty", param=param, code="empty_prompt")
         return text
 
+    @staticmethod
+    def _none_served(req: Request, ranked: Any) -> ProtocolError:
+        """No expert the router ranked is being served. When the request's own constraints
+        (candidates, max_cost) left only such experts, that is the request's to change: a 400
+        naming the constraint; otherwise the server is missing its experts: a 503."""
+        shown = [r.name for r in ranked][:5]
+        if req.candidates:
+            return ProtocolError(f"none of the candidates the request allows is being served (ranked: {shown})",
+                                 param="candidates", code="candidate_not_served")
+        if req.max_cost is not None:
+            return ProtocolError(f"no expert being served costs at most max_cost={req.max_cost} (ranked: {shown})",
+                                 param="max_cost", code="no_expert_within_max_cost")
+        return ProtocolError("no routable expert is being served", status=503, code="no_expert",
+                             type_="server_error")
+
     async def plan(self, req: Request) -> Plan:
         text = self.check_limits(req)
         routed, lam = parse_model(req.model, self.settings.default_lambda, req.cost_weight)
@@ -247,8 +262,7 @@ class CompletionService:
             names = self.experts.names()
             served = [r.name for r in decision.ranked if r.name in names]
             if not served:
-                raise ProtocolError("no routable expert is being served", status=503,
-                                    code="no_expert", type_="server_error")
+                raise self._none_served(req, decision.ranked)
             order = self._healthy(served)[: self.settings.max_attempts]
         elif req.model in self.experts.names():
             order = self._healthy([req.model])

@@ -12,7 +12,7 @@ from cscr.cli import main
 from cscr.serve.service import RouterService
 
 from cscr.config import EvalConfig, TrainConfig
-from cscr.experiments.ood import ood_split, run_ood
+from cscr.experiments.ood import ood_split, run_ood, search_guard
 from cscr.fingerprints.probe_outcome import probe_outcome_descriptors
 from cscr.guard import (
     GATES,
@@ -23,7 +23,6 @@ from cscr.guard import (
     category_groups,
     load_guard,
     save_guard,
-    search_guard,
 )
 from cscr.runs.descriptors import compute_probe_outcome
 from cscr.runs.heads import save_trained

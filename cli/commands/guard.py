@@ -44,7 +44,8 @@ def say(msg: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cscr.errors import InputError
-    from cscr.guard import Guard, load_guard, remove_guard, save_guard, search_guard, task_groups
+    from cscr.experiments.ood import search_guard, task_groups
+    from cscr.guard import Guard, load_guard, remove_guard, save_guard
     from cscr.runs.heads import load_trained
     from cscr.runs.inputs import Run
 

@@ -22,7 +22,7 @@ held-out group never informs it. Pure: nothing is written; the CLI and the repor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +39,16 @@ from cscr.experiments.common import (
     default_descriptors,
     fit_routers,
     train_cscr,
+)
+from cscr.guard import (
+    GATES,
+    GRID,
+    MAX_GROUPS,
+    Guard,
+    GuardError,
+    GuardSearch,
+    category_groups,
+    grid_audc,
 )
 from cscr.routers.base import RouterContext
 from cscr.routers.cscr import CSCRRouter
@@ -184,8 +194,6 @@ GUARDED = "cscr+guard"
 def _guarded(table: RoutingTable, e: np.ndarray, heads: Mapping[str, TrainResult], descriptors: Mapping[str, np.ndarray] | None,
              train_cfg: TrainConfig | None, groups: Mapping[str, Sequence[str]] | None, log: Log | None) -> CSCRRouter:
     """The cscr head's router with a guard searched and fitted on the in-distribution rows only."""
-    from cscr.guard import Guard, search_guard
-
     if "cscr" not in heads:
         raise ValueError(f"{GUARDED!r} needs 'cscr' among the routers")
     desc = dict(descriptors) if descriptors is not None else default_descriptors(table)
@@ -197,3 +205,59 @@ def _guarded(table: RoutingTable, e: np.ndarray, heads: Mapping[str, TrainResult
         log(f"{GUARDED}: w = {search.w}, gate = {search.gate} (chosen without the held-out group)")
     router.set_guard(Guard.fit(table, e, search.w, search.gate, search=search.record()))
     return router
+
+
+# ---------------------------------------------------------------- the guard's search (cscr/guard.py)
+
+def task_groups(table: RoutingTable) -> dict[str, list[str]] | None:
+    """LLMRouter's task groups (as the ood experiment holds them out) when every category of the
+    table is an LLMRouter task name, else None (the categories themselves)."""
+    cats = {str(c) for c in table.categories if str(c).strip()}
+    tasks = {c for v in LLMROUTER_TASK_GROUPS.values() for c in v}
+    return {k: list(v) for k, v in LLMROUTER_TASK_GROUPS.items()} if cats and cats <= tasks else None
+
+
+def search_guard(table: RoutingTable, emb: np.ndarray, cfg: TrainConfig | None = None, variant: str = "cscr",
+                 descriptors: Mapping[str, np.ndarray] | None = None,
+                 groups: Mapping[str, Sequence[str]] | None = None, max_groups: int = MAX_GROUPS,
+                 log: Callable[[str], None] | None = None) -> GuardSearch:
+    """Choose (w, gate) by nested leave-one-group-out on ``table``'s non-test rows (see cscr/guard.py).
+
+    ``descriptors``: the experts' descriptors (None: probe-outcome descriptors from each inner
+    split's probe rows); ``groups``: name -> categories (None: ``category_groups``).
+    """
+    keep = np.flatnonzero(table.splits != "test")
+    t0, e0 = table.subset(keep), np.asarray(emb)[keep]
+    cats = [str(c) for c in t0.categories if str(c).strip()]
+    chosen: dict[str, list[str]] = {k: list(v) for k, v in (groups or category_groups(cats, max_groups)).items()}
+    present = {k: v for k, v in chosen.items() if set(v) & set(cats)}
+    if len(present) < 2:
+        raise GuardError(f"the guard's search holds out prompt categories in turn and needs at least 2 groups of "
+                         f"them; this table has {len(present)} ({sorted(set(cats))[:8]})")
+    try:
+        splits = leave_one_group_out(t0, present)
+    except TableError as exc:
+        raise GuardError(f"the guard's search cannot hold out these groups: {exc}") from exc
+    per_group: dict[str, list[list[float]]] = {}
+    for i, s in enumerate(splits, 1):
+        es = e0[s.emb_rows]
+        desc = dict(descriptors) if descriptors is not None else default_descriptors(s.table)
+        try:
+            res = train_cscr(s.table, es, desc, variant, cfg, log=None)
+        except (TableError, ValueError) as exc:
+            raise GuardError(f"the guard's search could not train without group {s.test_group!r}: {exc}") from exc
+        train = s.table.split_index("train")
+        router = cscr_router(variant, res, {n: desc[n] for n in s.table.expert_names}, costs_of(s.table, train))
+        rows = s.ood_rows[~np.isnan(s.table.quality[s.ood_rows]).any(axis=1)]
+        if len(rows) == 0:
+            continue
+        out = grid_audc(router, s.table, es, train, rows)
+        per_group[s.test_group] = out.tolist()
+        if log is not None:
+            log(f"guard search {i}/{len(splits)}: held out {s.test_group} ({len(rows)} prompts): no shrink "
+                f"{out[0, 0]:.4f}, best {out.max():.4f}")
+    if not per_group:
+        raise GuardError("the guard's search found no held-out prompt with every quality cell")
+    mean = np.mean([np.asarray(v) for v in per_group.values()], axis=0)
+    a, b = np.unravel_index(int(np.argmax(mean)), mean.shape)
+    return GuardSearch(GRID[b], GATES[a], mean, per_group, present)

@@ -114,6 +114,21 @@ def test_unary_falls_back_past_a_hung_expert_and_cancels_it(parts):
     assert experts["hung"].started == 1 and experts["hung"].cancelled == 1  # the abandoned call stopped
 
 
+def test_constraints_that_leave_only_unserved_experts_are_the_requests_400(parts):
+    """The router's pool has broken and hung, this server serves only the tiny LMs: a request whose
+    candidates or max_cost leave only the unserved ones gets a 400 naming the constraint, not a 503."""
+    router, tiny = parts
+    service = CompletionService(LocalRouter(router), LocalExperts(dict(tiny), {"tiny-a": 32, "tiny-b": 64}),
+                                CompletionSettings(expert_timeout_s=5.0, default_max_tokens=2), Tally())
+    cheap = (COSTS["hung"] * reference().scale + COSTS["tiny-a"] * reference().scale) / 2  # above hung, below tiny-a
+    for kw, param, code in (({"candidates": ["broken", "hung"]}, "candidates", "candidate_not_served"),
+                            ({"max_cost": cheap}, "max_cost", "no_expert_within_max_cost")):
+        with pytest.raises(ProtocolError) as err:
+            asyncio.run(service.plan(chat(**kw)))
+        assert (err.value.status, err.value.param, err.value.code) == (400, param, code), err.value
+    assert asyncio.run(service.plan(chat())).order[0] in tiny  # unconstrained: routed among the served
+
+
 def test_every_expert_failing_is_a_502(parts):
     service, experts = make(parts, expert_timeout_s=0.3)
     for stream in (False, True):
