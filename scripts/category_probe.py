@@ -66,13 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     from cscr.config import TrainConfig
     from cscr.data.table import category_means
     from cscr.eval.utility import utility_audc
-    from cscr.experiments.ood import search_guard, task_groups
+    from cscr.experiments.ood import search_guard
     from cscr.guard import Guard
     from cscr.routers.base import RouterContext, get_router
     from cscr.routers.cscr import CSCRRouter
     from cscr.runs.descriptors import DEFAULT_KIND
     from cscr.runs.inputs import Run
-    from cscr.runs.settings import recorded_training
     from cscr.training.arrays import prepare_arrays
     from cscr.training.fit import fit_head
 
@@ -86,15 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     run = Run.of(a.run)
     table, emb = run.table, run.embeddings
 
-    recorded = recorded_training(run.paths)  # the descriptor kind the run was trained with, as `cscr train` reads it
-    try:
-        desc, kind, basis = run.descriptors(recorded.descriptor_kind if recorded else None)
+    try:  # the descriptor kind the run was trained with
+        desc, kind, basis = run.trained_descriptors()
     except FileNotFoundError as exc:  # the message names the command that computes them
         print(f"category_probe: {exc}", file=sys.stderr)
         return 2
     cats = np.asarray(table.categories, dtype=str)
     pool = table.split_index("train", "val")
-    groups = task_groups(table)
 
     def guarded(t, sp, inner_val, router, rows):
         """The head's utilities on rows with the guard searched on the other folds (fold -> test)."""
@@ -102,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         spl = sp.copy()
         spl[rows], spl[inner_val] = "test", "val"
         hidden.splits = spl
-        search = search_guard(hidden, emb, TrainConfig(), "cscr", None if kind == DEFAULT_KIND else desc, groups)
+        search = search_guard(hidden, emb, TrainConfig(), "cscr", None if kind == DEFAULT_KIND else desc)
         guard = Guard.fit(t, emb, search.w, search.gate)  # reference and means: the training folds
         return guard.apply(router.utilities(emb[rows]), router.expert_names, emb[rows]), (search.w, search.gate)
 

@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     from cscr.eval import metrics as M
     from cscr.routers.base import RouterContext, get_router
     from cscr.runs.inputs import Run
-    from cscr.runs.settings import recorded_training
     from cscr.training.arrays import prepare_arrays
     from cscr.training.fit import fit_head
 
@@ -51,9 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = Run.of(a.run)
     table, emb = run.table, run.embeddings
-    recorded = recorded_training(run.paths)  # the descriptor kind the run was trained with, as `cscr train` reads it
-    try:
-        desc, kind, basis = run.descriptors(recorded.descriptor_kind if recorded else None)
+    try:  # the descriptor kind the run was trained with
+        desc, kind, basis = run.trained_descriptors()
     except FileNotFoundError as exc:  # the message names the command that computes them
         print(f"cv_grid: {exc}", file=sys.stderr)
         return 2

@@ -219,16 +219,6 @@ def ood_splits(table: Any, split: str, group: str | None = None) -> list[Any]:
     return splits
 
 
-def _inner_groups(split: str, held_out: str) -> dict[str, list[str]] | None:
-    """The groups the guard's search holds out inside a split's training groups: the other LLMRouter
-    task groups for --split tasks, else the training categories (cscr.guard.category_groups)."""
-    from cscr.experiments.ood import LLMROUTER_TASK_GROUPS
-
-    if split != "tasks":
-        return None
-    return {k: list(v) for k, v in LLMROUTER_TASK_GROUPS.items() if k != held_out}
-
-
 def run_ood_cmd(args: argparse.Namespace) -> int:
     from cscr.experiments.ood import run_ood
     from cscr.experiments.report import slug, write_ood
@@ -248,8 +238,7 @@ def run_ood_cmd(args: argparse.Namespace) -> int:
     results = []
     for i, s in enumerate(splits, 1):
         say(f"ood[{split}] {i}/{len(splits)}: train on {s.train_group}, test on {s.test_group} ({s.counts})")
-        res = run_ood(s, emb, routers, train, ev, desc, args.seed, say, guard=args.guard,
-                      guard_groups=_inner_groups(split, s.test_group))
+        res = run_ood(s, emb, routers, train, ev, desc, args.seed, say, guard=args.guard)
         _compare_cscr(res.out_of_distribution)
         results.append(res)
     name = f"ood-{split}" if args.group is None else f"ood-{split}-{slug(args.group)}"

@@ -44,8 +44,9 @@ def say(msg: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cscr.errors import InputError
-    from cscr.experiments.ood import search_guard, task_groups
+    from cscr.experiments.ood import search_guard
     from cscr.guard import Guard, load_guard, remove_guard, save_guard
+    from cscr.runs.descriptors import DEFAULT_KIND, read_descriptors
     from cscr.runs.heads import load_trained
     from cscr.runs.inputs import Run
 
@@ -73,15 +74,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = trained.config if args.seed is None else dataclasses.replace(trained.config, seed=args.seed)
     table, emb = run_.table, run_.embeddings
     desc = None
-    from cscr.runs.descriptors import DEFAULT_KIND, read_descriptors
-
     kind = trained.descriptor_kind or DEFAULT_KIND
     if kind != DEFAULT_KIND:  # fingerprints from the store; probe-outcome ones come from each split's probes
         desc, kind, _ = read_descriptors(run_.paths, table.expert_names, kind)
-    groups = task_groups(table)
-    say(f"guard search on {run_.paths.root} ({args.variant}, {kind} descriptors, seed {cfg.seed}): held-out "
-        f"{'LLMRouter task groups' if groups else 'categories'}; the test split is not read")
-    search = search_guard(table, emb, cfg, args.variant, desc, groups, args.max_groups, log=say)
+    say(f"guard search on {run_.paths.root} ({args.variant}, {kind} descriptors, seed {cfg.seed}): each group "
+        f"of categories held out in turn; the test split is not read")
+    search = search_guard(table, emb, cfg, args.variant, desc, max_groups=args.max_groups, log=say)
     print(f"mean AUDC on held-out groups ({len(search.per_group)}: {', '.join(search.per_group)}); "
           f"* = chosen\n{search.table()}")
     if search.w <= 0.0:

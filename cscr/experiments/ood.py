@@ -165,14 +165,13 @@ class OODResult:
 
 def run_ood(split: OODSplit, emb: np.ndarray, routers: Sequence[str], train_cfg: TrainConfig | None = None,
             eval_cfg: EvalConfig | None = None, descriptors: Mapping[str, np.ndarray] | None = None,
-            seed: int = 0, log: Log | None = None, guard: bool = False,
-            guard_groups: Mapping[str, Sequence[str]] | None = None) -> OODResult:
+            seed: int = 0, log: Log | None = None, guard: bool = False) -> OODResult:
     """Train on the split's in-distribution rows, evaluate on both sets.
 
     ``emb``: embeddings of the *original* table (sliced with ``split.emb_rows``). ``descriptors``:
     default probe-outcome descriptors from the in-distribution probe rows. ``guard``: add
-    ``cscr+guard`` (needs ``cscr`` among the routers); ``guard_groups``: the groups its search holds
-    out (None: the in-distribution categories).
+    ``cscr+guard`` (needs ``cscr`` among the routers; its search holds out the in-distribution
+    groups ``search_guard`` forms: LLMRouter task groups, else categories).
     """
     table = split.table
     e = np.asarray(emb)[split.emb_rows]
@@ -181,8 +180,7 @@ def run_ood(split: OODSplit, emb: np.ndarray, routers: Sequence[str], train_cfg:
     ctx = RouterContext.from_table(table, e, seed=seed)
     fitted = fit_routers(routers, ctx, heads, desc)
     if guard:
-        fitted[GUARDED] = _guarded(table, e, heads, desc if descriptors is not None else None, train_cfg,
-                                   guard_groups, log)
+        fitted[GUARDED] = _guarded(table, e, heads, desc, descriptors, train_cfg, log)
     cfg = eval_cfg or EvalConfig()
     return OODResult(split, evaluate_routers(fitted, table, e, split.id_rows, cfg),
                      evaluate_routers(fitted, table, e, split.ood_rows, cfg), list(fitted))
@@ -191,13 +189,14 @@ def run_ood(split: OODSplit, emb: np.ndarray, routers: Sequence[str], train_cfg:
 GUARDED = "cscr+guard"
 
 
-def _guarded(table: RoutingTable, e: np.ndarray, heads: Mapping[str, TrainResult], descriptors: Mapping[str, np.ndarray] | None,
-             train_cfg: TrainConfig | None, groups: Mapping[str, Sequence[str]] | None, log: Log | None) -> CSCRRouter:
-    """The cscr head's router with a guard searched and fitted on the in-distribution rows only."""
+def _guarded(table: RoutingTable, e: np.ndarray, heads: Mapping[str, TrainResult], desc: Mapping[str, np.ndarray],
+             store: Mapping[str, np.ndarray] | None, train_cfg: TrainConfig | None, log: Log | None) -> CSCRRouter:
+    """The cscr head's router (over ``desc``) with a guard searched and fitted on the in-distribution
+    rows only; ``store``: descriptors from the store for the search's heads (None: each inner
+    split's probe-outcome descriptors)."""
     if "cscr" not in heads:
         raise ValueError(f"{GUARDED!r} needs 'cscr' among the routers")
-    desc = dict(descriptors) if descriptors is not None else default_descriptors(table)
-    search = search_guard(table, e, train_cfg, "cscr", descriptors, groups, log=log)
+    search = search_guard(table, e, train_cfg, "cscr", store, log=log)
     router = cscr_router("cscr", heads["cscr"], {n: desc[n] for n in table.expert_names},
                          costs_of(table, table.split_index("train")))
     assert isinstance(router, CSCRRouter)
@@ -224,12 +223,14 @@ def search_guard(table: RoutingTable, emb: np.ndarray, cfg: TrainConfig | None =
     """Choose (w, gate) by nested leave-one-group-out on ``table``'s non-test rows (see cscr/guard.py).
 
     ``descriptors``: the experts' descriptors (None: probe-outcome descriptors from each inner
-    split's probe rows); ``groups``: name -> categories (None: ``category_groups``).
+    split's probe rows); ``groups``: name -> categories (None: ``task_groups`` for LLMRouter task
+    names, else ``category_groups``; groups with no non-test rows are left out).
     """
     keep = np.flatnonzero(table.splits != "test")
     t0, e0 = table.subset(keep), np.asarray(emb)[keep]
     cats = [str(c) for c in t0.categories if str(c).strip()]
-    chosen: dict[str, list[str]] = {k: list(v) for k, v in (groups or category_groups(cats, max_groups)).items()}
+    groups = groups if groups is not None else (task_groups(t0) or category_groups(cats, max_groups))
+    chosen: dict[str, list[str]] = {k: list(v) for k, v in groups.items()}
     present = {k: v for k, v in chosen.items() if set(v) & set(cats)}
     if len(present) < 2:
         raise GuardError(f"the guard's search holds out prompt categories in turn and needs at least 2 groups of "

@@ -56,6 +56,14 @@ class Run:
         """(descriptors of the table's experts in table order, kind, basis id); reads only."""
         return read_descriptors(self.paths, self.table.expert_names, kind, basis_id)
 
+    def trained_descriptors(self) -> tuple[dict[str, np.ndarray], str, str]:
+        """``descriptors`` of the kind the run was last trained with (as ``cscr train`` reads it;
+        the default kind for a run never trained)."""
+        from cscr.runs.settings import recorded_training
+
+        recorded = recorded_training(self.paths)
+        return self.descriptors(recorded.descriptor_kind if recorded else None)
+
     def train_costs(self) -> dict[str, float]:
         """{expert: c_m}: mean train cost over the largest, the costs every router is scored with."""
         t = self.table
