@@ -96,6 +96,7 @@ def main() -> None:
     from cscr.encoder import get_encoder, load_run_embeddings
     from cscr.eval.evaluate import evaluate_routers
     from cscr.eval.significance import paired_bootstrap_audc
+    from cscr.lexical import for_run
     from cscr.runs.heads import load_trained
     from cscr.runs.inputs import Run
     from cscr.runs.loader import load_router
@@ -112,7 +113,9 @@ def main() -> None:
     kind = load_trained(run_dir, "cscr").descriptor_kind
 
     torch.set_num_threads(args.threads)  # before the sessions are made: ONNX Runtime takes torch's count
-    encoders = {b: get_encoder(EncoderConfig(backend=b)) for b in ENCODER_BACKENDS}
+    # each backend with the run's lexical view appended (as serving embeds); cosines read the encoder's part
+    encoders = {b: for_run(get_encoder(EncoderConfig(backend=b)), run_dir) for b in ENCODER_BACKENDS}
+    d = get_encoder(EncoderConfig()).dim
     for enc in encoders.values():
         enc.encode(texts[:8])  # warm up
     load0 = os.getloadavg()
@@ -123,7 +126,7 @@ def main() -> None:
 
     # routing: the run's trained head on each backend's test embeddings (other rows: the run's own)
     base = load_run_embeddings(run_dir)
-    cached = np.sum(base[rows] * vecs["torch"], axis=1).min()  # the run's cache vs torch now
+    cached = np.sum(base[rows, :d] * vecs["torch"][:, :d], axis=1).min()  # the run's cache vs torch now
     results = {}
     for b in ENCODER_BACKENDS:
         emb = base.copy()
@@ -144,7 +147,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b in ENCODER_BACKENDS:
-        cos = np.sum(vecs[b] * vecs["torch"], axis=1)
+        cos = np.sum(vecs[b][:, :d] * vecs["torch"][:, :d], axis=1)
         r = results[b].routers["cscr"]
         d = r.audc - ref.routers["cscr"].audc
         if b == "torch":

@@ -197,9 +197,13 @@ class Encoder:
                 "long_prompt": self.cfg.long_prompt, "backend": self.cfg.backend, "config": asdict(self.cfg)}
 
     @staticmethod
-    def from_run(run_dir: str | os.PathLike[str], **overrides: Any) -> Encoder:
-        """The encoder a run's embeddings were made with (its manifest), loaded once per process."""
-        return get_encoder(encoder_config_for_run(run_dir, **overrides))
+    def from_run(run_dir: str | os.PathLike[str], **overrides: Any) -> Any:
+        """The encoder a run's embeddings were made with (its manifest), loaded once per process,
+        with the run's lexical view appended when it has one (cscr.lexical.WithLexical): the
+        features ``load_run_embeddings`` gives for the run's own prompts."""
+        from cscr.lexical import for_run
+
+        return for_run(get_encoder(encoder_config_for_run(run_dir, **overrides)), run_dir)
 
     @property
     def window(self) -> int:
@@ -517,9 +521,12 @@ def distinctness_warning(d: Distinctness, mode: str, threshold: float = 0.01) ->
             f"them apart: {hint}")
 
 
-def load_run_embeddings(run_dir: str | os.PathLike[str], encoder_id: str | None = None) -> np.ndarray:
-    """Embeddings (n, d) aligned with the run's table rows, from the run's cache (the encoder that
-    ``cscr prepare`` used, unless ``encoder_id`` names another). Clear error when missing."""
+def load_run_embeddings(run_dir: str | os.PathLike[str], encoder_id: str | None = None,
+                        lexical: bool = True) -> np.ndarray:
+    """Prompt features (n, d) aligned with the run's table rows: the encoder's vectors from the
+    run's cache (the encoder that ``cscr prepare`` used, unless ``encoder_id`` names another), then,
+    with ``lexical`` and when the run has one, its lexical view of the same prompts
+    (cscr.lexical). Clear error when missing."""
     import pandas as pd
 
     paths = RunPaths.of(run_dir)
@@ -540,4 +547,8 @@ def load_run_embeddings(run_dir: str | os.PathLike[str], encoder_id: str | None 
             f"{paths.root}: {k} of {len(df)} prompts have no embedding for encoder {encoder_id} "
             f"(the table changed after embedding?): re-run `cscr prepare ... --out {paths.root}`"
         )
-    return vecs
+    if not lexical:
+        return vecs
+    from cscr.lexical import LexicalView, features
+
+    return features(vecs, df["text"].to_numpy(dtype=object), LexicalView.load(paths.embeddings))

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cscr.data.table import Expert, RoutingTable, assign_splits
 from cscr.runs.paths import RunPaths
+
+if TYPE_CHECKING:
+    from cscr.config import TrainConfig
 
 
 def synthetic_table(n: int = 600, n_experts: int = 5, dim: int = 384, n_clusters: int = 4, seed: int = 0,
@@ -57,3 +61,19 @@ def write_synthetic_run(run_dir: str | os.PathLike[str], table: RoutingTable, em
     cache.write_info(info)
     write_manifest(paths.embeddings, info, table.n)
     return paths.root
+
+
+def train_synthetic_head(run_dir: str | os.PathLike[str], table: RoutingTable, emb: np.ndarray,
+                         variant: str = "cscr", cfg: TrainConfig | None = None) -> Path:
+    """Train a ``variant`` head on a synthetic run folder (``write_synthetic_run``) with its
+    probe-outcome descriptors (computed into the run, as ``cscr train`` does) and save it as
+    ``cscr train`` leaves it; default: 2 epochs of batches of 128. Returns the model folder."""
+    from cscr.config import TrainConfig
+    from cscr.fingerprints.probe_outcome import probe_outcome_descriptors
+    from cscr.runs.descriptors import compute_probe_outcome
+    from cscr.runs.heads import save_trained
+    from cscr.training import fit_head, prepare_arrays
+
+    basis = compute_probe_outcome(run_dir, table)
+    arrays = prepare_arrays(table, emb, probe_outcome_descriptors(table), 0.0, "probe-outcome", basis)
+    return save_trained(run_dir, fit_head(arrays, cfg or TrainConfig(epochs=2, batch_size=128), variant, log=None))

@@ -10,12 +10,15 @@ figure runs a little high) and the baselines on the other folds, then scores on 
   ``u = sum_c p(c | x) * Qbar[c]``; ``head+softcat w``: its blend with the head;
 - ``head+pool w``: ``(1 - w) * P_head(good) + w * Qbar``: the head shrunk towards the pool's mean
   train quality per expert (prompt only; scripts/ood_shrink_probe.py asks the same on unseen groups);
+- ``head+lex``, ``parametric+lex``, ``softcat+lex`` (``--lexical``): the same with the lexical view
+  (cscr/lexical.py) appended, refitted on each fold's training rows; the other rows then read the
+  encoder's vectors only (how the lexical view was chosen);
 - ``head+guard`` (``--guard``): the head with the out-of-distribution guard (cscr/guard.py) as
   ``cscr guard`` would choose it from the other folds (the held-out fold is hidden from the search
   as if it were the test split; the next fold is the inner validation split): what the guard costs
   or gains in distribution, without the test split.
 
-    python scripts/category_probe.py --run runs/llmr [--folds 5] [--guard] [--out probe.json]
+    python scripts/category_probe.py --run runs/llmr [--folds 5] [--guard] [--lexical] [--out probe.json]
 
 The test split is never read. One line per variant: the mean AUDC over the folds, then each fold's.
 """
@@ -65,9 +68,11 @@ def category_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float 
 def main(argv: list[str] | None = None) -> int:
     from cscr.config import TrainConfig
     from cscr.data.table import category_means
+    from cscr.encoder import load_run_embeddings
     from cscr.eval.utility import utility_audc
     from cscr.experiments.ood import search_guard
     from cscr.guard import Guard
+    from cscr.lexical import LexicalConfig, LexicalView, features
     from cscr.routers.base import RouterContext, get_router
     from cscr.routers.cscr import CSCRRouter
     from cscr.runs.descriptors import DEFAULT_KIND
@@ -80,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--out", default=None)
     p.add_argument("--guard", action="store_true", help="add the head+guard row (a guard search per fold)")
+    p.add_argument("--lexical", action="store_true",
+                   help="add +lex rows: the lexical view refitted per fold (other rows: encoder vectors only)")
     a = p.parse_args(argv)
 
     run = Run.of(a.run)
-    table, emb = run.table, run.embeddings
+    table = run.table
+    emb = load_run_embeddings(run.root, lexical=False) if a.lexical else run.embeddings
 
     try:  # the descriptor kind the run was trained with
         desc, kind, basis = run.trained_descriptors()
@@ -113,11 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         t.splits = sp
         rows = t.split_index("val")
         rows = rows[~np.isnan(t.quality[rows]).any(axis=1)]
-        cfg = TrainConfig()
-        arrays = prepare_arrays(t, emb, desc, cfg.loss.tolerance, kind, basis)
-        head = fit_head(arrays, cfg, log=None)
-        router = CSCRRouter.from_trained(head, dict(zip(arrays.expert_names, arrays.descriptors, strict=True)),
-                                         dict(zip(arrays.expert_names, arrays.costs, strict=True)), use_gpu=False)
+        def head_on(e, t=t):
+            cfg = TrainConfig()
+            arrays = prepare_arrays(t, e, desc, cfg.loss.tolerance, kind, basis)
+            head = fit_head(arrays, cfg, log=None)
+            return CSCRRouter.from_trained(head, dict(zip(arrays.expert_names, arrays.descriptors, strict=True)),
+                                           dict(zip(arrays.expert_names, arrays.costs, strict=True)), use_gpu=False)
+
+        router = head_on(emb)
         ctx = RouterContext.from_table(t, emb, 0)
         per_cat = get_router("per-category").fit(ctx)
         u = {"head": router.utilities(emb[rows]), "per-category": per_cat.utilities(emb[rows], rows),
@@ -125,13 +136,21 @@ def main(argv: list[str] | None = None) -> int:
         train = t.split_index("train")
         names = sorted(set(cats[train].tolist()))
         code = {c: i for i, c in enumerate(names)}
-        proba = category_classifier(emb[train], np.array([code[c] for c in cats[train]]), len(names))
-        p_c = proba(emb[rows])  # (n, C)
-        means, overall = category_means(t.quality[train], np.array([code[c] for c in cats[train]]), len(names))
+        y_train = np.array([code[c] for c in cats[train]])
+        means, overall = category_means(t.quality[train], y_train, len(names))
         qbar = np.where(np.isnan(means), overall[None, :], means)  # (C, M) as the per-category router's table
+        p_c = category_classifier(emb[train], y_train, len(names))(emb[rows])  # (n, C)
         u["softcat"] = p_c @ qbar
         held = cats[rows]
         acc = float(np.mean(np.array(names)[p_c.argmax(1)] == held))
+        if a.lexical:  # the view fitted on this fold's training texts only, as cscr prepare fits the train split
+            lex = features(emb, table.texts, LexicalView.fit(list(table.texts[train]), LexicalConfig()))
+            u["head+lex"] = head_on(lex).utilities(lex[rows])
+            u["parametric+lex"] = get_router("parametric").fit(RouterContext.from_table(t, lex, 0)).utilities(lex[rows], rows)
+            p_lex = category_classifier(lex[train], y_train, len(names))(lex[rows])
+            u["softcat+lex"] = p_lex @ qbar
+            res.setdefault("category accuracy (softcat+lex)", []).append(
+                float(np.mean(np.array(names)[p_lex.argmax(1)] == held)))
         for w in BLEND:
             u[f"head+cat w={w}"] = (1 - w) * u["head"] + w * u["per-category"]
             u[f"head+softcat w={w}"] = (1 - w) * u["head"] + w * u["softcat"]

@@ -45,6 +45,10 @@ def make_service(source: dict[str, Any]) -> RouterService:
             encoder = Encoder.from_run(source["run"])  # embeds as the run's prompts were embedded
         else:
             encoder = Encoder(EncoderConfig(model=source.get("encoder")))
+            if source.get("run") is not None:  # the run's lexical view, as training read it
+                from cscr.lexical import for_run
+
+                encoder = for_run(encoder, source["run"])
     if source.get("router_factory") is not None:
         router = source["router_factory"]()
         return RouterService(encoder, router, **kwargs)

@@ -13,7 +13,6 @@ from cscr.serve.service import RouterService
 
 from cscr.config import EvalConfig, TrainConfig
 from cscr.experiments.ood import ood_split, run_ood, search_guard
-from cscr.fingerprints.probe_outcome import probe_outcome_descriptors
 from cscr.guard import (
     GATES,
     GRID,
@@ -24,12 +23,9 @@ from cscr.guard import (
     load_guard,
     save_guard,
 )
-from cscr.runs.descriptors import compute_probe_outcome
-from cscr.runs.heads import save_trained
 from cscr.runs.loader import load_router
 from cscr.runs.settings import head_line
-from cscr.synthetic import synthetic_table, write_synthetic_run
-from cscr.training import fit_head, prepare_arrays
+from cscr.synthetic import synthetic_table, train_synthetic_head, write_synthetic_run
 
 FAST = TrainConfig(epochs=2, batch_size=128)
 
@@ -39,9 +35,7 @@ def trained(tmp_path_factory):
     """A synthetic run (4 topics as categories) with a trained cscr head, as `cscr train` leaves it."""
     table, emb, topic = synthetic_table(n=600, n_experts=5, dim=32, n_clusters=4, seed=5, probe_size=48)
     folder = write_synthetic_run(tmp_path_factory.mktemp("guard") / "run", table, emb)
-    basis = compute_probe_outcome(folder, table)
-    arrays = prepare_arrays(table, emb, probe_outcome_descriptors(table), 0.0, "probe-outcome", basis)
-    save_trained(folder, fit_head(arrays, FAST, "cscr", log=None))
+    train_synthetic_head(folder, table, emb, "cscr", FAST)
     return folder, table, emb, topic
 
 
@@ -157,9 +151,7 @@ def test_saved_guard_is_loaded_served_and_pickled(trained, tmp_path, encoder):
     router.add_expert("newcomer", desc, 0.3)
     assert 0.0 < router.guard.qbar["newcomer"] < 1.0 and np.isfinite(router.utilities(e)).all()
     # retraining replaces the model folder, and the guard with it
-    arrays = prepare_arrays(table, emb, probe_outcome_descriptors(table), 0.0, "probe-outcome",
-                            compute_probe_outcome(folder, table))
-    save_trained(folder, fit_head(arrays, FAST, "cscr", log=None))
+    train_synthetic_head(folder, table, emb, "cscr", FAST)
     assert load_guard(model) is None and load_router(folder, "cscr").guard is None
 
 

@@ -235,10 +235,15 @@ def run_ood_cmd(args: argparse.Namespace) -> int:
     desc, basis = None, "per split: probe prompts of the training group"
     if kind != DEFAULT_KIND:  # fingerprints from the store (their probe prompts may include any group)
         desc, kind, basis = read_descriptors(paths, table.expert_names, kind)
+    from cscr.lexical import LexicalView, refit_features
+
+    view = LexicalView.load(paths.embeddings)
     results = []
     for i, s in enumerate(splits, 1):
         say(f"ood[{split}] {i}/{len(splits)}: train on {s.train_group}, test on {s.test_group} ({s.counts})")
-        res = run_ood(s, emb, routers, train, ev, desc, args.seed, say, guard=args.guard)
+        # the run's lexical view saw every train prompt's text: refit it on this split's training rows
+        e = refit_features(emb, table.texts, view, s.emb_rows[s.table.split_index("train")])
+        res = run_ood(s, e, routers, train, ev, desc, args.seed, say, guard=args.guard)
         _compare_cscr(res.out_of_distribution)
         results.append(res)
     name = f"ood-{split}" if args.group is None else f"ood-{split}-{slug(args.group)}"

@@ -25,6 +25,10 @@ from cscr.runs.paths import RunPaths
 if TYPE_CHECKING:
     from cscr.data.table import RoutingTable
 
+class LexicalDefault:
+    dims = 128  # cscr.lexical.LexicalConfig().dims, without importing numpy at CLI start-up
+
+
 DATASETS = ["routerbench", "llmrouter", "routellm", "embedllm", "mixinstruct", "routerarena", "generic"]
 
 
@@ -47,6 +51,10 @@ def register(subparsers: Any) -> None:
     add_encoder_options(p)
     p.add_argument("--embedding-cache", default=None, metavar="DIR|off",
                    help="shared prompt-embedding cache (default: $CSCR_CACHE_DIR/embeddings or ~/.cache/cscr/embeddings)")
+    p.add_argument("--lexical-dims", type=int, default=LexicalDefault.dims, metavar="N",
+                   help="a lexical view of each prompt (character n-gram TF-IDF, fitted on the train split, "
+                        f"SVD to N dims) beside the encoder's vector; 0: none (default: {LexicalDefault.dims}, "
+                        "chosen by cross-validation; cscr/lexical.py)")
     p.add_argument("--no-embed", action="store_true", help="write the table only")
     p.add_argument("--ray", action="store_true",
                    help="embed with Ray Data (jobs/embed.py; the shared cache is not used) with these options:")
@@ -95,6 +103,10 @@ def summary(table: RoutingTable) -> str:
 def run(args: argparse.Namespace) -> int:
     from cscr.data import load_dataset
 
+    if args.lexical_dims < 0:
+        from cscr.errors import InputError
+
+        raise InputError(f"--lexical-dims must be >= 0, got {args.lexical_dims}")
     t0 = time.perf_counter()
     data_dir = args.data_dir or os.environ.get("CSCR_DATA_DIR") or None
     cfg = DataConfig(dataset=args.dataset, data_dir=data_dir, val_fraction=args.val_fraction,
@@ -126,6 +138,17 @@ def run(args: argparse.Namespace) -> int:
         emb = embed_table(table, get_encoder(enc_cfg), paths.embeddings, shared=shared)
     print(f"embeddings  {paths.embeddings} ({emb.shape[0]} x {emb.shape[1]}, long prompts: {enc_cfg.long_prompt}, "
           f"backend: {enc_cfg.backend}, {time.perf_counter() - t1:.1f}s)")
+    from cscr.lexical import LexicalConfig, fit_for_table
+
+    t2 = time.perf_counter()
+    view = fit_for_table(table, paths.embeddings, LexicalConfig(dims=args.lexical_dims))
+    if view is not None:
+        print(f"lexical     {view.dims} dims from {len(view.vocabulary)} character n-grams of the "
+              f"{view.fitted_on} train prompts (appended to every router's prompt features; "
+              f"{time.perf_counter() - t2:.1f}s)")
+    else:
+        print("lexical     none" + (" (--lexical-dims 0)" if args.lexical_dims == 0 else
+                                     " (too few train prompts for a lexical view)"))
     from cscr.encoder import distinctness, distinctness_warning
 
     dist = distinctness(table.texts, emb)

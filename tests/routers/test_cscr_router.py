@@ -14,10 +14,9 @@ from cscr.head import Head
 from cscr.routers import RouterContext, RouterError, get_router
 from cscr.routers.cscr import CSCRRouter, VanillaRouter
 from cscr.runs.descriptors import compute_probe_outcome
-from cscr.runs.heads import save_trained
 from cscr.runs.loader import load_router
 from cscr.runs.paths import RunError, RunPaths
-from cscr.synthetic import synthetic_table, write_synthetic_run
+from cscr.synthetic import synthetic_table, train_synthetic_head, write_synthetic_run
 from cscr.training import fit_head, prepare_arrays
 
 
@@ -156,19 +155,12 @@ def test_rank_orders_by_score_and_bad_inputs_are_refused():
         CSCRRouter().route(emb)
 
 
-def _train_and_save(run, table, emb, variant):
-    basis = compute_probe_outcome(run, table)
-    desc = probe_outcome_descriptors(table)
-    arrays = prepare_arrays(table, emb, desc, 0.0, "probe-outcome", basis)
-    return save_trained(run, fit_head(arrays, TrainConfig(epochs=2, batch_size=128), variant, log=None))
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     table, emb, _ = synthetic_table(n=700, n_experts=5, seed=7, probe_size=48)
     run = write_synthetic_run(tmp_path_factory.mktemp("cscr") / "run", table, emb)
     for v in ("cscr", "vanilla"):
-        _train_and_save(run, table, emb, v)
+        train_synthetic_head(run, table, emb, v)
     return table, emb, run
 
 
@@ -197,7 +189,7 @@ def test_loading_without_a_head_or_descriptors_says_what_to_run(tmp_path, traine
     with pytest.raises(RouterError, match="load_router"):  # a CSCR router is built, never fitted
         get_router("cscr").fit(RouterContext.from_table(table, emb))
     # a trained head whose descriptors were removed: loading computes nothing, it names the command
-    _train_and_save(run, table, emb, "cscr")
+    train_synthetic_head(run, table, emb, "cscr")
     RunPaths.of(run).descriptors.unlink()
     with pytest.raises(FileNotFoundError, match=r"no 'probe-outcome' descriptors .*`cscr train --run"):
         load_router(run, "cscr")
@@ -207,7 +199,7 @@ def test_loading_without_a_head_or_descriptors_says_what_to_run(tmp_path, traine
 def test_loading_refuses_descriptors_of_another_basis(tmp_path):
     table, emb, _ = synthetic_table(n=200, n_experts=3, seed=9, probe_size=20)
     run = write_synthetic_run(tmp_path / "run", table, emb)
-    _train_and_save(run, table, emb, "cscr")
+    train_synthetic_head(run, table, emb, "cscr")
     # the probe split changes (the table re-prepared) and the descriptors are recomputed: the
     # head was trained on the old coordinates
     splits = table.splits.copy()

@@ -14,14 +14,9 @@ import pytest
 from cscr.serve.protocol import ProtocolError
 from cscr.serve.service import RouterService
 
-from cscr.config import TrainConfig
-from cscr.fingerprints.probe_outcome import probe_outcome_descriptors
 from cscr.routers import RouterError, available_routers
-from cscr.runs.descriptors import compute_probe_outcome
-from cscr.runs.heads import save_trained
 from cscr.runs.loader import load_router
-from cscr.synthetic import synthetic_table, write_synthetic_run
-from cscr.training import fit_head, prepare_arrays
+from cscr.synthetic import synthetic_table, train_synthetic_head, write_synthetic_run
 
 N_LAMBDAS = 9
 
@@ -30,10 +25,8 @@ N_LAMBDAS = 9
 def run(tmp_path_factory):
     table, emb, _ = synthetic_table(n=500, n_experts=5, seed=11, probe_size=40)
     folder = write_synthetic_run(tmp_path_factory.mktemp("served") / "run", table, emb)
-    basis = compute_probe_outcome(folder, table)
-    arrays = prepare_arrays(table, emb, probe_outcome_descriptors(table), 0.0, "probe-outcome", basis)
     for variant in ("cscr", "vanilla"):
-        save_trained(folder, fit_head(arrays, TrainConfig(epochs=2, batch_size=128), variant, log=None))
+        train_synthetic_head(folder, table, emb, variant)
     return folder, table, emb
 
 
