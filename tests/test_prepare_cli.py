@@ -48,11 +48,12 @@ def test_prepare_embeds_and_reuses_the_cache(encoder, tmp_path, capsys):
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "embeddings" in captured.out and "12 to encode" in captured.err
-    emb = load_run_embeddings(out, lexical=False)  # the encoder's vectors (the lexical view: tests/test_lexical.py)
+    emb = load_run_embeddings(out)
     assert emb.shape == (12, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert "lexical     none (--lexical-dims 0)" in captured.out  # the lexical view is opt-in
     assert main(args) == 0  # second run: everything from the cache
     assert "12 of 12 prompts cached, 0 to encode" in capsys.readouterr().err
-    np.testing.assert_array_equal(load_run_embeddings(out, lexical=False), emb)
+    np.testing.assert_array_equal(load_run_embeddings(out), emb)
 
 
 @pytest.mark.parametrize(

@@ -25,10 +25,6 @@ from cscr.runs.paths import RunPaths
 if TYPE_CHECKING:
     from cscr.data.table import RoutingTable
 
-class LexicalDefault:
-    dims = 128  # cscr.lexical.LexicalConfig().dims, without importing numpy at CLI start-up
-
-
 DATASETS = ["routerbench", "llmrouter", "routellm", "embedllm", "mixinstruct", "routerarena", "generic"]
 
 
@@ -51,10 +47,11 @@ def register(subparsers: Any) -> None:
     add_encoder_options(p)
     p.add_argument("--embedding-cache", default=None, metavar="DIR|off",
                    help="shared prompt-embedding cache (default: $CSCR_CACHE_DIR/embeddings or ~/.cache/cscr/embeddings)")
-    p.add_argument("--lexical-dims", type=int, default=LexicalDefault.dims, metavar="N",
+    p.add_argument("--lexical-dims", type=int, default=0, metavar="N",
                    help="a lexical view of each prompt (character n-gram TF-IDF, fitted on the train split, "
-                        f"SVD to N dims) beside the encoder's vector; 0: none (default: {LexicalDefault.dims}, "
-                        "chosen by cross-validation; cscr/lexical.py)")
+                        "SVD to N dims, e.g. 128) beside the encoder's vector, for a fixed pool: better routing "
+                        "over the trained experts, worse over experts that join later; 0: none "
+                        "(default: 0, off; cscr/lexical.py)")
     p.add_argument("--no-embed", action="store_true", help="write the table only")
     p.add_argument("--ray", action="store_true",
                    help="embed with Ray Data (jobs/embed.py; the shared cache is not used) with these options:")

@@ -1,0 +1,99 @@
+"""Which lexical view, if any? K-fold cross-validation on train + val (the test split is never read).
+
+For each fold and each configuration (a dict of cscr.lexical.LexicalConfig fields; ``null``: no
+view) the view is fitted on the fold's training texts only, the default CSCR head is trained on
+``[MiniLM, lex]`` and scored on the held-out fold:
+
+- in distribution: the head's AUDC over the whole pool (folds as scripts/category_probe.py);
+- with ``--unseen E1,E2,...``: the unseen-experts experiment (cscr.experiments.unseen) on the same
+  folds instead: the head trained on the other experts, routing over ``E1, E2, ...`` by their
+  descriptors (the held-out fold is its test split, the next fold its validation split).
+
+    python scripts/lexical_cv.py --run runs/rb --configs '{"none": null, "d128": {}, "d32": {"dims": 32}}'
+    python scripts/lexical_cv.py --run runs/rb --unseen gpt-3.5-turbo-1106,claude-v2,... --configs ...
+
+One line per configuration: the mean AUDC over the folds, then each fold's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cscr.config import EvalConfig, TrainConfig
+    from cscr.encoder import load_run_embeddings
+    from cscr.eval.utility import utility_audc
+    from cscr.experiments.unseen import run_unseen
+    from cscr.lexical import LexicalConfig, LexicalView, features
+    from cscr.routers.base import RouterContext, get_router
+    from cscr.routers.cscr import CSCRRouter
+    from cscr.runs.inputs import Run
+    from cscr.training.arrays import prepare_arrays
+    from cscr.training.fit import fit_head
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True)
+    p.add_argument("--configs", default='{"none": null, "d128": {}}', help="JSON {name: LexicalConfig fields or null}")
+    p.add_argument("--unseen", default=None, help="comma-separated experts: the unseen-experts experiment instead")
+    p.add_argument("--folds", type=int, default=5)
+    a = p.parse_args(argv)
+
+    configs = {k: None if v is None else LexicalConfig(**v) for k, v in json.loads(a.configs).items()}
+    run = Run.of(a.run)
+    desc, kind, basis = run.trained_descriptors()
+    table, base = run.table, load_run_embeddings(run.root, lexical=False)
+    unseen = a.unseen.split(",") if a.unseen else None
+    if unseen is not None:  # the fold becomes the test split: the real test rows go (never read either way)
+        keep = np.flatnonzero(table.splits != "test")
+        table, base = table.subset(keep), base[keep]
+    seen = None if unseen is None else [n for n in table.expert_names if n not in unseen]
+    pool = table.split_index("train", "val")
+    folds = np.array_split(np.random.default_rng(12345).permutation(pool), a.folds)  # as category_probe.py
+    res: dict[str, list[float]] = {}
+    for k in range(a.folds):
+        t0 = time.time()
+        t = copy.copy(table)
+        sp = table.splits.copy()
+        sp[pool] = "train"
+        if unseen is None:
+            sp[folds[k]] = "val"  # scored, and the head's best epoch (as category_probe.py)
+        else:
+            sp[folds[k]], sp[folds[(k + 1) % a.folds]] = "test", "val"
+        t.splits = sp
+        train = t.split_index("train")
+        for name, cfg in configs.items():
+            view = None if cfg is None else LexicalView.fit(list(t.texts[train]), cfg)
+            e = features(base, t.texts, view)
+            if unseen is not None:
+                r = run_unseen(t, e, ["cscr"], seen or [], unseen, TrainConfig(), EvalConfig(bootstrap=1))
+                res.setdefault(name, []).append(r.evaluation.routers["cscr"].audc)
+                continue
+            rows = t.split_index("val")
+            rows = rows[~np.isnan(t.quality[rows]).any(axis=1)]
+            cfg_t = TrainConfig()
+            arrays = prepare_arrays(t, e, desc, cfg_t.loss.tolerance, kind, basis)
+            head = fit_head(arrays, cfg_t, log=None)
+            router = CSCRRouter.from_trained(head, dict(zip(arrays.expert_names, arrays.descriptors, strict=True)),
+                                             dict(zip(arrays.expert_names, arrays.costs, strict=True)), use_gpu=False)
+            ref = get_router("per-category").fit(RouterContext.from_table(t, e, 0))  # the probes' c_m
+            res.setdefault(name, []).append(utility_audc(ref.expert_names, ref.costs, router.utilities(e[rows]),
+                                                         e[rows], t.quality[rows], t.cost[rows]))
+        print(f"fold {k}: " + "  ".join(f"{n} {v[-1]:.4f}" for n, v in res.items()) + f"  {time.time() - t0:.0f} s",
+              flush=True)
+    for name, vals in res.items():
+        print(f"{name:24s} {np.mean(vals):.4f}   {' '.join(f'{v:.4f}' for v in vals)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
