@@ -10,8 +10,9 @@ The view is fitted on the run's **train** split only (the texts, no outcomes) by
 and stored beside the embeddings (``<run>/embeddings/lexical/``); a router's prompt features are
 then ``[Phi(x), w * lex(x)]``, for every router of the run alike (the baselines read the same
 features). Training and evaluation read them through ``load_run_embeddings``; serving and ``cscr
-route`` through ``Encoder.from_run``, which wraps the encoder with the run's view
-(``WithLexical``): one function, ``LexicalView.transform``, makes the lexical half everywhere.
+route`` through ``for_run`` (in ``Encoder.from_run`` and ``RouterService.from_run``), which
+wraps the encoder with the run's view (``WithLexical``): one function, ``LexicalView.transform``,
+makes the lexical half everywhere.
 
 An option, off by default (``cscr prepare --lexical-dims 128`` switches it on). By 5-fold
 cross-validation on train + val (docs/routing-quality.md) it raises CSCR's AUDC over the trained
@@ -64,6 +65,14 @@ class LexicalConfig:
             raise ValueError(f"lexical weight must be a finite number > 0, got {self.weight}")
 
 
+def _counter(cfg: LexicalConfig, vocabulary: Sequence[str]) -> Any:
+    """The n-gram counter of a view: counts of ``vocabulary``'s n-grams, in its column order."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    return CountVectorizer(analyzer="char_wb", ngram_range=(cfg.ngram_min, cfg.ngram_max), lowercase=True,
+                           vocabulary={g: i for i, g in enumerate(vocabulary)}, dtype=np.float32)
+
+
 class LexicalView:
     """A fitted view: ``transform(texts) -> (n, dims)`` float32 rows of norm ``weight``."""
 
@@ -77,11 +86,7 @@ class LexicalView:
         if self.idf.shape != (len(self.vocabulary),) or self.components.shape[1:] != (len(self.vocabulary),):
             raise ValueError(f"lexical view: vocabulary {len(self.vocabulary)}, idf {self.idf.shape}, "
                              f"components {self.components.shape} do not agree")
-        from sklearn.feature_extraction.text import CountVectorizer
-
-        self._counts = CountVectorizer(analyzer="char_wb", ngram_range=(cfg.ngram_min, cfg.ngram_max),
-                                       lowercase=True, vocabulary={g: i for i, g in enumerate(self.vocabulary)},
-                                       dtype=np.float32)
+        self._counts = _counter(cfg, self.vocabulary)
 
     @property
     def dims(self) -> int:
@@ -139,7 +144,7 @@ class LexicalView:
         dims = min(cfg.dims, len(vocab) - 1, len(texts) - 1)
         if dims < 2:
             return None
-        counts = cls(cfg, vocab, idf, np.zeros((1, len(vocab)), np.float32))._counts.transform(texts)
+        counts = _counter(cfg, vocab).transform(texts)
         svd = TruncatedSVD(dims, algorithm="randomized", n_iter=7, random_state=0).fit(cls._tfidf(counts, idf))
         return cls(cfg, vocab, idf, svd.components_, fitted_on=len(texts))
 
@@ -188,17 +193,16 @@ def features(base: np.ndarray, texts: Sequence[str], view: LexicalView | None) -
     return np.hstack([base, view.transform(texts)]).astype(np.float32)
 
 
-def refit_features(features_all: np.ndarray, texts: Sequence[str], view: LexicalView | None,
+def refit_features(base: np.ndarray, texts: Sequence[str], view: LexicalView | None,
                    fit_rows: np.ndarray) -> np.ndarray:
-    """``features_all`` (n, d + view.dims) of a run with the lexical half refitted on the texts of
-    ``fit_rows`` only: for an experiment that trains on fewer rows than the run's train split (held-out
-    groups must not shape the view, not even by their texts). Unchanged when there is no view."""
+    """The encoder's vectors ``base`` (n, d) with a lexical half refitted, in ``view``'s
+    configuration, on the texts of ``fit_rows`` only: for an experiment that trains on fewer rows
+    than the run's train split (held-out groups must not shape the view, not even by their texts).
+    ``base`` unchanged when the run has no view."""
     if view is None:
-        return features_all
-    base = np.asarray(features_all, dtype=np.float32)[:, : features_all.shape[1] - view.dims]
+        return np.asarray(base, dtype=np.float32)
     texts = [str(t) for t in texts]
-    refit = LexicalView.fit([texts[i] for i in fit_rows], view.cfg)
-    return features(base, texts, refit)
+    return features(base, texts, LexicalView.fit([texts[i] for i in fit_rows], view.cfg))
 
 
 class WithLexical:
@@ -225,10 +229,17 @@ class WithLexical:
 
 
 def for_run(encoder: Any, run_dir: str | os.PathLike[str]) -> Any:
-    """``encoder`` with the run's lexical view appended (unchanged when the run has none)."""
+    """``encoder`` with the run's lexical view appended (unchanged when the run has none, or when
+    ``encoder`` already appends that view); clear error when it appends another view."""
     from cscr.runs.paths import RunPaths
 
     view = LexicalView.load(RunPaths.of(run_dir).embeddings)
+    have = encoder.view if isinstance(encoder, WithLexical) else None
+    if have is not None:
+        if view is None or have.digest != view.digest:
+            raise ValueError(f"the encoder appends lexical view {have.digest}, the run {run_dir} "
+                             f"{'has none' if view is None else 'was made with ' + view.digest}")
+        return encoder
     return encoder if view is None else WithLexical(encoder, view)
 
 

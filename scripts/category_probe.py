@@ -66,6 +66,8 @@ def category_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from foldcv import fold_table, head_router, make_folds, scored_rows
+
     from cscr.config import TrainConfig
     from cscr.data.table import category_means
     from cscr.encoder import load_run_embeddings
@@ -74,11 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from cscr.guard import Guard
     from cscr.lexical import LexicalConfig, LexicalView, features
     from cscr.routers.base import RouterContext, get_router
-    from cscr.routers.cscr import CSCRRouter
     from cscr.runs.descriptors import DEFAULT_KIND
     from cscr.runs.inputs import Run
-    from cscr.training.arrays import prepare_arrays
-    from cscr.training.fit import fit_head
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
@@ -99,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"category_probe: {exc}", file=sys.stderr)
         return 2
     cats = np.asarray(table.categories, dtype=str)
-    pool = table.split_index("train", "val")
 
     def guarded(t, sp, inner_val, router, rows):
         """The head's utilities on rows with the guard searched on the other folds (fold -> test)."""
@@ -111,22 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         guard = Guard.fit(t, emb, search.w, search.gate)  # reference and means: the training folds
         return guard.apply(router.utilities(emb[rows]), router.expert_names, emb[rows]), (search.w, search.gate)
 
-    folds = np.array_split(np.random.default_rng(12345).permutation(pool), a.folds)  # as scripts/cv_grid.py
+    pool, folds = make_folds(table, a.folds)  # as scripts/cv_grid.py
     res: dict[str, list[float]] = {}
     for k in range(a.folds):
         t0 = time.time()
-        t = copy.copy(table)
-        sp = table.splits.copy()
-        sp[pool], sp[folds[k]] = "train", "val"
-        t.splits = sp
-        rows = t.split_index("val")
-        rows = rows[~np.isnan(t.quality[rows]).any(axis=1)]
+        t = fold_table(table, pool, folds, k)
+        sp = t.splits
+        rows = scored_rows(t)
+
         def head_on(e, t=t):
-            cfg = TrainConfig()
-            arrays = prepare_arrays(t, e, desc, cfg.loss.tolerance, kind, basis)
-            head = fit_head(arrays, cfg, log=None)
-            return CSCRRouter.from_trained(head, dict(zip(arrays.expert_names, arrays.descriptors, strict=True)),
-                                           dict(zip(arrays.expert_names, arrays.costs, strict=True)), use_gpu=False)
+            return head_router(t, e, desc, kind, basis)
 
         router = head_on(emb)
         ctx = RouterContext.from_table(t, emb, 0)

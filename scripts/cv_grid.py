@@ -28,6 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from foldcv import fold_table as fold_split
+    from foldcv import make_folds
+
     from cscr.config import TrainConfig
     from cscr.eval import metrics as M
     from cscr.routers.base import RouterContext, get_router
@@ -55,16 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:  # the message names the command that computes them
         print(f"cv_grid: {exc}", file=sys.stderr)
         return 2
-    pool = table.split_index("train", "val")
-    folds = np.array_split(np.random.default_rng(12345).permutation(pool), a.folds)
+    pool, folds = make_folds(table, a.folds)
 
     def fold_table(k: int):  # train + val, fold k as the validation split
-        t = copy.copy(table)
-        sp = table.splits.copy()
-        sp[pool] = "train"
-        sp[folds[k]] = "val"
-        t.splits = sp
-        return t
+        return fold_split(table, pool, folds, k)
 
     def audc_on(router, t, rows: np.ndarray) -> float:
         rows = rows[~np.isnan(t.quality[rows]).any(axis=1)]

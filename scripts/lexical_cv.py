@@ -18,7 +18,6 @@ One line per configuration: the mean AUDC over the folds, then each fold's.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -30,16 +29,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from foldcv import fold_table, head_router, make_folds, scored_rows
+
     from cscr.config import EvalConfig, TrainConfig
     from cscr.encoder import load_run_embeddings
     from cscr.eval.utility import utility_audc
     from cscr.experiments.unseen import run_unseen
     from cscr.lexical import LexicalConfig, LexicalView, features
     from cscr.routers.base import RouterContext, get_router
-    from cscr.routers.cscr import CSCRRouter
     from cscr.runs.inputs import Run
-    from cscr.training.arrays import prepare_arrays
-    from cscr.training.fit import fit_head
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
@@ -57,19 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         keep = np.flatnonzero(table.splits != "test")
         table, base = table.subset(keep), base[keep]
     seen = None if unseen is None else [n for n in table.expert_names if n not in unseen]
-    pool = table.split_index("train", "val")
-    folds = np.array_split(np.random.default_rng(12345).permutation(pool), a.folds)  # as category_probe.py
+    pool, folds = make_folds(table, a.folds)
     res: dict[str, list[float]] = {}
     for k in range(a.folds):
         t0 = time.time()
-        t = copy.copy(table)
-        sp = table.splits.copy()
-        sp[pool] = "train"
-        if unseen is None:
-            sp[folds[k]] = "val"  # scored, and the head's best epoch (as category_probe.py)
-        else:
-            sp[folds[k]], sp[folds[(k + 1) % a.folds]] = "test", "val"
-        t.splits = sp
+        t = fold_table(table, pool, folds, k, unseen=unseen is not None)
         train = t.split_index("train")
         for name, cfg in configs.items():
             view = None if cfg is None else LexicalView.fit(list(t.texts[train]), cfg)
@@ -78,13 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_unseen(t, e, ["cscr"], seen or [], unseen, TrainConfig(), EvalConfig(bootstrap=1))
                 res.setdefault(name, []).append(r.evaluation.routers["cscr"].audc)
                 continue
-            rows = t.split_index("val")
-            rows = rows[~np.isnan(t.quality[rows]).any(axis=1)]
-            cfg_t = TrainConfig()
-            arrays = prepare_arrays(t, e, desc, cfg_t.loss.tolerance, kind, basis)
-            head = fit_head(arrays, cfg_t, log=None)
-            router = CSCRRouter.from_trained(head, dict(zip(arrays.expert_names, arrays.descriptors, strict=True)),
-                                             dict(zip(arrays.expert_names, arrays.costs, strict=True)), use_gpu=False)
+            rows = scored_rows(t)
+            router = head_router(t, e, desc, kind, basis)
             ref = get_router("per-category").fit(RouterContext.from_table(t, e, 0))  # the probes' c_m
             res.setdefault(name, []).append(utility_audc(ref.expert_names, ref.costs, router.utilities(e[rows]),
                                                          e[rows], t.quality[rows], t.cost[rows]))

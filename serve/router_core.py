@@ -43,12 +43,8 @@ def make_service(source: dict[str, Any]) -> RouterService:
 
         if source.get("run") is not None and not source.get("encoder"):
             encoder = Encoder.from_run(source["run"])  # embeds as the run's prompts were embedded
-        else:
+        else:  # RouterService.from_run appends the run's lexical view to it
             encoder = Encoder(EncoderConfig(model=source.get("encoder")))
-            if source.get("run") is not None:  # the run's lexical view, as training read it
-                from cscr.lexical import for_run
-
-                encoder = for_run(encoder, source["run"])
     if source.get("router_factory") is not None:
         router = source["router_factory"]()
         return RouterService(encoder, router, **kwargs)

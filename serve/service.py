@@ -144,7 +144,8 @@ class RouterService:
     def from_run(run_dir: str | Path, variant: str = "cscr", encoder: TextEncoder | None = None,
                  **kwargs: Any) -> RouterService:
         """The run's trained router and the encoder its embeddings were made with (the model and
-        long-prompt mode its manifest records); an encoder other than the run's is refused."""
+        long-prompt mode its manifest records), with the run's lexical view appended when it has
+        one, to whichever encoder is given; an encoder other than the run's is refused."""
         from cscr.runs.inputs import Run
         from cscr.runs.loader import load_router
 
@@ -154,6 +155,9 @@ class RouterService:
             from cscr.encoder import Encoder
 
             encoder = Encoder.from_run(run_dir)
+        from cscr.lexical import for_run
+
+        encoder = for_run(encoder, run.root)  # the run's lexical view, as training read it (idempotent)
         check_encoder(run, encoder)
         kwargs.setdefault("reference", reference_from_table(run.table, router))
         if "table" not in kwargs:

@@ -12,7 +12,7 @@ from cscr.cli import main
 from cscr.serve.service import RouterService
 
 from cscr.encoder import Encoder, load_run_embeddings
-from cscr.lexical import LexicalConfig, LexicalView, WithLexical, features, refit_features
+from cscr.lexical import LexicalConfig, LexicalView, WithLexical, features, for_run, refit_features
 from cscr.runs.inputs import Run
 from cscr.runs.paths import RunPaths
 
@@ -99,6 +99,13 @@ def test_prepare_fits_on_train_and_serving_embeds_as_training_read(tmp_path, sha
     capsys.readouterr()
     service = RouterService.from_run(out)
     assert isinstance(service.encoder, WithLexical) and service.router.head.cfg.in_dim == 384 + 16
+    # whichever encoder it is given, the service appends the run's view once (for_run is idempotent)
+    plain = Encoder.from_run(out)
+    assert RouterService.from_run(out, encoder=plain).encoder is plain
+    assert for_run(plain.encoder, out).view.digest == view.digest and for_run(plain, out) is plain
+    other = WithLexical(plain.encoder, LexicalView.fit(TEXTS, LexicalConfig(dims=4)))
+    with pytest.raises(ValueError, match="appends lexical view"):
+        RouterService.from_run(out, encoder=other)
     texts = list(run.table.texts[rows])
     for lam in (0.0, 0.5):
         want = [r[0].expert for r in service.router.rank(emb[rows], lam)]
@@ -106,7 +113,7 @@ def test_prepare_fits_on_train_and_serving_embeds_as_training_read(tmp_path, sha
 
     # an out-of-distribution split refits the view on its own training rows only
     fit_rows = run.table.split_index("train")[:40]
-    refit = refit_features(emb, run.table.texts, view, fit_rows)
+    refit = refit_features(emb[:, :384], run.table.texts, view, fit_rows)
     own = LexicalView.fit(list(run.table.texts[fit_rows]), view.cfg)
     assert own is not None
     np.testing.assert_array_equal(refit[:, :384], emb[:, :384])

@@ -111,11 +111,13 @@ def _configs(args: argparse.Namespace) -> tuple[TrainConfig, EvalConfig, str | N
     return train, EvalConfig(n_lambdas=args.lambdas, bootstrap=args.bootstrap, seed=args.seed), rec.descriptor_kind
 
 
-def _load(args: argparse.Namespace) -> tuple[RunPaths, Any, Any]:
+def _load(args: argparse.Namespace, lexical: bool = True) -> tuple[RunPaths, Any, Any]:
+    """The run's paths, table and prompt features (without its lexical view unless ``lexical``)."""
+    from cscr.encoder import load_run_embeddings
     from cscr.runs.inputs import Run
 
     run = Run.of(args.run)
-    return run.paths, run.table, run.embeddings
+    return run.paths, run.table, load_run_embeddings(run.root, lexical=lexical)
 
 
 def _compare_cscr(result: Any) -> None:
@@ -227,7 +229,7 @@ def run_ood_cmd(args: argparse.Namespace) -> int:
     routers = _routers(args.routers)
     if args.guard and "cscr" not in routers:
         raise InputError("--guard evaluates the cscr head with its guard: put cscr in --routers")
-    paths, table, emb = _load(args)
+    paths, table, emb = _load(args, lexical=False)  # the run's lexical view, if any, is refitted per split
     train, ev, kind = _configs(args)
     split = resolve_split(args.split, {str(c) for c in table.categories if str(c).strip()})
     splits = ood_splits(table, split, args.group)

@@ -1,0 +1,55 @@
+"""The K folds the cross-validation scripts share (cv_grid.py, category_probe.py, lexical_cv.py).
+
+Train + val are cut into K folds by one fixed permutation, so every script scores its rows on the
+same folds and their figures compare; the test split is never read.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+
+SEED = 12345  # the permutation every script's folds come from
+
+
+def make_folds(table: Any, k: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(train + val rows, their K folds)."""
+    pool = table.split_index("train", "val")
+    return pool, np.array_split(np.random.default_rng(SEED).permutation(pool), k)
+
+
+def fold_table(table: Any, pool: np.ndarray, folds: list[np.ndarray], k: int, unseen: bool = False) -> Any:
+    """``table`` with train + val relabelled: fold ``k`` the validation split, the rest train; with
+    ``unseen`` fold ``k`` the test split and the next fold the validation split (the unseen-experts
+    experiment's splits; the table should then hold no real test rows)."""
+    t = copy.copy(table)
+    sp = table.splits.copy()
+    sp[pool] = "train"
+    if unseen:
+        sp[folds[k]], sp[folds[(k + 1) % len(folds)]] = "test", "val"
+    else:
+        sp[folds[k]] = "val"
+    t.splits = sp
+    return t
+
+
+def scored_rows(t: Any, split: str = "val") -> np.ndarray:
+    """The split's rows with every expert's outcome known (the rows an AUDC is taken on)."""
+    rows = t.split_index(split)
+    return rows[~np.isnan(t.quality[rows]).any(axis=1)]
+
+
+def head_router(t: Any, emb: np.ndarray, desc: Any, kind: str, basis: Any) -> Any:
+    """The default CSCR head trained on ``t``'s train split (best epoch on its val split), as a router."""
+    from cscr.config import TrainConfig
+    from cscr.routers.cscr import CSCRRouter
+    from cscr.training.arrays import prepare_arrays
+    from cscr.training.fit import fit_head
+
+    cfg = TrainConfig()
+    arrays = prepare_arrays(t, emb, desc, cfg.loss.tolerance, kind, basis)
+    head = fit_head(arrays, cfg, log=None)
+    return CSCRRouter.from_trained(head, dict(zip(arrays.expert_names, arrays.descriptors, strict=True)),
+                                   dict(zip(arrays.expert_names, arrays.costs, strict=True)), use_gpu=False)
