@@ -1,0 +1,73 @@
+"""The cross-validation scripts (scripts/cv_grid.py, category_probe.py, lexical_cv.py) share their
+folds (scripts/foldcv.py): run end to end on a small synthetic run, they score the same rows, and
+the test split is never read."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cscr.synthetic import synthetic_table, train_synthetic_head, write_synthetic_run
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import category_probe  # noqa: E402
+import cv_grid  # noqa: E402
+import foldcv  # noqa: E402
+import lexical_cv  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    table, emb, _ = synthetic_table(n=400, n_experts=4, seed=3)
+    out = write_synthetic_run(tmp_path_factory.mktemp("cv") / "run", table, emb)
+    train_synthetic_head(out, table, emb)
+    return out, table
+
+
+def test_folds_cover_train_and_val_once_and_never_the_test_split(run_dir):
+    _, table = run_dir
+    pool, folds = foldcv.make_folds(table, 3)
+    assert sorted(np.concatenate(folds).tolist()) == sorted(pool.tolist())
+    assert not set(pool.tolist()) & set(table.split_index("test").tolist())
+    again = foldcv.make_folds(table, 3)[1]
+    assert all(np.array_equal(a, b) for a, b in zip(folds, again, strict=True))  # one permutation for all
+    t = foldcv.fold_table(table, pool, folds, 1)
+    assert set(t.split_index("val").tolist()) == set(folds[1].tolist())
+    assert np.array_equal(t.split_index("test"), table.split_index("test")) and table.splits is not t.splits
+    u = foldcv.fold_table(table, pool, folds, 2, unseen=True)
+    assert set(u.split_index("test").tolist()) >= set(folds[2].tolist())
+    assert set(u.split_index("val").tolist()) == set(folds[0].tolist())
+
+
+def _table(out: str) -> dict[str, list[float]]:
+    """name -> the per-fold figures of a script's final table."""
+    rows = {}
+    for line in out.splitlines():
+        parts = line.rsplit(None, 3)  # name (may hold spaces), mean, fold 1, fold 2
+        try:
+            rows[parts[0].strip()] = [float(v) for v in parts[1:]]
+        except ValueError:
+            continue
+    return rows
+
+
+def test_the_scripts_score_the_same_folds(run_dir, capsys):
+    out, _ = run_dir
+    assert lexical_cv.main(["--run", str(out), "--folds", "2", "--configs", '{"none": null, "d8": {"dims": 8}}']) == 0
+    lex = _table(capsys.readouterr().out)
+    assert category_probe.main(["--run", str(out), "--folds", "2"]) == 0
+    probe = _table(capsys.readouterr().out)
+    # the same default head on the same folds: the same AUDC per fold
+    np.testing.assert_allclose(lex["none"], probe["head"], atol=1e-9)
+    assert all(0.0 < v <= 1.0 for v in lex["d8"] + probe["per-category"])
+
+    assert cv_grid.main(["--run", str(out), "--folds", "2", "--configs", "{}", "--baselines", "per-category"]) == 0
+    grid = capsys.readouterr().out
+    # cv_grid scores the baseline on the same folds as category_probe (same rows, same router)
+    assert f"{probe['per-category'][1]:.4f} {probe['per-category'][2]:.4f}" in grid
+    assert cv_grid.main(["--run", str(out), "--configs", "not json"]) == 2
