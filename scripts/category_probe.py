@@ -18,7 +18,11 @@ figure runs a little high) and the baselines on the other folds, then scores on 
   as if it were the test split; the next fold is the inner validation split): what the guard costs
   or gains in distribution, without the test split.
 
-    python scripts/category_probe.py --run runs/llmr [--folds 5] [--guard] [--lexical] [--out probe.json]
+With ``--nested`` each fold is scored with every router's choices made on the next fold instead
+(the head's best epoch, the MLPs' early stopping), so no figure runs high; the routers then train
+on K - 2 folds.
+
+    python scripts/category_probe.py --run runs/llmr [--folds 5] [--guard] [--lexical] [--nested] [--out probe.json]
 
 The test split is never read. One line per variant: the mean AUDC over the folds, then each fold's.
 """
@@ -66,7 +70,7 @@ def category_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, head_router, make_folds, scored_rows
+    from foldcv import fold_table, head_router, make_folds, scored_rows, without_test
 
     from cscr.config import TrainConfig
     from cscr.data.table import category_means
@@ -86,11 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guard", action="store_true", help="add the head+guard row (a guard search per fold)")
     p.add_argument("--lexical", action="store_true",
                    help="add +lex rows: the lexical view refitted per fold (other rows: encoder vectors only)")
+    p.add_argument("--nested", action="store_true",
+                   help="every router's choices (the head's epoch, early stopping) on the next fold, not the scored one")
     a = p.parse_args(argv)
 
     run = Run.of(a.run)
     table = run.table
     emb = load_run_embeddings(run.root, lexical=False) if a.lexical else run.embeddings
+    if a.nested:  # the fold becomes the test split: the real test rows go (never read either way)
+        table, emb = without_test(table, emb)
 
     try:  # the descriptor kind the run was trained with
         desc, kind, basis = run.trained_descriptors()
@@ -113,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, list[float]] = {}
     for k in range(a.folds):
         t0 = time.time()
-        t = fold_table(table, pool, folds, k)
+        t = fold_table(table, pool, folds, k, nested=a.nested)
         sp = t.splits
-        rows = scored_rows(t)
+        rows = scored_rows(t, a.nested)
 
         def head_on(e, t=t):
             return head_router(t, e, desc, kind, basis)

@@ -20,14 +20,16 @@ def make_folds(table: Any, k: int) -> tuple[np.ndarray, list[np.ndarray]]:
     return pool, np.array_split(np.random.default_rng(SEED).permutation(pool), k)
 
 
-def fold_table(table: Any, pool: np.ndarray, folds: list[np.ndarray], k: int, unseen: bool = False) -> Any:
-    """``table`` with train + val relabelled: fold ``k`` the validation split, the rest train; with
-    ``unseen`` fold ``k`` the test split and the next fold the validation split (the unseen-experts
-    experiment's splits; the table should then hold no real test rows)."""
+def fold_table(table: Any, pool: np.ndarray, folds: list[np.ndarray], k: int, nested: bool = False) -> Any:
+    """``table`` with train + val relabelled: fold ``k`` the validation split, the rest train (the
+    fold that is scored also picks the head's best epoch: optimistic for the head). With ``nested``
+    fold ``k`` is the test split and the next fold the validation split, so every choice a router
+    makes is made on another fold than the one it is scored on (the unseen-experts experiment's
+    layout). A nested table should hold no real test rows (``without_test``)."""
     t = copy.copy(table)
     sp = table.splits.copy()
     sp[pool] = "train"
-    if unseen:
+    if nested:
         sp[folds[k]], sp[folds[(k + 1) % len(folds)]] = "test", "val"
     else:
         sp[folds[k]] = "val"
@@ -35,9 +37,16 @@ def fold_table(table: Any, pool: np.ndarray, folds: list[np.ndarray], k: int, un
     return t
 
 
-def scored_rows(t: Any, split: str = "val") -> np.ndarray:
-    """The split's rows with every expert's outcome known (the rows an AUDC is taken on)."""
-    rows = t.split_index(split)
+def without_test(table: Any, emb: np.ndarray) -> tuple[Any, np.ndarray]:
+    """``table`` and its features without the real test rows (never read by cross-validation)."""
+    keep = np.flatnonzero(table.splits != "test")
+    return table.subset(keep), np.asarray(emb)[keep]
+
+
+def scored_rows(t: Any, nested: bool = False) -> np.ndarray:
+    """The rows a fold is scored on: its validation split (nested: its test split), those with
+    every expert's outcome known."""
+    rows = t.split_index("test" if nested else "val")
     return rows[~np.isnan(t.quality[rows]).any(axis=1)]
 
 

@@ -4,7 +4,8 @@ For each fold and each configuration (a dict of cscr.lexical.LexicalConfig field
 view) the view is fitted on the fold's training texts only, the default CSCR head is trained on
 ``[MiniLM, lex]`` and scored on the held-out fold:
 
-- in distribution: the head's AUDC over the whole pool (folds as scripts/category_probe.py);
+- in distribution: the head's AUDC over the whole pool (folds as scripts/category_probe.py); its
+  best epoch is chosen on the fold it is scored on, unless ``--nested`` (then on the next fold);
 - with ``--unseen E1,E2,...``: the unseen-experts experiment (cscr.experiments.unseen) on the same
   folds instead: the head trained on the other experts, routing over ``E1, E2, ...`` by their
   descriptors (the held-out fold is its test split, the next fold its validation split).
@@ -29,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, head_router, make_folds, scored_rows
+    from foldcv import fold_table, head_router, make_folds, scored_rows, without_test
 
     from cscr.config import EvalConfig, TrainConfig
     from cscr.encoder import load_run_embeddings
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default='{"none": null, "d128": {}}', help="JSON {name: LexicalConfig fields or null}")
     p.add_argument("--unseen", default=None, help="comma-separated experts: the unseen-experts experiment instead")
     p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--nested", action="store_true",
+                   help="score each fold with the head's epoch chosen on the next fold (foldcv.fold_table)")
     a = p.parse_args(argv)
 
     configs = {k: None if v is None else LexicalConfig(**v) for k, v in json.loads(a.configs).items()}
@@ -51,15 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     desc, kind, basis = run.trained_descriptors()
     table, base = run.table, load_run_embeddings(run.root, lexical=False)
     unseen = a.unseen.split(",") if a.unseen else None
-    if unseen is not None:  # the fold becomes the test split: the real test rows go (never read either way)
-        keep = np.flatnonzero(table.splits != "test")
-        table, base = table.subset(keep), base[keep]
+    nested = a.nested or unseen is not None
+    if nested:  # the fold becomes the test split: the real test rows go (never read either way)
+        table, base = without_test(table, base)
     seen = None if unseen is None else [n for n in table.expert_names if n not in unseen]
     pool, folds = make_folds(table, a.folds)
     res: dict[str, list[float]] = {}
     for k in range(a.folds):
         t0 = time.time()
-        t = fold_table(table, pool, folds, k, unseen=unseen is not None)
+        t = fold_table(table, pool, folds, k, nested=nested)
         train = t.split_index("train")
         for name, cfg in configs.items():
             view = None if cfg is None else LexicalView.fit(list(t.texts[train]), cfg)
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_unseen(t, e, ["cscr"], seen or [], unseen, TrainConfig(), EvalConfig(bootstrap=1))
                 res.setdefault(name, []).append(r.evaluation.routers["cscr"].audc)
                 continue
-            rows = scored_rows(t)
+            rows = scored_rows(t, nested)
             router = head_router(t, e, desc, kind, basis)
             ref = get_router("per-category").fit(RouterContext.from_table(t, e, 0))  # the probes' c_m
             res.setdefault(name, []).append(utility_audc(ref.expert_names, ref.costs, router.utilities(e[rows]),

@@ -39,20 +39,25 @@ def test_folds_cover_train_and_val_once_and_never_the_test_split(run_dir):
     t = foldcv.fold_table(table, pool, folds, 1)
     assert set(t.split_index("val").tolist()) == set(folds[1].tolist())
     assert np.array_equal(t.split_index("test"), table.split_index("test")) and table.splits is not t.splits
-    u = foldcv.fold_table(table, pool, folds, 2, unseen=True)
+    u = foldcv.fold_table(table, pool, folds, 2, nested=True)
     assert set(u.split_index("test").tolist()) >= set(folds[2].tolist())
     assert set(u.split_index("val").tolist()) == set(folds[0].tolist())
 
 
 def _table(out: str) -> dict[str, list[float]]:
-    """name -> the per-fold figures of a script's final table."""
+    """name -> [mean, fold 1, fold 2, ...] from a script's final table (a name, then numbers)."""
     rows = {}
     for line in out.splitlines():
-        parts = line.rsplit(None, 3)  # name (may hold spaces), mean, fold 1, fold 2
-        try:
-            rows[parts[0].strip()] = [float(v) for v in parts[1:]]
-        except ValueError:
-            continue
+        tokens = line.split()
+        n = 0
+        while n < len(tokens):
+            try:
+                float(tokens[-1 - n])
+            except ValueError:
+                break
+            n += 1
+        if n >= 2 and n < len(tokens):
+            rows[" ".join(tokens[: len(tokens) - n])] = [float(v) for v in tokens[len(tokens) - n:]]
     return rows
 
 
@@ -71,3 +76,10 @@ def test_the_scripts_score_the_same_folds(run_dir, capsys):
     # cv_grid scores the baseline on the same folds as category_probe (same rows, same router)
     assert f"{probe['per-category'][1]:.4f} {probe['per-category'][2]:.4f}" in grid
     assert cv_grid.main(["--run", str(out), "--configs", "not json"]) == 2
+
+    # nested: the head's epoch is chosen on another fold than the scored one; both scripts agree
+    assert lexical_cv.main(["--run", str(out), "--folds", "3", "--nested", "--configs", '{"none": null}']) == 0
+    nested = _table(capsys.readouterr().out)
+    assert category_probe.main(["--run", str(out), "--folds", "3", "--nested"]) == 0
+    probe = _table(capsys.readouterr().out)
+    np.testing.assert_allclose(nested["none"][1:], probe["head"][1:], atol=1e-9)
