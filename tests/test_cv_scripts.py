@@ -17,6 +17,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 import category_probe  # noqa: E402
 import cv_grid  # noqa: E402
+import epoch_choice_cv  # noqa: E402
 import foldcv  # noqa: E402
 import lexical_cv  # noqa: E402
 
@@ -83,3 +84,9 @@ def test_the_scripts_score_the_same_folds(run_dir, capsys):
     assert category_probe.main(["--run", str(out), "--folds", "3", "--nested"]) == 0
     probe = _table(capsys.readouterr().out)
     np.testing.assert_allclose(nested["none"][1:], probe["head"][1:], atol=1e-9)
+
+    # the epoch the inner fold picks, scored on the held-out fold, against a fixed epoch count
+    assert epoch_choice_cv.main(["--run", str(out), "--folds", "3", "--config", '{"epochs": 4}']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("chosen epoch") and "fixed 4 epochs" in lines[-1]
+    assert epoch_choice_cv.main(["--run", str(out), "--config", "{"]) == 2

@@ -1,0 +1,83 @@
+"""Does the head's epoch choice pay? Nested K-fold cross-validation on train + val (the test split is never read).
+
+For each fold k the default CSCR head (cscr.config.TrainConfig, with ``--config`` fields over it) is
+trained on the other folds but k + 1, and scored on fold k after every epoch. Two figures per fold:
+at the epoch the inner validation fold (k + 1) picks (what ``cscr train`` does with its validation
+split), and after the fixed number of epochs with no choice made. The same training runs twice
+(the validation fold moved to k), so both come from one trajectory.
+
+    python scripts/epoch_choice_cv.py --run runs/rb [--config '{"loss.bce_weight": 16.0}'] [--folds 5]
+
+Prints one line per fold and the means, with the fold-averaged curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from foldcv import fold_table, make_folds, without_test
+
+    from cscr.config import TrainConfig
+    from cscr.runs.inputs import Run
+    from cscr.training.arrays import prepare_arrays
+    from cscr.training.fit import fit_head
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True)
+    p.add_argument("--config", default="{}", help="JSON {dotted TrainConfig field: value} over the defaults")
+    p.add_argument("--folds", type=int, default=5)
+    a = p.parse_args(argv)
+    try:
+        over = json.loads(a.config)
+    except json.JSONDecodeError as exc:
+        print(f"epoch_choice_cv: --config is not JSON: {exc}", file=sys.stderr)
+        return 2
+    d = dataclasses.asdict(TrainConfig())
+    for key, value in over.items():
+        section, _, name = key.rpartition(".")
+        (d[section] if section else d)[name] = value
+    cfg = TrainConfig.from_nested(d)
+
+    run = Run.of(a.run)
+    desc, kind, basis = run.trained_descriptors()
+    table, emb = without_test(run.table, run.embeddings)
+    pool, folds = make_folds(table, a.folds)
+
+    def curve(t) -> tuple[list[float], list[float]]:  # per-epoch val AUDC and train loss
+        hist = fit_head(prepare_arrays(t, emb, desc, cfg.loss.tolerance, kind, basis), cfg, log=None).history
+        return [h["val_audc"] for h in hist], [h["train_loss"] for h in hist]
+
+    chosen, curves = [], []
+    for k in range(a.folds):
+        t = fold_table(table, pool, folds, k, nested=True)  # fold k test, fold k + 1 val
+        inner, loss_a = curve(t)
+        sp = t.splits.copy()  # the same training rows; the validation split moved to fold k
+        sp[t.split_index("val")], sp[t.split_index("test")] = "test", "val"
+        t.splits = sp
+        scored, loss_b = curve(t)
+        if not np.allclose(loss_a, loss_b):
+            print("epoch_choice_cv: the two trainings diverged (non-deterministic training?)", file=sys.stderr)
+            return 1
+        e = int(np.argmax(inner))
+        chosen.append(scored[e])
+        curves.append(scored)
+        print(f"fold {k}: epoch {e + 1} chosen -> {scored[e]:.4f}; after {len(scored)} epochs {scored[-1]:.4f}",
+              flush=True)
+    mean = np.mean(curves, axis=0)
+    print(f"chosen epoch {np.mean(chosen):.4f}   fixed {len(mean)} epochs {mean[-1]:.4f}   "
+          f"curve {' '.join(f'{v:.4f}' for v in mean)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
