@@ -15,8 +15,6 @@ A configuration is a dict of dotted TrainConfig fields over the defaults. One JS
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import os
 import sys
@@ -29,9 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main(argv: list[str] | None = None) -> int:
     from foldcv import fold_table as fold_split
-    from foldcv import make_folds
+    from foldcv import make_folds, train_config
 
-    from cscr.config import TrainConfig
     from cscr.eval import metrics as M
     from cscr.routers.base import RouterContext, get_router
     from cscr.runs.inputs import Run
@@ -83,16 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:34s} cv {np.mean(vals):.4f}  folds {' '.join(f'{v:.4f}' for v in vals)}", flush=True)
         emit({"run": str(run.root), "name": name, "cv": float(np.mean(vals)), "folds": vals})
 
-    base = dataclasses.asdict(TrainConfig())
     for name, over in configs.items():
-        d = copy.deepcopy(base)
-        for key, value in over.items():
-            section, _, field = key.rpartition(".")
-            (d[section] if section else d)[field] = value
         curves, t0 = [], time.time()
         for seed in [int(s) for s in a.seeds.split(",")]:
             for k in range(a.folds):
-                cfg = TrainConfig.from_nested({**d, "seed": seed})
+                cfg = train_config({**over, "seed": seed})
                 arrays = prepare_arrays(fold_table(k), emb, desc, cfg.loss.tolerance, kind, basis)
                 curves.append([h["val_audc"] for h in fit_head(arrays, cfg, log=None).history])
         c = np.mean(curves, axis=0)

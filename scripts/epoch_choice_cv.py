@@ -14,7 +14,6 @@ Prints one line per fold and the means, with the fold-averaged curve.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -25,9 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, make_folds, without_test
+    from foldcv import fold_table, make_folds, train_config, without_test
 
-    from cscr.config import TrainConfig
     from cscr.runs.inputs import Run
     from cscr.training.arrays import prepare_arrays
     from cscr.training.fit import fit_head
@@ -42,11 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as exc:
         print(f"epoch_choice_cv: --config is not JSON: {exc}", file=sys.stderr)
         return 2
-    d = dataclasses.asdict(TrainConfig())
-    for key, value in over.items():
-        section, _, name = key.rpartition(".")
-        (d[section] if section else d)[name] = value
-    cfg = TrainConfig.from_nested(d)
+    cfg = train_config(over)
 
     run = Run.of(a.run)
     desc, kind, basis = run.trained_descriptors()

@@ -50,6 +50,19 @@ def scored_rows(t: Any, nested: bool = False) -> np.ndarray:
     return rows[~np.isnan(t.quality[rows]).any(axis=1)]
 
 
+def train_config(over: dict[str, Any]) -> Any:
+    """The default TrainConfig with ``over``'s dotted fields (``{"loss.bce_weight": 16.0}``) replaced."""
+    import dataclasses
+
+    from cscr.config import TrainConfig
+
+    d = dataclasses.asdict(TrainConfig())
+    for key, value in over.items():
+        section, _, name = key.rpartition(".")
+        (d[section] if section else d)[name] = value
+    return TrainConfig.from_nested(d)
+
+
 def head_router(t: Any, emb: np.ndarray, desc: Any, kind: str, basis: Any) -> Any:
     """The default CSCR head trained on ``t``'s train split (best epoch on its val split), as a router."""
     from cscr.config import TrainConfig
