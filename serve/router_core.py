@@ -37,17 +37,18 @@ def make_service(source: dict[str, Any]) -> RouterService:
     kwargs = {k: source[k] for k in ("default_lambda", "max_prompt_chars", "default_budget",
                                      "default_quality_target") if source.get(k) is not None}
     encoder = source["encoder_factory"]() if source.get("encoder_factory") else None
-    if encoder is None:
+    if encoder is None and (source.get("encoder") or source.get("router_factory") is not None):
         from cscr.config import EncoderConfig
         from cscr.encoder import Encoder
 
         if source.get("run") is not None and not source.get("encoder"):
             encoder = Encoder.from_run(source["run"])  # embeds as the run's prompts were embedded
-        else:  # RouterService.from_run appends the run's lexical view to it
+        else:  # RouterService.from_run appends the run's lexical view to a named encoder
             encoder = Encoder(EncoderConfig(model=source.get("encoder")))
     if source.get("router_factory") is not None:
         router = source["router_factory"]()
         return RouterService(encoder, router, **kwargs)
+    # no encoder given: RouterService.from_run loads the run's encoder and its view, once
     return RouterService.from_run(source["run"], source.get("variant", "cscr"), encoder=encoder, **kwargs)
 
 

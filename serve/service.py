@@ -152,9 +152,9 @@ class RouterService:
         run = Run.of(run_dir)
         router = load_router(run, variant)
         if encoder is None:
-            from cscr.encoder import Encoder
+            from cscr.encoder import encoder_config_for_run, get_encoder
 
-            encoder = Encoder.from_run(run_dir)
+            encoder = get_encoder(encoder_config_for_run(run.root))  # the view is appended below
         from cscr.lexical import for_run
 
         encoder = for_run(encoder, run.root)  # the run's lexical view, as training read it (idempotent)

@@ -74,7 +74,7 @@ def _logs(tmp_path, shared_data):
     return logs
 
 
-def test_prepare_fits_on_train_and_serving_embeds_as_training_read(tmp_path, shared_data, capsys):
+def test_prepare_fits_on_train_and_serving_embeds_as_training_read(tmp_path, shared_data, capsys, monkeypatch):
     out = tmp_path / "run"
     base = ["prepare", "--dataset", "generic", "--option", f"file={_logs(tmp_path, shared_data)}", "--probe-size", "4",
             "--out", str(out)]
@@ -97,8 +97,17 @@ def test_prepare_fits_on_train_and_serving_embeds_as_training_read(tmp_path, sha
     # a head trained on the run routes served prompts as it routes the run's own features
     assert main(["train", "--run", str(out), "--plain", "--epochs", "2", "--threads", "1"]) == 0
     capsys.readouterr()
+    loads = []
+    real_load = LexicalView.load
+    monkeypatch.setattr(LexicalView, "load", classmethod(lambda cls, d: loads.append(d) or real_load(d)))
     service = RouterService.from_run(out)
     assert isinstance(service.encoder, WithLexical) and service.router.head.cfg.in_dim == 384 + 16
+    # start-up reads the view once, whether the service is built directly or as a replica builds it
+    assert len(loads) == 1
+    from cscr.serve.router_core import make_service
+
+    assert isinstance(make_service({"run": str(out)}).encoder, WithLexical) and len(loads) == 2
+    monkeypatch.undo()
     # whichever encoder it is given, the service appends the run's view once (for_run is idempotent)
     plain = Encoder.from_run(out)
     assert RouterService.from_run(out, encoder=plain).encoder is plain
