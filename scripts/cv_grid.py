@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main(argv: list[str] | None = None) -> int:
     from foldcv import fold_table as fold_split
-    from foldcv import make_folds, train_config
+    from foldcv import json_object, make_folds, train_config
 
     from cscr.eval import metrics as M
     from cscr.routers.base import RouterContext, get_router
@@ -43,10 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baselines", default="")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    try:
-        configs = json.loads(a.configs)
-    except json.JSONDecodeError as exc:
-        print(f"cv_grid: --configs is not JSON: {exc}", file=sys.stderr)
+    configs = json_object(a.configs, "cv_grid: --configs")
+    if configs is None:
         return 2
     run = Run.of(a.run)
     table, emb = run.table, run.embeddings

@@ -14,7 +14,6 @@ Prints one line per fold and the means, with the fold-averaged curve.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, make_folds, train_config, without_test
+    from foldcv import fold_table, json_object, make_folds, train_config, without_test
 
     from cscr.runs.inputs import Run
     from cscr.training.arrays import prepare_arrays
@@ -35,10 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="{}", help="JSON {dotted TrainConfig field: value} over the defaults")
     p.add_argument("--folds", type=int, default=5)
     a = p.parse_args(argv)
-    try:
-        over = json.loads(a.config)
-    except json.JSONDecodeError as exc:
-        print(f"epoch_choice_cv: --config is not JSON: {exc}", file=sys.stderr)
+    over = json_object(a.config, "epoch_choice_cv: --config")
+    if over is None:
         return 2
     cfg = train_config(over)
 

@@ -50,6 +50,23 @@ def scored_rows(t: Any, nested: bool = False) -> np.ndarray:
     return rows[~np.isnan(t.quality[rows]).any(axis=1)]
 
 
+def json_object(text: str, what: str) -> dict[str, Any] | None:
+    """``text`` read as a JSON object, or None after one clear error on stderr (``what``: the script
+    and flag, e.g. ``cv_grid: --configs``)."""
+    import json
+    import sys
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        print(f"{what} is not JSON: {exc}", file=sys.stderr)
+        return None
+    if not isinstance(value, dict):
+        print(f"{what} must be a JSON object, not {type(value).__name__}", file=sys.stderr)
+        return None
+    return value
+
+
 def train_config(over: dict[str, Any]) -> Any:
     """The default TrainConfig with ``over``'s dotted fields (``{"loss.bce_weight": 16.0}``) replaced."""
     import dataclasses

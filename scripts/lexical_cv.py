@@ -19,7 +19,6 @@ One line per configuration: the mean AUDC over the folds, then each fold's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, head_router, make_folds, scored_rows, without_test
+    from foldcv import fold_table, head_router, json_object, make_folds, scored_rows, without_test
 
     from cscr.config import EvalConfig, TrainConfig
     from cscr.encoder import load_run_embeddings
@@ -49,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="score each fold with the head's epoch chosen on the next fold (foldcv.fold_table)")
     a = p.parse_args(argv)
 
-    configs = {k: None if v is None else LexicalConfig(**v) for k, v in json.loads(a.configs).items()}
+    given = json_object(a.configs, "lexical_cv: --configs")
+    if given is None:
+        return 2
+    try:
+        configs = {k: None if v is None else LexicalConfig(**v) for k, v in given.items()}
+    except TypeError as exc:
+        print(f"lexical_cv: --configs: not a lexical configuration: {exc}", file=sys.stderr)
+        return 2
     run = Run.of(a.run)
     desc, kind, basis = run.trained_descriptors()
     table, base = run.table, load_run_embeddings(run.root, lexical=False)

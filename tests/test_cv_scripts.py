@@ -77,6 +77,10 @@ def test_the_scripts_score_the_same_folds(run_dir, capsys):
     # cv_grid scores the baseline on the same folds as category_probe (same rows, same router)
     assert f"{probe['per-category'][1]:.4f} {probe['per-category'][2]:.4f}" in grid
     assert cv_grid.main(["--run", str(out), "--configs", "not json"]) == 2
+    assert cv_grid.main(["--run", str(out), "--configs", "[1]"]) == 2
+    assert lexical_cv.main(["--run", str(out), "--configs", "{"]) == 2
+    assert lexical_cv.main(["--run", str(out), "--configs", '{"x": {"no_such_field": 1}}']) == 2
+    assert "not a lexical configuration" in capsys.readouterr().err
 
     # nested: the head's epoch is chosen on another fold than the scored one; both scripts agree
     assert lexical_cv.main(["--run", str(out), "--folds", "3", "--nested", "--configs", '{"none": null}']) == 0
