@@ -3,8 +3,8 @@
 For each fold k the default CSCR head (cscr.config.TrainConfig, with ``--config`` fields over it) is
 trained on the other folds but k + 1, and scored on fold k after every epoch. Two figures per fold:
 at the epoch the inner validation fold (k + 1) picks (what ``cscr train`` does with its validation
-split), and after the fixed number of epochs with no choice made. The same training runs twice
-(the validation fold moved to k), so both come from one trajectory.
+split), and after the fixed number of epochs with no choice made. One training per fold: each
+epoch is validated on fold k + 1 (the choice) and scored on fold k, so both come from one trajectory.
 
     python scripts/epoch_choice_cv.py --run runs/rb [--config '{"loss.bce_weight": 16.0}'] [--folds 5]
 
@@ -14,6 +14,7 @@ Prints one line per fold and the means, with the fold-averaged curve.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from cscr.runs.inputs import Run
     from cscr.training.arrays import prepare_arrays
     from cscr.training.fit import fit_head
+    from cscr.training.validation import audc_validator
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
@@ -44,21 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     table, emb = without_test(run.table, run.embeddings)
     pool, folds = make_folds(table, a.folds)
 
-    def curve(t) -> tuple[list[float], list[float]]:  # per-epoch val AUDC and train loss
-        hist = fit_head(prepare_arrays(t, emb, desc, cfg.loss.tolerance, kind, basis), cfg, log=None).history
-        return [h["val_audc"] for h in hist], [h["train_loss"] for h in hist]
-
     chosen, curves = [], []
     for k in range(a.folds):
         t = fold_table(table, pool, folds, k, nested=True)  # fold k test, fold k + 1 val
-        inner, loss_a = curve(t)
-        sp = t.splits.copy()  # the same training rows; the validation split moved to fold k
+        arrays = prepare_arrays(t, emb, desc, cfg.loss.tolerance, kind, basis)
+        held = copy.copy(t)  # the same training rows, fold k as the validation split
+        sp = t.splits.copy()
         sp[t.split_index("val")], sp[t.split_index("test")] = "test", "val"
-        t.splits = sp
-        scored, loss_b = curve(t)
-        if not np.allclose(loss_a, loss_b):
-            print("epoch_choice_cv: the two trainings diverged (non-deterministic training?)", file=sys.stderr)
-            return 1
+        held.splits = sp
+        choose = audc_validator(arrays, cfg.index.top_k)
+        score = audc_validator(prepare_arrays(held, emb, desc, cfg.loss.tolerance, kind, basis), cfg.index.top_k)
+        scored: list[float] = []
+
+        def validate(head, choose=choose, score=score, scored=scored):  # the choice on fold k + 1; fold k recorded
+            scored.append(score(head))
+            return choose(head)
+
+        inner = [h["val_audc"] for h in fit_head(arrays, cfg, log=None, validate=validate).history]
         e = int(np.argmax(inner))
         chosen.append(scored[e])
         curves.append(scored)
