@@ -43,7 +43,7 @@ def make_service(source: dict[str, Any]) -> RouterService:
 
         if source.get("run") is not None and not source.get("encoder"):
             encoder = Encoder.from_run(source["run"])  # embeds as the run's prompts were embedded
-        else:  # RouterService.from_run appends the run's lexical view to a named encoder
+        else:  # a named encoder: from_run below appends the run's view to it, a router factory takes it as is
             encoder = Encoder(EncoderConfig(model=source.get("encoder")))
     if source.get("router_factory") is not None:
         router = source["router_factory"]()
