@@ -1,6 +1,6 @@
-"""The cross-validation scripts (scripts/cv_grid.py, category_probe.py, lexical_cv.py) share their
-folds (scripts/foldcv.py): run end to end on a small synthetic run, they score the same rows, and
-the test split is never read."""
+"""The cross-validation scripts (scripts/cv_grid.py, category_probe.py, lexical_cv.py,
+finetune_probe.py with finetune_export.py) share their folds (scripts/foldcv.py): run end to end on a
+small synthetic run, they score the same rows, and the test split is never read."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ sys.path.insert(0, str(SCRIPTS))
 import category_probe  # noqa: E402
 import cv_grid  # noqa: E402
 import epoch_choice_cv  # noqa: E402
+import finetune_export  # noqa: E402
+import finetune_probe  # noqa: E402
 import foldcv  # noqa: E402
 import lexical_cv  # noqa: E402
 
@@ -94,3 +96,34 @@ def test_the_scripts_score_the_same_folds(run_dir, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and lines[-1].startswith("chosen epoch") and "fixed 4 epochs" in lines[-1]
     assert epoch_choice_cv.main(["--run", str(out), "--config", "{"]) == 2
+
+
+def test_the_finetune_probe_scores_fold_features_on_category_probes_nested_folds(run_dir, tmp_path, capsys):
+    from cscr.runs.inputs import Run
+
+    out, _ = run_dir
+    run = Run.of(out)
+    table, emb = run.table, run.embeddings
+    # the export's folds: every train + val row in the fold category_probe --nested scores it in
+    fold = finetune_export.fold_ids(table, emb, 3)
+    keep = np.flatnonzero(table.splits != "test")
+    _, folds = foldcv.make_folds(foldcv.without_test(table, emb)[0], 3)
+    for k, f in enumerate(folds):
+        assert sorted(np.flatnonzero(fold == k).tolist()) == sorted(keep[f].tolist())
+    assert (fold[table.split_index("test")] == -1).all() and (fold[keep] >= 0).sum() == sum(map(len, folds))
+
+    # "fine-tuned" features equal to the run's own in every fold: the same figures as the frozen rows,
+    # and the frozen head's the same as category_probe's on the same nested folds
+    same = tmp_path / "same.npz"
+    np.savez(same, **{f"fold{k}": np.asarray(emb, dtype=np.float32) for k in range(3)})
+    assert finetune_probe.main(["--run", str(out), "--folds", "3", "--features", str(same)]) == 0
+    rows = _table(capsys.readouterr().out)
+    for name in ("head", "parametric", "per-category", "softcat", "category accuracy"):
+        np.testing.assert_allclose(rows[f"fine-tuned {name}"], rows[f"frozen {name}"], atol=1e-9)
+    assert category_probe.main(["--run", str(out), "--folds", "3", "--nested"]) == 0
+    np.testing.assert_allclose(rows["frozen head"], _table(capsys.readouterr().out)["head"], atol=1e-9)
+
+    # features that lack a fold, or have another row count: one clear error, exit 2
+    np.savez(tmp_path / "short.npz", fold0=np.asarray(emb[:10], dtype=np.float32))
+    assert finetune_probe.main(["--run", str(out), "--folds", "3", "--features", str(tmp_path / "short.npz")]) == 2
+    assert "wrong row count" in capsys.readouterr().err

@@ -1,0 +1,164 @@
+"""Fine-tune the run's encoder (MiniLM) on the routing labels, once per nested-CV fold, on a GPU machine
+(issue 10: the encoder-fine-tuning probe; beyond SPEC, which freezes the encoder). Needs only torch and
+transformers, so it runs on a bare GPU image: no cscr, Ray or FAISS.
+
+Reads ``DATA/<set>.npz`` (scripts/finetune_export.py) and the encoder's weights (``--model``, a
+transformers folder). For each set and variant:
+
+- ``fold k`` (k = 0..K-1): trains on the folds other than k and k+1 and picks the epoch on fold k+1;
+  fold k, the one ``finetune_probe.py`` scores, is never read (no labels, no choices);
+- ``full``: trains on the train split and picks the epoch on the val split (the test split is never read).
+
+Objective: binary cross-entropy of a linear head on the unit embedding against each expert's quality
+(masked where unknown) plus the cross-entropy of the prompt's category. The embedding is the run's own:
+mean-pooled tokens per piece, unit pieces averaged and renormalised; before training, the untuned
+model must reproduce the run's first 64 vectors. Writes float16 vectors of every prompt per variant,
+``<set>_ft<i>.npz`` (one array per variant), and ``ft_log.json`` (the chosen epochs, the losses).
+
+    python scripts/finetune_device.py --model .gpu_ft/minilm --data .gpu_ft --out $OUT --sets llmr,rb
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModel
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="the encoder's transformers folder")
+    p.add_argument("--data", required=True, help="the folder of <set>.npz files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--sets", required=True, help="comma-separated names of <set>.npz")
+    p.add_argument("--epochs", type=int, default=4, help="at most this many; the best on the choice fold is kept")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--no-full", action="store_true", help="only the folds (no train-split variant)")
+    p.add_argument("--files", type=int, default=1, help="spread each set's variants over this many files")
+    p.add_argument("--smoke", type=int, default=0, help="a quick check: N prompts, fold 0 only")
+    a = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    scale = 20.0  # logits of the unit embedding: a fixed temperature
+
+    def piece_vectors(model, ids):
+        mask = (ids != 0).long()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev == "cuda"):
+            h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        return F.normalize((h.float() * m).sum(1) / m.sum(1).clamp(min=1), dim=1)
+
+    def prompt_vectors(model, D, rows):
+        ptr, idx = D["ptr"], D["idx"]
+        segs = [idx[ptr[r]:ptr[r + 1]] for r in rows]
+        uniq, inv = np.unique(np.concatenate(segs), return_inverse=True)
+        pv = piece_vectors(model, torch.as_tensor(D["ids"][uniq].astype(np.int64), device=dev))
+        owner = torch.as_tensor(np.repeat(np.arange(len(rows)), [len(s) for s in segs]), device=dev)
+        summed = torch.zeros(len(rows), pv.shape[1], device=dev).index_add_(0, owner, pv[torch.as_tensor(inv, device=dev)])
+        return F.normalize(summed, dim=1)
+
+    @torch.no_grad()
+    def embed_all(model, D, n, bs=256):
+        model.eval()
+        return torch.cat([prompt_vectors(model, D, np.arange(s, min(s + bs, n))).cpu() for s in range(0, n, bs)]).numpy()
+
+    def losses(model, heads, D, rows):
+        e = prompt_vectors(model, D, rows)
+        qt = torch.as_tensor(D["quality"][rows], device=dev)
+        known = ~torch.isnan(qt)
+        bce = F.binary_cross_entropy_with_logits(heads["q"](scale * e)[known], qt[known])
+        ce = F.cross_entropy(heads["c"](scale * e), torch.as_tensor(D["cat"][rows], device=dev))
+        return bce, ce
+
+    def finetune(base, D, train, choose, tag):
+        model = copy.deepcopy(base).to(dev)
+        dim = model.config.hidden_size
+        heads = torch.nn.ModuleDict({"q": torch.nn.Linear(dim, D["quality"].shape[1]),
+                                     "c": torch.nn.Linear(dim, int(D["n_cat"]))}).to(dev)
+        opt = torch.optim.AdamW([{"params": model.parameters(), "lr": 3e-5}, {"params": heads.parameters(), "lr": 1e-3}],
+                                weight_decay=0.01)
+        bs = 32
+        steps = a.epochs * ((len(train) + bs - 1) // bs)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, 1 - s / steps))
+        rng = np.random.default_rng(0)
+
+        @torch.no_grad()
+        def choice_bce():
+            model.eval()
+            return sum(float(losses(model, heads, D, choose[s:s + 256])[0]) * len(choose[s:s + 256])
+                       for s in range(0, len(choose), 256)) / len(choose)
+
+        hist, best = [choice_bce()], None
+        for ep in range(a.epochs):
+            model.train()
+            t0 = time.time()
+            perm = rng.permutation(train)
+            for s in range(0, len(perm), bs):
+                bce, ce = losses(model, heads, D, perm[s:s + bs])
+                opt.zero_grad()
+                (bce + ce).backward()
+                opt.step()
+                sched.step()
+            hist.append(choice_bce())
+            if best is None or hist[-1] < best[0]:
+                best = (hist[-1], ep + 1, copy.deepcopy(model.state_dict()))
+            print(f"  {tag} epoch {ep + 1}: choice-fold BCE {hist[-1]:.4f} (untuned {hist[0]:.4f}) {time.time() - t0:.1f} s",
+                  flush=True)
+        model.load_state_dict(best[2])
+        return model, {"choice_bce": hist, "epoch": best[1]}
+
+    t_all = time.time()
+    log: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "epochs_max": a.epochs}
+    base = AutoModel.from_pretrained(a.model).float()
+    os.makedirs(a.out, exist_ok=True)
+    for name in a.sets.split(","):
+        D = dict(np.load(os.path.join(a.data, f"{name}.npz")))
+        n = len(D["ptr"]) - 1
+        got = embed_all(copy.deepcopy(base).to(dev), D, 64)
+        cos = (got * D["ref"]).sum(1)
+        print(f"{name}: {n} prompts; untuned encoder against the run's vectors: min cosine {cos.min():.5f}", flush=True)
+        if cos.min() < 0.999:
+            print(f"{name}: the export does not reproduce the run's vectors; stopping", file=sys.stderr)
+            return 1
+        log[name] = {"untuned_min_cosine": float(cos.min())}
+        variants = [f"fold{k}" for k in range(a.folds)] + ([] if a.no_full else ["full"])
+        if a.smoke:
+            variants = variants[:1]
+        vecs = {}
+        for v in variants:
+            t0 = time.time()
+            if v == "full":
+                train, choose = np.flatnonzero(D["splits"] == 0), np.flatnonzero(D["splits"] == 1)
+            else:
+                k = int(v[4:])
+                fold = D["fold"]
+                train = np.flatnonzero((fold >= 0) & (fold != k) & (fold != (k + 1) % a.folds))
+                choose = np.flatnonzero(fold == (k + 1) % a.folds)
+            if a.smoke:
+                train, choose = train[:a.smoke], choose[:a.smoke]
+            model, info = finetune(base, D, train, choose, f"{name}/{v}")
+            vecs[v] = embed_all(model, D, a.smoke or n).astype(np.float16)
+            info.update(seconds=round(time.time() - t0, 1), n_train=len(train), n_choice=len(choose))
+            log[name][v] = info
+            print(f"{name}/{v}: epoch {info['epoch']} kept; {info['seconds']} s", flush=True)
+        for i, group in enumerate(np.array_split(np.array(list(vecs)), min(a.files, len(vecs)))):
+            np.savez(os.path.join(a.out, f"{name}_ft{i}.npz"), **{str(g): vecs[str(g)] for g in group})
+    log["seconds"] = round(time.time() - t_all, 1)
+    with open(os.path.join(a.out, "ft_log.json"), "w") as f:
+        json.dump(log, f, indent=1)
+    print(f"done in {log['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Export a run for fine-tuning its encoder off this machine (issue 10: the encoder-fine-tuning probe).
+
+Writes one compressed ``.npz``: the run's prompts cut into pieces exactly as the run's encoder cuts them
+(``Encoder.pieces``: the long-prompt mode; unique pieces tokenised with the model's tokenizer), each
+expert's quality, each prompt's category and split, the nested cross-validation fold of every train +
+val row (scripts/foldcv.py: the same folds as ``category_probe.py --nested``; -1 for the test rows), and
+the run's first 64 vectors (the device checks it reproduces them before fine-tuning).
+``scripts/finetune_device.py`` reads it beside a copy of the encoder's weights; ``scripts/finetune_probe.py``
+scores what comes back. ``--weights DIR`` also writes the encoder's transformers files there, its
+weights as float16 (half the bytes: a device call carries at most 64 MiB).
+
+    python scripts/finetune_export.py --run runs/llmr --out .gpu_ft/llmr.npz --weights .gpu_ft/minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SPLIT_CODE = {"train": 0, "val": 1, "test": 2}  # anything else (probe rows): 3
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def write_weights(model_dir: str, out: str) -> None:
+    """The transformers folder ``model_dir`` copied to ``out`` with ``model.safetensors`` in float16."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(out, exist_ok=True)
+    state = load_file(os.path.join(model_dir, "model.safetensors"))
+    save_file({k: v.half().contiguous() for k, v in state.items()}, os.path.join(out, "model.safetensors"),
+              metadata={"format": "pt"})
+    for name in MODEL_FILES:
+        if os.path.exists(os.path.join(model_dir, name)):
+            shutil.copy(os.path.join(model_dir, name), os.path.join(out, name))
+
+
+def fold_ids(table, emb, k: int = 5) -> np.ndarray:
+    """(n,) the nested-CV fold of each train + val row of ``table`` (-1: test and probe rows), as
+    ``category_probe.py --nested`` cuts them (the folds of the table without its test rows)."""
+    from foldcv import make_folds, without_test
+
+    keep = np.flatnonzero(table.splits != "test")
+    _, folds = make_folds(without_test(table, emb)[0], k)
+    fold = np.full(len(table.splits), -1, dtype=np.int64)
+    for i, f in enumerate(folds):
+        fold[keep[f]] = i
+    return fold
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cscr.encoder import encoder_config_for_run, get_encoder
+    from cscr.runs.inputs import Run
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True, help="the .npz to write")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--weights", default=None, help="also write the encoder's files here (weights in float16)")
+    a = p.parse_args(argv)
+    try:
+        run = Run.of(a.run)
+        table, emb = run.table, run.embeddings
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"finetune_export: {exc}", file=sys.stderr)
+        return 2
+    enc = get_encoder(encoder_config_for_run(run.root))
+    if a.weights:
+        from cscr.encoder import _model_ref
+
+        model_dir = _model_ref(enc.cfg)[0]
+        if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+            print(f"finetune_export: --weights needs a local model folder with model.safetensors, not {model_dir}",
+                  file=sys.stderr)
+            return 2
+        write_weights(model_dir, a.weights)
+    pieces = enc.pieces(list(table.texts))
+    uniq = list(dict.fromkeys(p for ps in pieces for p in ps))
+    pos = {p: i for i, p in enumerate(uniq)}
+    ptr = np.cumsum([0] + [len(ps) for ps in pieces]).astype(np.int64)
+    idx = np.array([pos[p] for ps in pieces for p in ps], dtype=np.int64)
+    tok = enc.model.tokenizer(uniq, max_length=enc.cfg.max_seq_length, truncation=True, padding=False)["input_ids"]
+    if max(max(t) for t in tok) >= 2**15:
+        print("finetune_export: token ids do not fit int16", file=sys.stderr)
+        return 2
+    ids = np.zeros((len(tok), max(len(t) for t in tok)), dtype=np.int16)  # 0 = [PAD]
+    for i, t in enumerate(tok):
+        ids[i, :len(t)] = t
+    cats = np.asarray(table.categories, dtype=str)
+    names = sorted(set(cats.tolist()))
+    fold = fold_ids(table, emb, a.folds)
+    tmp = a.out + ".tmp.npz"
+    np.savez_compressed(tmp, ids=ids, ptr=ptr, idx=idx, quality=table.quality.astype(np.float32),
+                        cat=np.array([names.index(c) for c in cats], dtype=np.int64),
+                        splits=np.array([SPLIT_CODE.get(s, 3) for s in table.splits], dtype=np.int64),
+                        fold=fold, ref=np.asarray(emb[:64], dtype=np.float32), n_cat=len(names))
+    os.replace(tmp, a.out)
+    print(f"{a.run}: {len(pieces)} prompts, {len(uniq)} unique pieces (longest {ids.shape[1]} tokens), "
+          f"{table.quality.shape[1]} experts, {len(names)} categories, folds "
+          f"{[int((fold == i).sum()) for i in range(a.folds)]}; {os.path.getsize(a.out)} bytes -> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(main())
