@@ -9,8 +9,13 @@ transformers folder). For each set and variant:
   fold k, the one ``finetune_probe.py`` scores, is never read (no labels, no choices);
 - ``full``: trains on the train split and picks the epoch on the val split (the test split is never read).
 
-Objective: binary cross-entropy of a linear head on the unit embedding against each expert's quality
-(masked where unknown) plus the cross-entropy of the prompt's category. The embedding is the run's own:
+Objective (``--objective bce``, the default): binary cross-entropy of a linear head on the unit embedding
+against each expert's quality (masked where unknown) plus the cross-entropy of the prompt's category.
+``--objective cscr``: the CSCR head itself (cscr.head, default configuration) trained jointly with the
+encoder on cscr's own loss (the cost-spectrum InfoNCE plus the weighted quality BCE on the smoothed
+targets), from the training arrays the export wrote (cscr.config, cscr.head and cscr.losses need only
+torch: the repository travels with the call); the epoch is picked by the head's quality BCE on the
+choice fold. The embedding is the run's own:
 mean-pooled tokens per piece, unit pieces averaged and renormalised; before training, the untuned
 model must reproduce the run's first 64 vectors. Writes float16 vectors of every prompt per variant,
 ``<set>_ft<i>.npz`` (one array per variant), and ``ft_log.json`` (the chosen epochs, the losses).
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-full", action="store_true", help="only the folds (no train-split variant)")
     p.add_argument("--files", type=int, default=1, help="spread each set's variants over this many files")
     p.add_argument("--smoke", type=int, default=0, help="a quick check: N prompts, fold 0 only")
+    p.add_argument("--objective", choices=("bce", "cscr"), default="bce")
     a = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -117,8 +123,85 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(best[2])
         return model, {"choice_bce": hist, "epoch": best[1]}
 
+    def finetune_cscr(base, D, v, choose, tag):
+        import dataclasses
+
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from cscr.config import TrainConfig
+        from cscr.head import Head
+        from cscr.losses import cost_bands, cost_spectrum_infonce, quality_bce
+
+        cfg = TrainConfig()
+        lc = cfg.loss
+        rows = D[f"{v}__rows"]
+        pos = torch.as_tensor(D[f"{v}__positives"], device=dev)
+        obs = torch.as_tensor(D[f"{v}__observed"], device=dev)
+        targ = torch.as_tensor(D[f"{v}__targets"], device=dev)
+        desc = torch.as_tensor(D[f"{v}__descriptors"], device=dev)
+        costs = torch.as_tensor(D[f"{v}__costs"], device=dev)
+        bands = cost_bands(D[f"{v}__costs"], lc.bands).to(dev)
+        if a.smoke:
+            rows, pos, obs, targ = rows[:a.smoke], pos[:a.smoke], obs[:a.smoke], targ[:a.smoke]
+        model = copy.deepcopy(base).to(dev)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            head = Head(dataclasses.replace(cfg.head, in_dim=model.config.hidden_size, out_dim=desc.shape[1],
+                                            categories=0)).to(dev)
+        opt = torch.optim.AdamW([{"params": model.parameters(), "lr": 3e-5},
+                                 {"params": head.parameters(), "lr": cfg.lr}], weight_decay=cfg.weight_decay)
+        bs = 32
+        steps = a.epochs * ((len(rows) + bs - 1) // bs)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, 1 - s / steps))
+        rng = np.random.default_rng(0)
+
+        def members(e):
+            q = head(e)
+            return q if q.ndim == 3 else q[None]
+
+        @torch.no_grad()
+        def choice_bce():
+            model.eval()
+            head.eval()
+            tot = 0.0
+            for s in range(0, len(choose), 256):
+                r = choose[s:s + 256]
+                qs = members(prompt_vectors(model, D, r))
+                logits = torch.stack([m.logits(qs[i], desc) for i, m in enumerate(head.parts())]).mean(0)
+                qt = torch.as_tensor(D["quality"][r], device=dev)
+                known = ~torch.isnan(qt)
+                tot += float(F.binary_cross_entropy_with_logits(logits[known], qt[known])) * len(r)
+            return tot / len(choose)
+
+        hist, best = [choice_bce()], None
+        for ep in range(a.epochs):
+            model.train()
+            head.train()
+            t0 = time.time()
+            perm = rng.permutation(len(rows))
+            for s in range(0, len(perm), bs):
+                ib = torch.as_tensor(perm[s:s + bs], device=dev)
+                qs = members(prompt_vectors(model, D, rows[perm[s:s + bs]]))
+                loss = qs.new_zeros(())
+                for i, m in enumerate(head.parts()):
+                    loss = loss + cost_spectrum_infonce(qs[i], desc, pos[ib], costs, bands, lc.tau_min, lc.alpha,
+                                                        lc.gamma, obs[ib])
+                    if lc.bce_weight > 0:
+                        loss = loss + lc.bce_weight * quality_bce(m.logits(qs[i], desc), targ[ib], obs[ib])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+            hist.append(choice_bce())
+            if best is None or hist[-1] < best[0]:
+                best = (hist[-1], ep + 1, copy.deepcopy(model.state_dict()))
+            print(f"  {tag} epoch {ep + 1}: choice-fold BCE {hist[-1]:.4f} (untuned {hist[0]:.4f}) {time.time() - t0:.1f} s",
+                  flush=True)
+        model.load_state_dict(best[2])
+        return model, {"choice_bce": hist, "epoch": best[1]}
+
     t_all = time.time()
-    log: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "epochs_max": a.epochs}
+    log: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "epochs_max": a.epochs,
+                 "objective": a.objective}
     base = AutoModel.from_pretrained(a.model).float()
     os.makedirs(a.out, exist_ok=True)
     for name in a.sets.split(","):
@@ -146,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
                 choose = np.flatnonzero(fold == (k + 1) % a.folds)
             if a.smoke:
                 train, choose = train[:a.smoke], choose[:a.smoke]
-            model, info = finetune(base, D, train, choose, f"{name}/{v}")
+            if a.objective == "cscr":
+                model, info = finetune_cscr(base, D, v, choose, f"{name}/{v}")
+            else:
+                model, info = finetune(base, D, train, choose, f"{name}/{v}")
             vecs[v] = embed_all(model, D, a.smoke or n).astype(np.float16)
             info.update(seconds=round(time.time() - t0, 1), n_train=len(train), n_choice=len(choose))
             log[name][v] = info

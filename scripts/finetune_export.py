@@ -7,7 +7,10 @@ val row (scripts/foldcv.py: the same folds as ``category_probe.py --nested``; -1
 the run's first 64 vectors (the device checks it reproduces them before fine-tuning).
 ``scripts/finetune_device.py`` reads it beside a copy of the encoder's weights; ``scripts/finetune_probe.py``
 scores what comes back. ``--weights DIR`` also writes the encoder's transformers files there, its
-weights as float16 (half the bytes: a device call carries at most 64 MiB).
+weights as float16 (half the bytes: a device call carries at most 64 MiB). The file also holds, per
+variant (each fold, and ``full``: the train split), the CSCR head's training arrays as ``cscr train``
+builds them (``prepare_arrays`` on that variant's training rows: positives, observed cells, the
+smoothed BCE targets, the descriptors and the costs), for ``finetune_device.py --objective cscr``.
 
     python scripts/finetune_export.py --run runs/llmr --out .gpu_ft/llmr.npz --weights .gpu_ft/minilm
 """
@@ -52,6 +55,40 @@ def fold_ids(table, emb, k: int = 5) -> np.ndarray:
     for i, f in enumerate(folds):
         fold[keep[f]] = i
     return fold
+
+
+def cscr_arrays(run, table, emb, k: int) -> dict[str, np.ndarray]:
+    """Per variant ``v`` (``fold<i>``: the nested layout of fold i; ``full``: the table as it is), the
+    default head's training arrays: ``v__rows`` (the training rows, indices into ``table``),
+    ``v__positives``, ``v__observed``, ``v__targets`` (the BCE targets, category-smoothed as in
+    training), ``v__descriptors`` and ``v__costs``."""
+    from foldcv import fold_table, make_folds, without_test
+
+    from cscr.config import TrainConfig
+    from cscr.training.arrays import prepare_arrays
+    from cscr.training.loop import bce_targets
+
+    cfg = TrainConfig()
+    desc, kind, basis = run.trained_descriptors()
+    keep = np.flatnonzero(table.splits != "test")
+    t2, e2 = without_test(table, emb)
+    pool, folds = make_folds(t2, k)
+    layouts = [(f"fold{i}", fold_table(t2, pool, folds, i, nested=True), e2, keep) for i in range(k)]
+    layouts.append(("full", table, emb, np.arange(len(table.splits))))
+    out: dict[str, np.ndarray] = {}
+    for name, t, e, back in layouts:
+        arrays = prepare_arrays(t, e, desc, cfg.loss.tolerance, kind, basis)
+        train = t.split_index("train")
+        observed_any = ~np.isnan(t.quality[train]).all(axis=1)  # prepare_arrays keeps these rows
+        out[f"{name}__rows"] = back[train[observed_any]]
+        out[f"{name}__positives"] = arrays.positives
+        out[f"{name}__observed"] = arrays.observed
+        out[f"{name}__targets"] = bce_targets(arrays, cfg.loss.category_smoothing)
+        out[f"{name}__descriptors"] = arrays.descriptors
+        out[f"{name}__costs"] = arrays.costs.astype(np.float32)
+        if len(out[f"{name}__rows"]) != arrays.n:
+            raise RuntimeError(f"{name}: {len(out[f'{name}__rows'])} rows against {arrays.n} training arrays")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     np.savez_compressed(tmp, ids=ids, ptr=ptr, idx=idx, quality=table.quality.astype(np.float32),
                         cat=np.array([names.index(c) for c in cats], dtype=np.int64),
                         splits=np.array([SPLIT_CODE.get(s, 3) for s in table.splits], dtype=np.int64),
-                        fold=fold, ref=np.asarray(emb[:64], dtype=np.float32), n_cat=len(names))
+                        fold=fold, ref=np.asarray(emb[:64], dtype=np.float32), n_cat=len(names),
+                        **cscr_arrays(run, table, emb, a.folds))
     os.replace(tmp, a.out)
     print(f"{a.run}: {len(pieces)} prompts, {len(uniq)} unique pieces (longest {ids.shape[1]} tokens), "
           f"{table.quality.shape[1]} experts, {len(names)} categories, folds "

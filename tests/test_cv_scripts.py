@@ -112,6 +112,20 @@ def test_the_finetune_probe_scores_fold_features_on_category_probes_nested_folds
         assert sorted(np.flatnonzero(fold == k).tolist()) == sorted(keep[f].tolist())
     assert (fold[table.split_index("test")] == -1).all() and (fold[keep] >= 0).sum() == sum(map(len, folds))
 
+    # the CSCR head's training arrays per variant: their rows are the ones cscr train would read
+    from cscr.config import TrainConfig
+    from cscr.training.arrays import prepare_arrays
+
+    arrays = finetune_export.cscr_arrays(run, table, emb, 3)
+    desc, kind, basis = run.trained_descriptors()
+    t_nested = foldcv.fold_table(foldcv.without_test(table, emb)[0], *foldcv.make_folds(foldcv.without_test(table, emb)[0], 3),
+                                 1, nested=True)
+    for name, t, e in (("fold1", t_nested, foldcv.without_test(table, emb)[1]), ("full", table, emb)):
+        ref = prepare_arrays(t, e, desc, TrainConfig().loss.tolerance, kind, basis)
+        np.testing.assert_array_equal(np.asarray(emb, dtype=np.float32)[arrays[f"{name}__rows"]], ref.x)
+        np.testing.assert_array_equal(arrays[f"{name}__positives"], ref.positives)
+    assert not set(arrays["fold1__rows"].tolist()) & set(np.flatnonzero((fold == 1) | (fold == 2) | (fold == -1)).tolist())
+
     # "fine-tuned" features equal to the run's own in every fold: the same figures as the frozen rows,
     # and the frozen head's the same as category_probe's on the same nested folds
     same = tmp_path / "same.npz"
