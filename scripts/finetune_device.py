@@ -86,6 +86,33 @@ def main(argv: list[str] | None = None) -> int:
         ce = F.cross_entropy(heads["c"](scale * e), torch.as_tensor(D["cat"][rows], device=dev))
         return bce, ce
 
+    def run_epochs(model, modules, opt, n, step, choice_loss, tag):
+        """At most ``a.epochs`` epochs over ``n`` rows in batches of 32 (``step(batch) -> loss``), with
+        linear warm-up and decay; keeps the encoder of the epoch with the lowest ``choice_loss()``."""
+        bs = 32
+        steps = a.epochs * ((n + bs - 1) // bs)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, 1 - s / steps))
+        rng = np.random.default_rng(0)
+        hist, best = [choice_loss()], None
+        for ep in range(a.epochs):
+            for m in modules:
+                m.train()
+            t0 = time.time()
+            perm = rng.permutation(n)
+            for s in range(0, n, bs):
+                loss = step(perm[s:s + bs])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+            hist.append(choice_loss())
+            if best is None or hist[-1] < best[0]:
+                best = (hist[-1], ep + 1, copy.deepcopy(model.state_dict()))
+            print(f"  {tag} epoch {ep + 1}: choice-fold BCE {hist[-1]:.4f} (untuned {hist[0]:.4f}) {time.time() - t0:.1f} s",
+                  flush=True)
+        model.load_state_dict(best[2])
+        return model, {"choice_bce": hist, "epoch": best[1]}
+
     def finetune(base, D, train, choose, tag):
         model = copy.deepcopy(base).to(dev)
         dim = model.config.hidden_size
@@ -93,10 +120,6 @@ def main(argv: list[str] | None = None) -> int:
                                      "c": torch.nn.Linear(dim, int(D["n_cat"]))}).to(dev)
         opt = torch.optim.AdamW([{"params": model.parameters(), "lr": 3e-5}, {"params": heads.parameters(), "lr": 1e-3}],
                                 weight_decay=0.01)
-        bs = 32
-        steps = a.epochs * ((len(train) + bs - 1) // bs)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, 1 - s / steps))
-        rng = np.random.default_rng(0)
 
         @torch.no_grad()
         def choice_bce():
@@ -104,24 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             return sum(float(losses(model, heads, D, choose[s:s + 256])[0]) * len(choose[s:s + 256])
                        for s in range(0, len(choose), 256)) / len(choose)
 
-        hist, best = [choice_bce()], None
-        for ep in range(a.epochs):
-            model.train()
-            t0 = time.time()
-            perm = rng.permutation(train)
-            for s in range(0, len(perm), bs):
-                bce, ce = losses(model, heads, D, perm[s:s + bs])
-                opt.zero_grad()
-                (bce + ce).backward()
-                opt.step()
-                sched.step()
-            hist.append(choice_bce())
-            if best is None or hist[-1] < best[0]:
-                best = (hist[-1], ep + 1, copy.deepcopy(model.state_dict()))
-            print(f"  {tag} epoch {ep + 1}: choice-fold BCE {hist[-1]:.4f} (untuned {hist[0]:.4f}) {time.time() - t0:.1f} s",
-                  flush=True)
-        model.load_state_dict(best[2])
-        return model, {"choice_bce": hist, "epoch": best[1]}
+        def step(idx):
+            bce, ce = losses(model, heads, D, train[idx])
+            return bce + ce
+
+        return run_epochs(model, (model, heads), opt, len(train), step, choice_bce, tag)
 
     def finetune_cscr(base, D, v, choose, tag):
         import dataclasses
@@ -149,10 +159,6 @@ def main(argv: list[str] | None = None) -> int:
                                             categories=0)).to(dev)
         opt = torch.optim.AdamW([{"params": model.parameters(), "lr": 3e-5},
                                  {"params": head.parameters(), "lr": cfg.lr}], weight_decay=cfg.weight_decay)
-        bs = 32
-        steps = a.epochs * ((len(rows) + bs - 1) // bs)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, 1 - s / steps))
-        rng = np.random.default_rng(0)
 
         def members(e):
             q = head(e)
@@ -172,32 +178,18 @@ def main(argv: list[str] | None = None) -> int:
                 tot += float(F.binary_cross_entropy_with_logits(logits[known], qt[known])) * len(r)
             return tot / len(choose)
 
-        hist, best = [choice_bce()], None
-        for ep in range(a.epochs):
-            model.train()
-            head.train()
-            t0 = time.time()
-            perm = rng.permutation(len(rows))
-            for s in range(0, len(perm), bs):
-                ib = torch.as_tensor(perm[s:s + bs], device=dev)
-                qs = members(prompt_vectors(model, D, rows[perm[s:s + bs]]))
-                loss = qs.new_zeros(())
-                for i, m in enumerate(head.parts()):
-                    loss = loss + cost_spectrum_infonce(qs[i], desc, pos[ib], costs, bands, lc.tau_min, lc.alpha,
-                                                        lc.gamma, obs[ib])
-                    if lc.bce_weight > 0:
-                        loss = loss + lc.bce_weight * quality_bce(m.logits(qs[i], desc), targ[ib], obs[ib])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-            hist.append(choice_bce())
-            if best is None or hist[-1] < best[0]:
-                best = (hist[-1], ep + 1, copy.deepcopy(model.state_dict()))
-            print(f"  {tag} epoch {ep + 1}: choice-fold BCE {hist[-1]:.4f} (untuned {hist[0]:.4f}) {time.time() - t0:.1f} s",
-                  flush=True)
-        model.load_state_dict(best[2])
-        return model, {"choice_bce": hist, "epoch": best[1]}
+        def step(idx):
+            ib = torch.as_tensor(idx, device=dev)
+            qs = members(prompt_vectors(model, D, rows[idx]))
+            loss = qs.new_zeros(())
+            for i, m in enumerate(head.parts()):
+                loss = loss + cost_spectrum_infonce(qs[i], desc, pos[ib], costs, bands, lc.tau_min, lc.alpha,
+                                                    lc.gamma, obs[ib])
+                if lc.bce_weight > 0:
+                    loss = loss + lc.bce_weight * quality_bce(m.logits(qs[i], desc), targ[ib], obs[ib])
+            return loss
+
+        return run_epochs(model, (model, head), opt, len(rows), step, choice_bce, tag)
 
     t_all = time.time()
     log: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "epochs_max": a.epochs,
