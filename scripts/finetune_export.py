@@ -4,7 +4,8 @@ Writes one compressed ``.npz``: the run's prompts cut into pieces exactly as the
 (``Encoder.pieces``: the long-prompt mode; unique pieces tokenised with the model's tokenizer), each
 expert's quality, each prompt's category and split, the nested cross-validation fold of every train +
 val row (scripts/foldcv.py: the same folds as ``category_probe.py --nested``; -1 for the test rows), and
-the run's first 64 vectors (the device checks it reproduces them before fine-tuning).
+the encoder's first 64 vectors of the run (without a lexical view: the device checks it reproduces them
+before fine-tuning).
 ``scripts/finetune_device.py`` reads it beside a copy of the encoder's weights; ``scripts/finetune_probe.py``
 scores what comes back. ``--weights DIR`` also writes the encoder's transformers files there, its
 weights as float16 (half the bytes: a device call carries at most 64 MiB). The file also holds, per
@@ -92,7 +93,7 @@ def cscr_arrays(run, table, emb, k: int) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cscr.encoder import encoder_config_for_run, get_encoder
+    from cscr.encoder import encoder_config_for_run, get_encoder, load_run_embeddings
     from cscr.runs.inputs import Run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     np.savez_compressed(tmp, ids=ids, ptr=ptr, idx=idx, quality=table.quality.astype(np.float32),
                         cat=np.array([names.index(c) for c in cats], dtype=np.int64),
                         splits=np.array([SPLIT_CODE.get(s, 3) for s in table.splits], dtype=np.int64),
-                        fold=fold, ref=np.asarray(emb[:64], dtype=np.float32), n_cat=len(names),
+                        fold=fold, ref=np.asarray(load_run_embeddings(run.root, lexical=False)[:64], dtype=np.float32),
+                        n_cat=len(names),
                         **cscr_arrays(run, table, emb, a.folds))
     os.replace(tmp, a.out)
     print(f"{a.run}: {len(pieces)} prompts, {len(uniq)} unique pieces (longest {ids.shape[1]} tokens), "

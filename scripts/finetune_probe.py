@@ -42,13 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     table, emb = run.table, run.embeddings
     ft: dict[str, np.ndarray] = {}
     for f in a.features.split(","):
-        with np.load(f) as z:
-            ft.update({k: z[k].astype(np.float32) for k in z.files})
+        try:
+            with np.load(f) as z:
+                ft.update({k: z[k].astype(np.float32) for k in z.files})
+        except (OSError, ValueError, AttributeError) as exc:  # missing, not an .npz, or a bare .npy
+            print(f"finetune_probe: cannot read {f} as an .npz of features: {exc}", file=sys.stderr)
+            return 2
     missing = [f"fold{k}" for k in range(a.folds) if f"fold{k}" not in ft]
-    bad = [k for k, v in ft.items() if v.shape[0] != len(table.splits)]
-    if missing or bad:
-        print(f"finetune_probe: features lack {missing} or have the wrong row count {bad} "
-              f"(the run has {len(table.splits)} prompts)", file=sys.stderr)
+    if missing:
+        print(f"finetune_probe: the features hold no {', '.join(missing)} (found: {', '.join(sorted(ft)) or 'nothing'})",
+              file=sys.stderr)
+        return 2
+    bad = [k for k, v in ft.items() if v.ndim != 2 or v.shape[0] != len(table.splits)]
+    if bad:
+        print(f"finetune_probe: {', '.join(bad)} have the wrong row count (the run has {len(table.splits)} prompts)",
+              file=sys.stderr)
         return 2
     keep = np.flatnonzero(table.splits != "test")
     table, emb = without_test(table, emb)

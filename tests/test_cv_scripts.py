@@ -140,4 +140,9 @@ def test_the_finetune_probe_scores_fold_features_on_category_probes_nested_folds
     # features that lack a fold, or have another row count: one clear error, exit 2
     np.savez(tmp_path / "short.npz", fold0=np.asarray(emb[:10], dtype=np.float32))
     assert finetune_probe.main(["--run", str(out), "--folds", "3", "--features", str(tmp_path / "short.npz")]) == 2
+    assert "hold no fold1, fold2" in capsys.readouterr().err
+    np.savez(tmp_path / "short3.npz", **{f"fold{k}": np.asarray(emb[:10], dtype=np.float32) for k in range(3)})
+    assert finetune_probe.main(["--run", str(out), "--folds", "3", "--features", str(tmp_path / "short3.npz")]) == 2
     assert "wrong row count" in capsys.readouterr().err
+    assert finetune_probe.main(["--run", str(out), "--features", str(tmp_path / "no_such.npz")]) == 2
+    assert "cannot read" in capsys.readouterr().err
