@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_epochs(model, (model, heads), opt, len(train), step, choice_bce, tag)
 
-    def finetune_cscr(base, D, v, choose, tag):
+    if a.objective == "cscr":  # cscr's config, head and losses need only torch (the repository travels)
         import dataclasses
 
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         from cscr.head import Head
         from cscr.losses import cost_bands, cost_spectrum_infonce, quality_bce
 
+    def finetune_cscr(base, D, v, choose, tag):
         cfg = TrainConfig()
         lc = cfg.loss
         rows = D[f"{v}__rows"]
@@ -189,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                     loss = loss + lc.bce_weight * quality_bce(m.logits(qs[i], desc), targ[ib], obs[ib])
             return loss
 
-        return run_epochs(model, (model, head), opt, len(rows), step, choice_bce, tag)
+        model, info = run_epochs(model, (model, head), opt, len(rows), step, choice_bce, tag)
+        return model, {**info, "n_train": len(rows)}  # the rows with an observed cell, as cscr train keeps
 
     t_all = time.time()
     log: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "epochs_max": a.epochs,
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 model, info = finetune(base, D, train, choose, f"{name}/{v}")
             vecs[v] = embed_all(model, D, a.smoke or n).astype(np.float16)
-            info.update(seconds=round(time.time() - t0, 1), n_train=len(train), n_choice=len(choose))
+            info.setdefault("n_train", len(train))
+            info.update(seconds=round(time.time() - t0, 1), n_choice=len(choose))
             log[name][v] = info
             print(f"{name}/{v}: epoch {info['epoch']} kept; {info['seconds']} s", flush=True)
         for i, group in enumerate(np.array_split(np.array(list(vecs)), min(a.files, len(vecs)))):

@@ -118,9 +118,9 @@ def test_the_finetune_probe_scores_fold_features_on_category_probes_nested_folds
 
     arrays = finetune_export.cscr_arrays(run, table, emb, 3)
     desc, kind, basis = run.trained_descriptors()
-    t_nested = foldcv.fold_table(foldcv.without_test(table, emb)[0], *foldcv.make_folds(foldcv.without_test(table, emb)[0], 3),
-                                 1, nested=True)
-    for name, t, e in (("fold1", t_nested, foldcv.without_test(table, emb)[1]), ("full", table, emb)):
+    t2, e2 = foldcv.without_test(table, emb)
+    t_nested = foldcv.fold_table(t2, *foldcv.make_folds(t2, 3), 1, nested=True)
+    for name, t, e in (("fold1", t_nested, e2), ("full", table, emb)):
         ref = prepare_arrays(t, e, desc, TrainConfig().loss.tolerance, kind, basis)
         np.testing.assert_array_equal(np.asarray(emb, dtype=np.float32)[arrays[f"{name}__rows"]], ref.x)
         np.testing.assert_array_equal(arrays[f"{name}__positives"], ref.positives)
