@@ -69,13 +69,48 @@ def category_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float 
     return proba
 
 
+def fold_utilities(t, e: np.ndarray, rows: np.ndarray, cats: np.ndarray, desc, kind: str, basis):
+    """One fold's utilities on ``rows`` from features ``e`` (n, d), every router trained on ``t``'s train
+    split with its choices on ``t``'s val split: ``head`` (the default CSCR head), ``per-category``,
+    ``parametric`` and ``softcat``. Also returns what the variants reuse, as attributes: ``router`` (the
+    head), ``train``, ``names`` and ``y_train`` (the categories), ``qbar`` (C, M) and ``overall`` (M,) (the
+    train table per category and overall), ``accuracy`` (the softmax regression's category accuracy on
+    ``rows``) and ``audc(u)`` (the AUDC of routing ``rows`` by utilities ``u``). scripts/finetune_probe.py
+    scores its fold-specific features with it."""
+    from types import SimpleNamespace
+
+    from foldcv import head_router
+
+    from cscr.data.table import category_means
+    from cscr.eval.utility import utility_audc
+    from cscr.routers.base import RouterContext, get_router
+
+    router = head_router(t, e, desc, kind, basis)
+    ctx = RouterContext.from_table(t, e, 0)
+    per_cat = get_router("per-category").fit(ctx)
+    u = {"head": router.utilities(e[rows]), "per-category": per_cat.utilities(e[rows], rows),
+         "parametric": get_router("parametric").fit(ctx).utilities(e[rows], rows)}
+    train = t.split_index("train")
+    names = sorted(set(cats[train].tolist()))
+    code = {c: i for i, c in enumerate(names)}
+    y_train = np.array([code[c] for c in cats[train]])
+    means, overall = category_means(t.quality[train], y_train, len(names))
+    qbar = np.where(np.isnan(means), overall[None, :], means)  # (C, M) as the per-category router's table
+    p_c = category_classifier(e[train], y_train, len(names))(e[rows])  # (n, C)
+    u["softcat"] = p_c @ qbar
+
+    def audc(util: np.ndarray) -> float:
+        return utility_audc(per_cat.expert_names, per_cat.costs, util, e[rows], t.quality[rows], t.cost[rows])
+
+    return u, SimpleNamespace(router=router, train=train, names=names, y_train=y_train, qbar=qbar, overall=overall,
+                              accuracy=float(np.mean(np.array(names)[p_c.argmax(1)] == cats[rows])), audc=audc)
+
+
 def main(argv: list[str] | None = None) -> int:
     from foldcv import fold_table, head_router, make_folds, scored_rows, without_test
 
     from cscr.config import TrainConfig
-    from cscr.data.table import category_means
     from cscr.encoder import load_run_embeddings
-    from cscr.eval.utility import utility_audc
     from cscr.experiments.ood import search_guard
     from cscr.guard import Guard
     from cscr.lexical import LexicalConfig, LexicalView, features
@@ -128,21 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         def head_on(e, t=t):
             return head_router(t, e, desc, kind, basis)
 
-        router = head_on(emb)
-        ctx = RouterContext.from_table(t, emb, 0)
-        per_cat = get_router("per-category").fit(ctx)
-        u = {"head": router.utilities(emb[rows]), "per-category": per_cat.utilities(emb[rows], rows),
-             "parametric": get_router("parametric").fit(ctx).utilities(emb[rows], rows)}
-        train = t.split_index("train")
-        names = sorted(set(cats[train].tolist()))
-        code = {c: i for i, c in enumerate(names)}
-        y_train = np.array([code[c] for c in cats[train]])
-        means, overall = category_means(t.quality[train], y_train, len(names))
-        qbar = np.where(np.isnan(means), overall[None, :], means)  # (C, M) as the per-category router's table
-        p_c = category_classifier(emb[train], y_train, len(names))(emb[rows])  # (n, C)
-        u["softcat"] = p_c @ qbar
+        u, f = fold_utilities(t, emb, rows, cats, desc, kind, basis)
+        router, train, names, y_train, qbar, overall = f.router, f.train, f.names, f.y_train, f.qbar, f.overall
         held = cats[rows]
-        acc = float(np.mean(np.array(names)[p_c.argmax(1)] == held))
+        acc = f.accuracy
         if a.lexical:  # the view fitted on this fold's training texts only, as cscr prepare fits the train split
             lex = features(emb, table.texts, LexicalView.fit(list(table.texts[train]), LexicalConfig()))
             u["head+lex"] = head_on(lex).utilities(lex[rows])
@@ -161,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             res.setdefault("guard w", []).append(chosen[0])
             res.setdefault("guard gate", []).append(chosen[1])
         for name, util in u.items():
-            res.setdefault(name, []).append(utility_audc(per_cat.expert_names, per_cat.costs, util, emb[rows],
-                                                         t.quality[rows], t.cost[rows]))
+            res.setdefault(name, []).append(f.audc(util))
         res.setdefault("category accuracy (softcat)", []).append(acc)
         print(f"fold {k}: head {res['head'][-1]:.4f}  per-category {res['per-category'][-1]:.4f}  "
               f"softcat {res['softcat'][-1]:.4f} (category accuracy {acc:.3f})  {time.time() - t0:.0f} s", flush=True)

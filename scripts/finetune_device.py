@@ -19,6 +19,12 @@ choice fold. The embedding is the run's own:
 mean-pooled tokens per piece, unit pieces averaged and renormalised; before training, the untuned
 model must reproduce the run's first 64 vectors. Writes float16 vectors of every prompt per variant,
 ``<set>_ft<i>.npz`` (one array per variant), and ``ft_log.json`` (the chosen epochs, the losses).
+``--save-encoder`` also writes the ``full`` variant's encoder weights (float16, in parts small enough to
+come back from a device call; their sha256 in ``ft_log.json``); ``scripts/finetune_import.py`` makes them
+a sentence-transformers folder that ``cscr prepare --encoder`` embeds a run with (the test split once):
+
+    python scripts/finetune_device.py --model .gpu_ft/minilm --data .gpu_ft --out $OUT --sets rllm --folds 0 \
+        --epochs 8 --save-encoder
 
     python scripts/finetune_device.py --model .gpu_ft/minilm --data .gpu_ft --out $OUT --sets llmr,rb
 """
@@ -46,12 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--sets", required=True, help="comma-separated names of <set>.npz")
     p.add_argument("--epochs", type=int, default=4, help="at most this many; the best on the choice fold is kept")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--lr", type=float, default=3e-5, help="the encoder's peak learning rate (warm-up, then linear decay)")
+    p.add_argument("--folds", type=int, default=5, help="nested-CV folds (0: only the full variant)")
     p.add_argument("--no-full", action="store_true", help="only the folds (no train-split variant)")
     p.add_argument("--files", type=int, default=1, help="spread each set's variants over this many files")
     p.add_argument("--smoke", type=int, default=0, help="a quick check: N prompts, fold 0 only")
     p.add_argument("--objective", choices=("bce", "cscr"), default="bce")
+    p.add_argument("--save-encoder", action="store_true",
+                   help="also write the full variant's encoder (float16 safetensors, in parts of at most 15 MiB: "
+                        "<set>_encoder.part<i>) for scripts/finetune_import.py")
     a = p.parse_args(argv)
+    if a.save_encoder and a.no_full:
+        p.error("--save-encoder writes the full variant's encoder: drop --no-full")
 
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         dim = model.config.hidden_size
         heads = torch.nn.ModuleDict({"q": torch.nn.Linear(dim, D["quality"].shape[1]),
                                      "c": torch.nn.Linear(dim, int(D["n_cat"]))}).to(dev)
-        opt = torch.optim.AdamW([{"params": model.parameters(), "lr": 3e-5}, {"params": heads.parameters(), "lr": 1e-3}],
+        opt = torch.optim.AdamW([{"params": model.parameters(), "lr": a.lr}, {"params": heads.parameters(), "lr": 1e-3}],
                                 weight_decay=0.01)
 
         @torch.no_grad()
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(cfg.seed)
             head = Head(dataclasses.replace(cfg.head, in_dim=model.config.hidden_size, out_dim=desc.shape[1],
                                             categories=0)).to(dev)
-        opt = torch.optim.AdamW([{"params": model.parameters(), "lr": 3e-5},
+        opt = torch.optim.AdamW([{"params": model.parameters(), "lr": a.lr},
                                  {"params": head.parameters(), "lr": cfg.lr}], weight_decay=cfg.weight_decay)
 
         def members(e):
@@ -193,15 +205,32 @@ def main(argv: list[str] | None = None) -> int:
         model, info = run_epochs(model, (model, head), opt, len(rows), step, choice_bce, tag)
         return model, {**info, "n_train": len(rows)}  # the rows with an observed cell, as cscr train keeps
 
+    def save_encoder(model, name: str, part: int = 15 << 20) -> dict:
+        """The model's weights as float16 safetensors bytes, cut into ``<name>_encoder.part<i>`` files of at
+        most ``part`` bytes (a device call returns files of at most 16 MiB); their names and sha256."""
+        import hashlib
+
+        from safetensors.torch import save
+
+        blob = save({k: v.detach().half().contiguous().cpu() for k, v in model.state_dict().items()},
+                    metadata={"format": "pt"})
+        parts = []
+        for i, s in enumerate(range(0, len(blob), part)):
+            parts.append(f"{name}_encoder.part{i}")
+            with open(os.path.join(a.out, parts[-1]), "wb") as f:
+                f.write(blob[s:s + part])
+        print(f"{name}: the full variant's encoder in {len(parts)} parts ({len(blob)} bytes)", flush=True)
+        return {"parts": parts, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
     t_all = time.time()
     log: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "epochs_max": a.epochs,
-                 "objective": a.objective}
+                 "objective": a.objective, "lr": a.lr}
     base = AutoModel.from_pretrained(a.model).float()
     os.makedirs(a.out, exist_ok=True)
     for name in a.sets.split(","):
         D = dict(np.load(os.path.join(a.data, f"{name}.npz")))
         n = len(D["ptr"]) - 1
-        got = embed_all(copy.deepcopy(base).to(dev), D, 64)
+        got = embed_all(copy.deepcopy(base).to(dev), D, len(D["ref"]))
         cos = (got * D["ref"]).sum(1)
         print(f"{name}: {n} prompts; untuned encoder against the run's vectors: min cosine {cos.min():.5f}", flush=True)
         if cos.min() < 0.999:
@@ -232,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             info.update(seconds=round(time.time() - t0, 1), n_choice=len(choose))
             log[name][v] = info
             print(f"{name}/{v}: epoch {info['epoch']} kept; {info['seconds']} s", flush=True)
+            if v == "full" and a.save_encoder:
+                log[name]["encoder"] = save_encoder(model, name)
         for i, group in enumerate(np.array_split(np.array(list(vecs)), min(a.files, len(vecs)))):
             np.savez(os.path.join(a.out, f"{name}_ft{i}.npz"), **{str(g): vecs[str(g)] for g in group})
     log["seconds"] = round(time.time() - t_all, 1)

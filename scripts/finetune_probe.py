@@ -6,7 +6,8 @@ folds, the routers and the scoring are ``category_probe.py --nested``'s: fold k 
 where every router makes its choices, the test split is removed first and never read. Rows: ``head``
 (the CSCR default), ``parametric``, ``per-category`` (given the label; it reads no features),
 ``softcat`` and ``head+cat w=0.75`` (the head blended with the true category's table), and the
-category accuracy of a softmax regression on the features.
+category accuracy of a softmax regression on the features
+(``category_probe.fold_utilities``: one scoring for both scripts).
 
     python scripts/finetune_probe.py --run runs/llmr --features runs/evidence/finetune/llmr_ft0.npz,runs/evidence/finetune/llmr_ft1.npz
 """
@@ -24,12 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from category_probe import category_classifier
-    from foldcv import fold_table, head_router, make_folds, scored_rows, without_test
+    from category_probe import fold_utilities
+    from foldcv import fold_table, make_folds, scored_rows, without_test
 
-    from cscr.data.table import category_means
-    from cscr.eval.utility import utility_audc
-    from cscr.routers.base import RouterContext, get_router
     from cscr.runs.inputs import Run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -68,26 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         t = fold_table(table, pool, folds, k, nested=True)
         rows = scored_rows(t, True)
-        train = t.split_index("train")
-        names = sorted(set(cats[train].tolist()))
-        y = np.array([names.index(c) for c in cats[train]])
-        means, overall = category_means(t.quality[train], y, len(names))
-        qbar = np.where(np.isnan(means), overall[None, :], means)
         for feat in ("frozen", "fine-tuned"):
             e = emb if feat == "frozen" else ft[f"fold{k}"][keep]
             e = e / np.linalg.norm(e, axis=1, keepdims=True)
-            ctx = RouterContext.from_table(t, e, 0)
-            per_cat = get_router("per-category").fit(ctx)
-            u = {"head": head_router(t, e, desc, kind, basis).utilities(e[rows]),
-                 "parametric": get_router("parametric").fit(ctx).utilities(e[rows], rows),
-                 "per-category": per_cat.utilities(e[rows], rows)}
-            p_c = category_classifier(e[train], y, len(names))(e[rows])
-            u["softcat"] = p_c @ qbar
+            u, f = fold_utilities(t, e, rows, cats, desc, kind, basis)
             u["head+cat w=0.75"] = 0.25 * u["head"] + 0.75 * u["per-category"]
-            res.setdefault(f"{feat} category accuracy", []).append(float(np.mean(np.array(names)[p_c.argmax(1)] == cats[rows])))
+            res.setdefault(f"{feat} category accuracy", []).append(f.accuracy)
             for name, util in u.items():
-                res.setdefault(f"{feat} {name}", []).append(
-                    utility_audc(per_cat.expert_names, per_cat.costs, util, e[rows], t.quality[rows], t.cost[rows]))
+                res.setdefault(f"{feat} {name}", []).append(f.audc(util))
         print(f"fold {k}: " + "  ".join(f"{n} {v[-1]:.4f}" for n, v in res.items() if n.endswith(("head", "parametric"))),
               f"{time.time() - t0:.0f} s", flush=True)
     for name, vals in res.items():

@@ -4,6 +4,7 @@ small synthetic run, they score the same rows, and the test split is never read.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -18,7 +19,9 @@ sys.path.insert(0, str(SCRIPTS))
 import category_probe  # noqa: E402
 import cv_grid  # noqa: E402
 import epoch_choice_cv  # noqa: E402
+import finetune_device  # noqa: E402
 import finetune_export  # noqa: E402
+import finetune_import  # noqa: E402
 import finetune_probe  # noqa: E402
 import foldcv  # noqa: E402
 import lexical_cv  # noqa: E402
@@ -146,3 +149,54 @@ def test_the_finetune_probe_scores_fold_features_on_category_probes_nested_folds
     assert "wrong row count" in capsys.readouterr().err
     assert finetune_probe.main(["--run", str(out), "--features", str(tmp_path / "no_such.npz")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_fine_tuned_encoder_comes_back_in_parts_and_embeds_a_run_as_the_device_did(tmp_path, shared_data, capsys):
+    """finetune_export -> finetune_device --save-encoder (CPU smoke: 16 prompts, one epoch) ->
+    finetune_import: the imported sentence-transformers folder reproduces the device's own vectors of the
+    run's prompts, and ``cscr prepare --encoder`` embeds with it; altered parts are refused."""
+    from cscr.cli import main as cscr
+
+    rows = []
+    with open(shared_data / "llmrouter" / "default_query_train.jsonl") as f:
+        for i, line in zip(range(40), f, strict=False):
+            item = json.loads(line)
+            rows += [{"prompt_id": f"q{i}", "prompt": item["query"], "model": m, "category": item["task_name"],
+                      "quality": float((i + k) % 3 == 0), "cost": 0.001 * (k + 1)} for k, m in enumerate(["a", "b"])]
+    logs = tmp_path / "logs.jsonl"
+    logs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = tmp_path / "run"
+    assert cscr(["prepare", "--dataset", "generic", "--option", f"file={logs}", "--probe-size", "4",
+                 "--out", str(run)]) == 0
+    assert cscr(["train", "--run", str(run), "--plain", "--epochs", "1", "--threads", "1"]) == 0  # descriptors
+    data, dev = tmp_path / "ft", tmp_path / "dev"
+    assert finetune_export.main(["--run", str(run), "--out", str(data / "r.npz"), "--weights", str(data / "m"),
+                                 "--folds", "3"]) == 0
+    assert finetune_device.main(["--model", str(data / "m"), "--data", str(data), "--out", str(dev), "--sets", "r",
+                                 "--folds", "0", "--epochs", "1", "--smoke", "16", "--save-encoder"]) == 0
+    log = json.loads((dev / "ft_log.json").read_text())
+    assert log["r"]["encoder"]["parts"] and all((dev / p).stat().st_size <= 15 << 20 for p in log["r"]["encoder"]["parts"])
+    capsys.readouterr()
+
+    out = tmp_path / "minilm-ft"
+    assert finetune_import.main(["--from", str(dev), "--set", "r", "--out", str(out), "--check-run", str(run)]) == 0
+    low = float(capsys.readouterr().out.split("lowest cosine")[-1])
+    assert low > 0.999
+    # the fine-tuned weights differ from the base's: a run embedded with them gets other vectors
+    ft = tmp_path / "run-ft"
+    assert cscr(["prepare", "--dataset", "generic", "--option", f"file={logs}", "--probe-size", "4",
+                 "--out", str(ft), "--encoder", str(out)]) == 0
+    from cscr.encoder import load_run_embeddings
+
+    base_v, ft_v = load_run_embeddings(run), load_run_embeddings(ft)
+    assert base_v.shape == ft_v.shape and (base_v * ft_v).sum(1).min() < 0.9999
+
+    # refused with one line: an existing folder, an altered part, a set without an encoder
+    assert finetune_import.main(["--from", str(dev), "--set", "r", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    part = dev / log["r"]["encoder"]["parts"][0]
+    part.write_bytes(part.read_bytes()[:-1] + b"\0")
+    assert finetune_import.main(["--from", str(dev), "--set", "r", "--out", str(tmp_path / "x")]) == 2
+    assert "sha256" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert finetune_import.main(["--from", str(dev), "--set", "nope", "--out", str(tmp_path / "y")]) == 2
+    assert "no encoder of 'nope'" in capsys.readouterr().err
