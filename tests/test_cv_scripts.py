@@ -191,6 +191,21 @@ def test_a_fine_tuned_encoder_comes_back_in_parts_and_embeds_a_run_as_the_device
     base_v, ft_v = load_run_embeddings(run), load_run_embeddings(ft)
     assert base_v.shape == ft_v.shape and (base_v * ft_v).sum(1).min() < 0.9999
 
+    # the encoder id (the embedding caches' key) names the weights: other weights at the same path, another id
+    import shutil
+
+    from safetensors.torch import load, save
+
+    from cscr.config import EncoderConfig
+    from cscr.encoder import default_model_path, encoder_id_for
+
+    first = encoder_id_for(EncoderConfig(model=str(out)))
+    state = load(finetune_import.join_parts(str(dev), "r"))
+    state = {k: v * 2 if k.endswith("LayerNorm.bias") else v for k, v in state.items()}  # same names, sizes
+    shutil.rmtree(out)
+    finetune_import.write_folder(save(state), default_model_path(), str(out))
+    assert encoder_id_for(EncoderConfig(model=str(out))) != first
+
     # refused with one line: an existing folder, an altered part, a set without an encoder
     assert finetune_import.main(["--from", str(dev), "--set", "r", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
