@@ -80,7 +80,9 @@ def _model_ref(cfg: EncoderConfig) -> tuple[str, str]:
 
 def encoder_id_for(cfg: EncoderConfig | None = None) -> str:
     """``<model name>-<hash>``: the hash covers the model name, ``max_seq_length`` and, for a local
-    folder, its configuration files and weight sizes. Computed without loading the model."""
+    folder, its configuration files and its weights (the packaged default: their sizes; a folder the
+    user names: their bytes, so weights changed in place get another id). Computed without loading
+    the model."""
     cfg = cfg or EncoderConfig()
     ref, name = _model_ref(cfg)
     h = hashlib.sha256()
@@ -89,15 +91,28 @@ def encoder_id_for(cfg: EncoderConfig | None = None) -> str:
         h.update(f"\x1flong_prompt={_mode_slug(cfg)}".encode())
     if cfg.backend != "torch":  # torch: ids of runs made before backends existed stay valid
         h.update(f"\x1fbackend={cfg.backend}:{ONNX_RECIPE}".encode())
-    _hash_folder(h, Path(ref))
+    _hash_folder(h, Path(ref), content=cfg.model is not None)
     slug = name.rstrip("/").split("/")[-1].replace(" ", "_") or "encoder"
     mode = "" if cfg.long_prompt == "head" else f"{_mode_slug(cfg)}-"
     backend = "" if cfg.backend == "torch" else f"{cfg.backend.replace('-', '')}-"
     return f"{slug}-{mode}{backend}{h.hexdigest()[:12]}"
 
 
-def _hash_folder(h: Any, folder: Path) -> None:
-    """Feed a local model folder's configuration files and weight sizes to the hash ``h``."""
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes (cached per path, size and modification time)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_folder(h: Any, folder: Path, content: bool = False) -> None:
+    """Feed a local model folder's configuration files and its weights to the hash ``h``: their sizes,
+    or with ``content`` their bytes. The packaged default model is hashed by sizes (a pinned package:
+    the ids of runs made before content hashing stay valid); a folder the user names, by content: a
+    model fine-tuned again in place must not share the ids, caches and ONNX exports of the last one."""
     if not folder.is_dir():
         return
     for f in sorted(folder.rglob("*")):
@@ -105,14 +120,16 @@ def _hash_folder(h: Any, folder: Path) -> None:
             h.update(f.relative_to(folder).as_posix().encode())
             h.update(f.read_bytes())
         elif f.is_file() and f.suffix in (".safetensors", ".bin"):
-            h.update(f"{f.relative_to(folder).as_posix()}:{f.stat().st_size}".encode())
+            st = f.stat()
+            what = _file_sha256(str(f), st.st_size, st.st_mtime_ns) if content else str(st.st_size)
+            h.update(f"{f.relative_to(folder).as_posix()}:{what}".encode())
 
 
 def model_digest(cfg: EncoderConfig) -> str:
     """sha256 of the model's name and, for a local folder, of its files (as in the encoder id)."""
     ref, name = _model_ref(cfg)
     h = hashlib.sha256(name.encode())
-    _hash_folder(h, Path(ref))
+    _hash_folder(h, Path(ref), content=cfg.model is not None)
     return h.hexdigest()
 
 

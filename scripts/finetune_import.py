@@ -5,9 +5,9 @@ the test split once).
 Reads ``<set>_encoder.part<i>`` and ``ft_log.json`` from ``--from`` (a device call's files): joins the parts,
 checks their sha256 against the log, casts the float16 weights to float32 and writes them beside a copy of
 the base model's sentence-transformers files (``--base``; default: the packaged all-MiniLM-L6-v2, the
-encoder the export was made from) and ``weights_sha256.json`` (the weights' sha256: cscr's encoder id hashes
-a folder's JSON files, so the id, and every embedding cache keyed by it, names these weights). The folder
-is written under a temporary name and renamed when complete.
+encoder the export was made from). The folder is written under a temporary name and renamed when complete;
+cscr's encoder id hashes a folder's weights, so a later fine-tune imported at the same path gets its own
+id and caches.
 ``--check-run RUN`` then embeds the run's first 64 prompts with the new folder, exactly as the run's
 encoder does (its long-prompt mode and window), and compares them with the device's own vectors of the
 ``full`` variant (``<set>_ft*.npz``): any cosine below 0.999 is an error.
@@ -34,9 +34,6 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-WEIGHTS_RECORD = "weights_sha256.json"
 
 
 class ImportFailed(Exception):
@@ -70,13 +67,7 @@ def write_folder(blob: bytes, base: str, out: str) -> None:
     try:
         shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("model.safetensors", "pytorch_model.bin", "*.onnx"))
         state = {k: v.float().contiguous() for k, v in load(blob).items()}
-        weights = os.path.join(tmp, "model.safetensors")
-        save_file(state, weights, metadata={"format": "pt"})
-        # cscr's encoder id hashes a folder's .json files and its weights' sizes, not their bytes: this file
-        # puts the weights' content in the id, so vectors cached for other weights at this path are not reused
-        with open(os.path.join(tmp, WEIGHTS_RECORD), "w") as f:
-            json.dump({"model.safetensors": hashlib.sha256(Path(weights).read_bytes()).hexdigest(),
-                       "float16_parts": hashlib.sha256(blob).hexdigest()}, f, indent=1)
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ from cscr.encoder import (
     encoder_id_for,
     get_encoder,
     load_run_embeddings,
+    model_digest,
     shared_embedding_dir,
     window_spans,
 )
@@ -83,6 +84,27 @@ def test_any_sentence_transformers_path(encoder, minilm_path):
     other = Encoder(EncoderConfig(model=minilm_path))
     assert other.encoder_id != encoder.encoder_id and other.encoder_id.startswith("model-")
     np.testing.assert_allclose(other.encode(TEXTS[:3]), encoder.encode(TEXTS[:3]), atol=1e-5)
+
+
+def test_a_folder_retrained_in_place_gets_another_id(minilm_path, tmp_path):
+    """A folder the user names is identified by its weights' bytes, not their sizes: a model fine-tuned
+    again at the same path (same tensors, same file size) must not reuse the last one's caches."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "mine"
+    shutil.copytree(minilm_path, folder)
+    cfg = EncoderConfig(model=str(folder))
+    first = encoder_id_for(cfg)
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith("LayerNorm.bias"))
+    state[name] = state[name] + 0.5
+    save_file(state, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == size and encoder_id_for(cfg) != first
+    assert model_digest(cfg) != model_digest(EncoderConfig(model=minilm_path))  # ONNX exports too
 
 
 def test_cache_computes_only_missing_prompts(encoder, tmp_path):
