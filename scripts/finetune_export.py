@@ -31,18 +31,23 @@ MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.
 
 
 def write_weights(model_dir: str, out: str) -> None:
-    """The transformers folder ``model_dir`` copied to ``out`` with ``model.safetensors`` in float16."""
+    """The transformers folder ``model_dir`` copied to ``out`` with ``model.safetensors`` in float16 (written
+    atomically: an existing ``out`` is replaced whole)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    os.makedirs(out, exist_ok=True)
-    state = load_file(os.path.join(model_dir, "model.safetensors"))
-    save_file({k: v.half().contiguous() for k, v in state.items()}, os.path.join(out, "model.safetensors"),
-              metadata={"format": "pt"})
-    for name in MODEL_FILES:
-        if os.path.exists(os.path.join(model_dir, name)):
-            shutil.copy(os.path.join(model_dir, name), os.path.join(out, name))
+    from cscr.atomic import atomic_dir
+
+    def fill(tmp) -> None:
+        state = load_file(os.path.join(model_dir, "model.safetensors"))
+        save_file({k: v.half().contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        for name in MODEL_FILES:
+            if os.path.exists(os.path.join(model_dir, name)):
+                shutil.copy(os.path.join(model_dir, name), os.path.join(tmp, name))
+
+    atomic_dir(out, fill)
 
 
 def fold_ids(table, emb, k: int = 5) -> np.ndarray:

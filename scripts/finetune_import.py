@@ -5,7 +5,7 @@ the test split once).
 Reads ``<set>_encoder.part<i>`` and ``ft_log.json`` from ``--from`` (a device call's files): joins the parts,
 checks their sha256 against the log, casts the float16 weights to float32 and writes them beside a copy of
 the base model's sentence-transformers files (``--base``; default: the packaged all-MiniLM-L6-v2, the
-encoder the export was made from). The folder is written under a temporary name and renamed when complete;
+encoder the export was made from). The folder is written atomically (``cscr.atomic.atomic_dir``);
 cscr's encoder id hashes a folder's weights, so a later fine-tune imported at the same path gets its own
 id and caches.
 ``--check-run RUN`` then embeds the run's first 64 prompts with the new folder, exactly as the run's
@@ -58,19 +58,20 @@ def write_folder(blob: bytes, base: str, out: str) -> None:
     """``base``'s files with ``blob``'s weights (as float32) as ``model.safetensors``, written to ``out``."""
     from safetensors.torch import load, save_file
 
+    from cscr.atomic import atomic_dir
+
     if os.path.exists(out):
         raise ImportFailed(f"{out} exists: name a new folder")
     if not os.path.isfile(os.path.join(base, "modules.json")):
         raise ImportFailed(f"{base} is not a sentence-transformers folder (no modules.json)")
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("model.safetensors", "pytorch_model.bin", "*.onnx"))
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(base, tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("model.safetensors", "pytorch_model.bin", "*.onnx"))
         state = {k: v.float().contiguous() for k, v in load(blob).items()}
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+    atomic_dir(out, fill)
 
 
 def check(out: str, run_dir: str, folder: str, name: str, n: int = 64) -> float:
