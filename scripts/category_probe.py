@@ -10,6 +10,9 @@ figure runs a little high) and the baselines on the other folds, then scores on 
   ``u = sum_c p(c | x) * Qbar[c]``; ``head+softcat w``: its blend with the head;
 - ``head+pool w``: ``(1 - w) * P_head(good) + w * Qbar``: the head shrunk towards the pool's mean
   train quality per expert (prompt only; scripts/ood_shrink_probe.py asks the same on unseen groups);
+- ``head+param w``: ``(1 - w) * P_head(good) + w * P_parametric(good)``: the head blended with the
+  per-expert MLP (prompt only; seen experts only: the MLP has one output per train expert). What any
+  per-expert part added to CSCR's shared descriptor map could gain at most, roughly;
 - ``head+lex``, ``parametric+lex``, ``softcat+lex`` (``--lexical``): the same with the lexical view
   (cscr/lexical.py) appended, refitted on each fold's training rows; the other rows then read the
   encoder's vectors only (how the lexical view was chosen);
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             u[f"head+cat w={w}"] = (1 - w) * u["head"] + w * u["per-category"]
             u[f"head+softcat w={w}"] = (1 - w) * u["head"] + w * u["softcat"]
             u[f"head+pool w={w}"] = (1 - w) * u["head"] + w * overall[None, :]
+            u[f"head+param w={w}"] = (1 - w) * u["head"] + w * u["parametric"]
 
         if a.guard:
             u["head+guard"], chosen = guarded(t, sp, folds[(k + 1) % a.folds], router, rows)

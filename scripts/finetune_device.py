@@ -21,12 +21,18 @@ model must reproduce the run's first 64 vectors. Writes float16 vectors of every
 ``<set>_ft<i>.npz`` (one array per variant), and ``ft_log.json`` (the chosen epochs, the losses).
 ``--save-encoder`` also writes the ``full`` variant's encoder weights (float16, in parts small enough to
 come back from a device call; their sha256 in ``ft_log.json``); ``scripts/finetune_import.py`` makes them
-a sentence-transformers folder that ``cscr prepare --encoder`` embeds a run with (the test split once):
+a sentence-transformers folder that ``cscr prepare --encoder`` embeds a run with (the test split once).
+``--top-layers N`` fine-tunes only the encoder's last N layers: the states of the layers below them are
+computed once per prompt piece and kept, so an epoch costs about N / 6 of a full one, which brings a
+train-split fine-tune within a CPU's reach (a variant of its own, not the one the nested CV scored):
 
     python scripts/finetune_device.py --model .gpu_ft/minilm --data .gpu_ft --out $OUT --sets rllm --folds 0 \
         --epochs 8 --save-encoder
 
     python scripts/finetune_device.py --model .gpu_ft/minilm --data .gpu_ft --out $OUT --sets llmr,rb
+
+    python scripts/finetune_device.py --model .gpu_ft/minilm --data .gpu_ft --out runs/evidence/ft-top2 --sets rllm \
+        --folds 0 --epochs 6 --top-layers 2 --save-encoder
 """
 
 from __future__ import annotations
@@ -58,21 +64,89 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=1, help="spread each set's variants over this many files")
     p.add_argument("--smoke", type=int, default=0, help="a quick check: N prompts, fold 0 only")
     p.add_argument("--objective", choices=("bce", "cscr"), default="bce")
+    p.add_argument("--top-layers", type=int, default=0,
+                   help="fine-tune only the encoder's last N layers, the states below them computed once (0: all)")
     p.add_argument("--save-encoder", action="store_true",
                    help="also write the full variant's encoder (float16 safetensors, in parts of at most 15 MiB: "
                         "<set>_encoder.part<i>) for scripts/finetune_import.py")
     a = p.parse_args(argv)
     if a.save_encoder and a.no_full:
         p.error("--save-encoder writes the full variant's encoder: drop --no-full")
+    if a.top_layers < 0:
+        p.error("--top-layers must be >= 0")
 
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     scale = 20.0  # logits of the unit embedding: a fixed temperature
 
-    def piece_vectors(model, ids):
-        mask = (ids != 0).long()
+    class LowerStates:
+        """Per piece (row of ``D["ids"]``), its hidden states (tokens, dim) under all but the encoder's last
+        ``n`` layers, padding dropped: computed the first time a piece is asked for, then kept (the frozen
+        part of ``--top-layers``)."""
+
+        def __init__(self, base, n: int, D) -> None:
+            self.lower, self.ids, self.states = copy.deepcopy(base).to(dev).eval(), D["ids"], {}
+            self.lower.encoder.layer = self.lower.encoder.layer[:base.config.num_hidden_layers - n]
+
+        @torch.no_grad()
+        def __call__(self, pieces) -> list:
+            todo = [int(i) for i in pieces if int(i) not in self.states]
+            for s in range(0, len(todo), 128):
+                ids = trimmed(torch.as_tensor(self.ids[todo[s:s + 128]].astype(np.int64), device=dev))
+                h = self.lower(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state.float()
+                for j, i in enumerate(todo[s:s + 128]):
+                    self.states[i] = h[j, :int((ids[j] != 0).sum())].clone()
+            return [self.states[int(i)] for i in pieces]
+
+    class TopLayers(torch.nn.Module):
+        """The encoder's last ``n`` transformer layers over the states of the layers below them, which are
+        computed once and kept (``LowerStates``): only these layers train, so an epoch costs about ``n`` / 6
+        of a full one (what makes fine-tuning fit on a CPU). ``full()`` is the whole encoder again: the
+        frozen lower layers with these."""
+
+        def __init__(self, base, n: int, lower: LowerStates) -> None:
+            super().__init__()
+            self.layers = copy.deepcopy(base.encoder.layer[base.config.num_hidden_layers - n:]).to(dev)
+            self.frozen = (base, lower)  # a tuple: not registered, so neither trained nor in the state dict
+
+        def forward(self, pieces):
+            """(b, T, dim) hidden states of these pieces and their (b, T) mask."""
+            from transformers.masking_utils import create_bidirectional_mask
+
+            base, lower = self.frozen
+            states = lower(pieces)
+            h = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+            mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.long, device=dev) for x in states],
+                                                   batch_first=True)
+            att = create_bidirectional_mask(config=base.config, inputs_embeds=h, attention_mask=mask)
+            for layer in self.layers:
+                h = layer(h, att)
+            return h, mask
+
+        def full(self):
+            base = self.frozen[0]
+            model = copy.deepcopy(base)
+            cut = base.config.num_hidden_layers - len(self.layers)
+            for i, layer in enumerate(self.layers):
+                model.encoder.layer[cut + i] = copy.deepcopy(layer)
+            return model
+
+    def trainable(base, lower):
+        """What a variant fine-tunes: a copy of the whole encoder, or (``--top-layers``) its last layers."""
+        return TopLayers(base, a.top_layers, lower) if a.top_layers else copy.deepcopy(base).to(dev)
+
+    def trimmed(ids):  # (b, T) token ids without the columns that are padding in every row
+        return ids[:, :max(1, int((ids != 0).sum(1).max()))]
+
+    def piece_vectors(model, D, pieces):
+        """(len(pieces), dim) unit mean-pooled token vectors of these pieces (rows of ``D["ids"]``)."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev == "cuda"):
-            h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            if isinstance(model, TopLayers):
+                h, mask = model(pieces)
+            else:
+                ids = trimmed(torch.as_tensor(D["ids"][pieces].astype(np.int64), device=dev))
+                mask = (ids != 0).long()
+                h = model(input_ids=ids, attention_mask=mask).last_hidden_state
         m = mask.unsqueeze(-1).float()
         return F.normalize((h.float() * m).sum(1) / m.sum(1).clamp(min=1), dim=1)
 
@@ -80,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         ptr, idx = D["ptr"], D["idx"]
         segs = [idx[ptr[r]:ptr[r + 1]] for r in rows]
         uniq, inv = np.unique(np.concatenate(segs), return_inverse=True)
-        pv = piece_vectors(model, torch.as_tensor(D["ids"][uniq].astype(np.int64), device=dev))
+        pv = piece_vectors(model, D, uniq)
         owner = torch.as_tensor(np.repeat(np.arange(len(rows)), [len(s) for s in segs]), device=dev)
         summed = torch.zeros(len(rows), pv.shape[1], device=dev).index_add_(0, owner, pv[torch.as_tensor(inv, device=dev)])
         return F.normalize(summed, dim=1)
@@ -125,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(best[2])
         return model, {"choice_bce": hist, "epoch": best[1]}
 
-    def finetune(base, D, train, choose, tag):
-        model = copy.deepcopy(base).to(dev)
-        dim = model.config.hidden_size
+    def finetune(base, lower, D, train, choose, tag):
+        model = trainable(base, lower)
+        dim = base.config.hidden_size
         heads = torch.nn.ModuleDict({"q": torch.nn.Linear(dim, D["quality"].shape[1]),
                                      "c": torch.nn.Linear(dim, int(D["n_cat"]))}).to(dev)
         opt = torch.optim.AdamW([{"params": model.parameters(), "lr": a.lr}, {"params": heads.parameters(), "lr": 1e-3}],
@@ -153,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         from cscr.head import Head
         from cscr.losses import cost_bands, cost_spectrum_infonce, quality_bce
 
-    def finetune_cscr(base, D, v, choose, tag):
+    def finetune_cscr(base, lower, D, v, choose, tag):
         cfg = TrainConfig()
         lc = cfg.loss
         rows = D[f"{v}__rows"]
@@ -165,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         bands = cost_bands(D[f"{v}__costs"], lc.bands).to(dev)
         if a.smoke:
             rows, pos, obs, targ = rows[:a.smoke], pos[:a.smoke], obs[:a.smoke], targ[:a.smoke]
-        model = copy.deepcopy(base).to(dev)
+        model = trainable(base, lower)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            head = Head(dataclasses.replace(cfg.head, in_dim=model.config.hidden_size, out_dim=desc.shape[1],
+            head = Head(dataclasses.replace(cfg.head, in_dim=base.config.hidden_size, out_dim=desc.shape[1],
                                             categories=0)).to(dev)
         opt = torch.optim.AdamW([{"params": model.parameters(), "lr": a.lr},
                                  {"params": head.parameters(), "lr": cfg.lr}], weight_decay=cfg.weight_decay)
@@ -224,8 +298,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t_all = time.time()
     log: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "epochs_max": a.epochs,
-                 "objective": a.objective, "lr": a.lr}
+                 "objective": a.objective, "lr": a.lr, "top_layers": a.top_layers}
     base = AutoModel.from_pretrained(a.model).float()
+    if a.top_layers > base.config.num_hidden_layers:
+        print(f"--top-layers {a.top_layers}: the encoder has {base.config.num_hidden_layers} layers", file=sys.stderr)
+        return 2
     os.makedirs(a.out, exist_ok=True)
     for name in a.sets.split(","):
         D = dict(np.load(os.path.join(a.data, f"{name}.npz")))
@@ -237,6 +314,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: the export does not reproduce the run's vectors; stopping", file=sys.stderr)
             return 1
         log[name] = {"untuned_min_cosine": float(cos.min())}
+        lower = LowerStates(base, a.top_layers, D) if a.top_layers else None  # shared by the set's variants
+        if lower is not None:  # the split encoder, untrained, must give the run's vectors too
+            low = float((embed_all(TopLayers(base, a.top_layers, lower), D, len(D["ref"])) * D["ref"]).sum(1).min())
+            print(f"{name}: the last {a.top_layers} layers over the kept states: min cosine {low:.5f}", flush=True)
+            if low < 0.999:
+                print(f"{name}: the split encoder does not reproduce the run's vectors; stopping", file=sys.stderr)
+                return 1
         variants = [f"fold{k}" for k in range(a.folds)] + ([] if a.no_full else ["full"])
         if a.smoke:
             variants = variants[:1]
@@ -253,16 +337,16 @@ def main(argv: list[str] | None = None) -> int:
             if a.smoke:
                 train, choose = train[:a.smoke], choose[:a.smoke]
             if a.objective == "cscr":
-                model, info = finetune_cscr(base, D, v, choose, f"{name}/{v}")
+                model, info = finetune_cscr(base, lower, D, v, choose, f"{name}/{v}")
             else:
-                model, info = finetune(base, D, train, choose, f"{name}/{v}")
+                model, info = finetune(base, lower, D, train, choose, f"{name}/{v}")
             vecs[v] = embed_all(model, D, a.smoke or n).astype(np.float16)
             info.setdefault("n_train", len(train))
             info.update(seconds=round(time.time() - t0, 1), n_choice=len(choose))
             log[name][v] = info
             print(f"{name}/{v}: epoch {info['epoch']} kept; {info['seconds']} s", flush=True)
             if v == "full" and a.save_encoder:
-                log[name]["encoder"] = save_encoder(model, name)
+                log[name]["encoder"] = save_encoder(model.full() if a.top_layers else model, name)
         for i, group in enumerate(np.array_split(np.array(list(vecs)), min(a.files, len(vecs)))):
             np.savez(os.path.join(a.out, f"{name}_ft{i}.npz"), **{str(g): vecs[str(g)] for g in group})
     log["seconds"] = round(time.time() - t_all, 1)

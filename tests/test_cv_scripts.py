@@ -191,6 +191,22 @@ def test_a_fine_tuned_encoder_comes_back_in_parts_and_embeds_a_run_as_the_device
     base_v, ft_v = load_run_embeddings(run), load_run_embeddings(ft)
     assert base_v.shape == ft_v.shape and (base_v * ft_v).sum(1).min() < 0.9999
 
+    # --top-layers 1: only the last layer trains (the states below it computed once); the rest comes back as it was
+    dev1, out1 = tmp_path / "dev1", tmp_path / "minilm-top1"
+    assert finetune_device.main(["--model", str(data / "m"), "--data", str(data), "--out", str(dev1), "--sets", "r",
+                                 "--folds", "0", "--epochs", "1", "--smoke", "16", "--save-encoder",
+                                 "--top-layers", "1"]) == 0
+    assert "the last 1 layers over the kept states: min cosine" in capsys.readouterr().out
+    assert finetune_import.main(["--from", str(dev1), "--set", "r", "--out", str(out1), "--check-run", str(run)]) == 0
+    assert float(capsys.readouterr().out.split("lowest cosine")[-1]) > 0.999
+    from safetensors.torch import load_file
+
+    base_w, top_w = load_file(str(data / "m" / "model.safetensors")), load_file(str(out1 / "model.safetensors"))
+    moved = {k for k in top_w if not base_w[k].half().float().equal(top_w[k])}  # the parts travel as float16
+    assert moved and all(".layer.5." in f".{k}" for k in moved), sorted(moved)[:5]
+    assert finetune_device.main(["--model", str(data / "m"), "--data", str(data), "--out", str(dev1), "--sets", "r",
+                                 "--top-layers", "7"]) == 2
+
     # the encoder id (the embedding caches' key) names the weights: other weights at the same path, another id
     import shutil
 
