@@ -16,6 +16,11 @@ figure runs a little high) and the baselines on the other folds, then scores on 
 - ``head+lex``, ``parametric+lex``, ``softcat+lex`` (``--lexical``): the same with the lexical view
   (cscr/lexical.py) appended, refitted on each fold's training rows; the other rows then read the
   encoder's vectors only (how the lexical view was chosen);
+- ``head+len``, ``parametric+len``, ``per-category+len`` (``--length``): is there signal in the prompt's
+  length? Two features, log(1 + characters) and log(1 + digits), standardised on the fold's training
+  rows: appended (weight 0.5) to the features of the head and the parametric MLP, and, given the
+  category, a logistic regression on them per category and expert (L2; the category's table where an
+  expert has fewer than 10 answers). MiniLM's mean-pooled, unit vectors carry little of a prompt's length;
 - ``head+guard`` (``--guard``): the head with the out-of-distribution guard (cscr/guard.py) as
   ``cscr guard`` would choose it from the other folds (the held-out fold is hidden from the search
   as if it were the test split; the next fold is the inner validation split): what the guard costs
@@ -25,7 +30,7 @@ With ``--nested`` each fold is scored with every router's choices made on the ne
 (the head's best epoch, the MLPs' early stopping), so no figure runs high; the routers then train
 on K - 2 folds.
 
-    python scripts/category_probe.py --run runs/llmr [--folds 5] [--guard] [--lexical] [--nested] [--out probe.json]
+    python scripts/category_probe.py --run runs/llmr [--folds 5] [--guard] [--lexical] [--length] [--nested] [--out probe.json]
 
 The test split is never read. One line per variant: the mean AUDC over the folds, then each fold's.
 """
@@ -70,6 +75,44 @@ def category_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float 
             return torch.softmax(lin(torch.from_numpy(np.asarray(z, dtype=np.float32))), 1).double().numpy()
 
     return proba
+
+
+def length_features(texts) -> np.ndarray:
+    """(n, 2) log(1 + characters) and log(1 + digits) of each text."""
+    return np.log1p(np.array([(len(t), sum(ch.isdigit() for ch in t)) for t in texts], dtype=float))
+
+
+def per_category_length(z_train: np.ndarray, y_train: np.ndarray, q_train: np.ndarray, z: np.ndarray, y: np.ndarray,
+                        qbar: np.ndarray, l2: float = 10.0) -> np.ndarray:
+    """(n, M) P(good) of each expert on rows (features ``z`` (n, f), categories ``y`` (n,)) from an L2 logistic
+    regression per category and expert fitted on the training rows (``z_train``, ``y_train``, quality
+    ``q_train`` (N, M), NaN = missing); ``qbar`` (C, M) where a cell has fewer than 10 answers."""
+    import torch
+
+    u = qbar[y].copy()  # (n, M)
+    for c in np.unique(y):
+        tr, sc = np.flatnonzero(y_train == c), np.flatnonzero(y == c)
+        for m in range(q_train.shape[1]):
+            ok = tr[~np.isnan(q_train[tr, m])]
+            if len(ok) < 10:
+                continue
+            x, t = torch.tensor(z_train[ok]), torch.tensor(q_train[ok, m])
+            p0 = float(t.mean().clamp(1e-3, 1 - 1e-3))
+            w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+            b = torch.tensor(np.log(p0 / (1 - p0)), dtype=torch.float64, requires_grad=True)
+            opt = torch.optim.LBFGS([w, b], max_iter=100, line_search_fn="strong_wolfe")
+
+            def closure(x=x, t=t, w=w, b=b, opt=opt) -> torch.Tensor:
+                opt.zero_grad()
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, t, reduction="sum") \
+                    + l2 * w.pow(2).sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            with torch.no_grad():
+                u[sc, m] = torch.sigmoid(torch.tensor(z[sc]) @ w + b).numpy()
+    return u
 
 
 def fold_utilities(t, e: np.ndarray, rows: np.ndarray, cats: np.ndarray, desc, kind: str, basis):
@@ -128,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guard", action="store_true", help="add the head+guard row (a guard search per fold)")
     p.add_argument("--lexical", action="store_true",
                    help="add +lex rows: the lexical view refitted per fold (other rows: encoder vectors only)")
+    p.add_argument("--length", action="store_true",
+                   help="add +len rows: two prompt-length features with the head, parametric and per-category")
     p.add_argument("--nested", action="store_true",
                    help="every router's choices (the head's epoch, early stopping) on the next fold, not the scored one")
     a = p.parse_args(argv)
@@ -178,6 +223,18 @@ def main(argv: list[str] | None = None) -> int:
             u["softcat+lex"] = p_lex @ qbar
             res.setdefault("category accuracy (softcat+lex)", []).append(
                 float(np.mean(np.array(names)[p_lex.argmax(1)] == held)))
+        if a.length:  # standardised on the fold's training rows
+            raw = length_features(table.texts)
+            z = (raw - raw[train].mean(0)) / raw[train].std(0).clip(min=1e-9)
+            lenf = np.concatenate([emb, 0.5 * z / np.sqrt(z.shape[1])], 1).astype(np.float32)
+            u["head+len"] = head_on(lenf).utilities(lenf[rows])
+            u["parametric+len"] = get_router("parametric").fit(RouterContext.from_table(t, lenf, 0)).utilities(
+                lenf[rows], rows)
+            code = {c: i for i, c in enumerate(names)}
+            known = np.array([c in code for c in held])  # a category the training folds never saw: its table row
+            y_rows = np.array([code.get(c, 0) for c in held])
+            u["per-category+len"] = np.where(known[:, None], per_category_length(
+                z[train], y_train, t.quality[train], z[rows], y_rows, qbar), u["per-category"])
         for w in BLEND:
             u[f"head+cat w={w}"] = (1 - w) * u["head"] + w * u["per-category"]
             u[f"head+softcat w={w}"] = (1 - w) * u["head"] + w * u["softcat"]

@@ -90,9 +90,11 @@ def test_the_scripts_score_the_same_folds(run_dir, capsys):
     # nested: the head's epoch is chosen on another fold than the scored one; both scripts agree
     assert lexical_cv.main(["--run", str(out), "--folds", "3", "--nested", "--configs", '{"none": null}']) == 0
     nested = _table(capsys.readouterr().out)
-    assert category_probe.main(["--run", str(out), "--folds", "3", "--nested"]) == 0
+    assert category_probe.main(["--run", str(out), "--folds", "3", "--nested", "--length"]) == 0
     probe = _table(capsys.readouterr().out)
     np.testing.assert_allclose(nested["none"][1:], probe["head"][1:], atol=1e-9)
+    for name in ("head+len", "parametric+len", "per-category+len", "head+param w=0.5"):
+        assert len(probe[name]) == 4 and all(0.0 < v <= 1.0 for v in probe[name]), name  # the mean, 3 folds
 
     # the epoch the inner fold picks, scored on the held-out fold, against a fixed epoch count
     assert epoch_choice_cv.main(["--run", str(out), "--folds", "3", "--config", '{"epochs": 4}']) == 0
@@ -231,3 +233,19 @@ def test_a_fine_tuned_encoder_comes_back_in_parts_and_embeds_a_run_as_the_device
     assert "sha256" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert finetune_import.main(["--from", str(dev), "--set", "nope", "--out", str(tmp_path / "y")]) == 2
     assert "no encoder of 'nope'" in capsys.readouterr().err
+
+
+def test_the_length_probe_reads_length_within_a_category_and_falls_back_to_the_table():
+    """per_category_length: within each category, P(good) follows the feature that decides the answers;
+    an expert with fewer than 10 answers in a category keeps the category's table value."""
+    rng = np.random.default_rng(0)
+    z_train = rng.normal(size=(200, 2))
+    y_train = np.repeat([0, 1], 100)
+    q = np.stack([(z_train[:, 0] > 0).astype(float), np.full(200, np.nan)], 1)  # expert 1: no answers
+    q[:5, 1] = 1.0  # 5 answers: under 10
+    qbar = np.array([[0.5, 0.9], [0.5, 0.8]])
+    z = np.array([[2.0, 0.0], [-2.0, 0.0], [2.0, 0.0]])
+    u = category_probe.per_category_length(z_train, y_train, q, z, np.array([0, 0, 1]), qbar)
+    assert u[0, 0] > 0.8 and u[1, 0] < 0.2 and u[2, 0] > 0.8
+    np.testing.assert_allclose(u[:, 1], [0.9, 0.9, 0.8])
+    np.testing.assert_allclose(category_probe.length_features(["ab 12", ""]), np.log1p([[5, 2], [0, 0]]))
