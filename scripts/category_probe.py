@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pool, folds = make_folds(table, a.folds)  # as scripts/cv_grid.py
     res: dict[str, list[float]] = {}
+    raw = length_features(table.texts) if a.length else None  # (n, 2), the same for every fold
     for k in range(a.folds):
         t0 = time.time()
         t = fold_table(table, pool, folds, k, nested=a.nested)
@@ -224,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
             res.setdefault("category accuracy (softcat+lex)", []).append(
                 float(np.mean(np.array(names)[p_lex.argmax(1)] == held)))
         if a.length:  # standardised on the fold's training rows
-            raw = length_features(table.texts)
             z = (raw - raw[train].mean(0)) / raw[train].std(0).clip(min=1e-9)
             lenf = np.concatenate([emb, 0.5 * z / np.sqrt(z.shape[1])], 1).astype(np.float32)
             u["head+len"] = head_on(lenf).utilities(lenf[rows])

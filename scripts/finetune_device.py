@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         return torch.cat([prompt_vectors(model, D, np.arange(s, min(s + bs, n))).cpu() for s in range(0, n, bs)]).numpy()
 
+    def ref_cosine(model, D) -> float:
+        """The lowest cosine between ``model``'s vectors of the run's first prompts and the run's own (``D["ref"]``)."""
+        return float((embed_all(model, D, len(D["ref"])) * D["ref"]).sum(1).min())
+
     def losses(model, heads, D, rows):
         e = prompt_vectors(model, D, rows)
         qt = torch.as_tensor(D["quality"][rows], device=dev)
@@ -307,16 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.sets.split(","):
         D = dict(np.load(os.path.join(a.data, f"{name}.npz")))
         n = len(D["ptr"]) - 1
-        got = embed_all(copy.deepcopy(base).to(dev), D, len(D["ref"]))
-        cos = (got * D["ref"]).sum(1)
-        print(f"{name}: {n} prompts; untuned encoder against the run's vectors: min cosine {cos.min():.5f}", flush=True)
-        if cos.min() < 0.999:
+        low = ref_cosine(copy.deepcopy(base).to(dev), D)
+        print(f"{name}: {n} prompts; untuned encoder against the run's vectors: min cosine {low:.5f}", flush=True)
+        if low < 0.999:
             print(f"{name}: the export does not reproduce the run's vectors; stopping", file=sys.stderr)
             return 1
-        log[name] = {"untuned_min_cosine": float(cos.min())}
+        log[name] = {"untuned_min_cosine": low}
         lower = LowerStates(base, a.top_layers, D) if a.top_layers else None  # shared by the set's variants
         if lower is not None:  # the split encoder, untrained, must give the run's vectors too
-            low = float((embed_all(TopLayers(base, a.top_layers, lower), D, len(D["ref"])) * D["ref"]).sum(1).min())
+            low = ref_cosine(TopLayers(base, a.top_layers, lower), D)
             print(f"{name}: the last {a.top_layers} layers over the kept states: min cosine {low:.5f}", flush=True)
             if low < 0.999:
                 print(f"{name}: the split encoder does not reproduce the run's vectors; stopping", file=sys.stderr)
