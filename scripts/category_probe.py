@@ -51,6 +51,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BLEND = (0.25, 0.5, 0.75)
 
 
+def lbfgs_minimise(params, loss_fn, max_iter: int) -> None:
+    """Minimise ``loss_fn()`` (a scalar tensor) over ``params`` with full-batch L-BFGS (strong Wolfe line search)."""
+    import torch
+
+    opt = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
 def category_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-4, steps: int = 300):
     """A softmax regression (L2, full-batch L-BFGS) from embeddings (n, d) to classes (n,); returns
     ``proba(x) -> (m, n_classes)``."""
@@ -60,15 +75,8 @@ def category_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float 
         torch.manual_seed(0)
         xt, yt = torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
         lin = torch.nn.Linear(xt.shape[1], n_classes)
-        opt = torch.optim.LBFGS(lin.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(lin(xt), yt) + l2 * lin.weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        lbfgs_minimise(lin.parameters(),
+                       lambda: torch.nn.functional.cross_entropy(lin(xt), yt) + l2 * lin.weight.pow(2).sum(), steps)
 
     def proba(z: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -100,16 +108,8 @@ def per_category_length(z_train: np.ndarray, y_train: np.ndarray, q_train: np.nd
             p0 = float(t.mean().clamp(1e-3, 1 - 1e-3))
             w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
             b = torch.tensor(np.log(p0 / (1 - p0)), dtype=torch.float64, requires_grad=True)
-            opt = torch.optim.LBFGS([w, b], max_iter=100, line_search_fn="strong_wolfe")
-
-            def closure(x=x, t=t, w=w, b=b, opt=opt) -> torch.Tensor:
-                opt.zero_grad()
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, t, reduction="sum") \
-                    + l2 * w.pow(2).sum()
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+            lbfgs_minimise([w, b], lambda x=x, t=t, w=w, b=b: torch.nn.functional.binary_cross_entropy_with_logits(
+                x @ w + b, t, reduction="sum") + l2 * w.pow(2).sum(), 100)
             with torch.no_grad():
                 u[sc, m] = torch.sigmoid(torch.tensor(z[sc]) @ w + b).numpy()
     return u
@@ -209,27 +209,27 @@ def main(argv: list[str] | None = None) -> int:
         sp = t.splits
         rows = scored_rows(t, a.nested)
 
-        def head_on(e, t=t):
-            return head_router(t, e, desc, kind, basis)
-
         u, f = fold_utilities(t, emb, rows, cats, desc, kind, basis)
         router, train, names, y_train, qbar, overall = f.router, f.train, f.names, f.y_train, f.qbar, f.overall
         held = cats[rows]
         acc = f.accuracy
+
+        def with_features(feat: np.ndarray, tag: str, t=t, rows=rows, u=u) -> None:
+            """The head and the parametric MLP trained and scored on other features: ``u["head+<tag>"]``, ..."""
+            u[f"head+{tag}"] = head_router(t, feat, desc, kind, basis).utilities(feat[rows])
+            u[f"parametric+{tag}"] = get_router("parametric").fit(RouterContext.from_table(t, feat, 0)).utilities(
+                feat[rows], rows)
+
         if a.lexical:  # the view fitted on this fold's training texts only, as cscr prepare fits the train split
             lex = features(emb, table.texts, LexicalView.fit(list(table.texts[train]), LexicalConfig()))
-            u["head+lex"] = head_on(lex).utilities(lex[rows])
-            u["parametric+lex"] = get_router("parametric").fit(RouterContext.from_table(t, lex, 0)).utilities(lex[rows], rows)
+            with_features(lex, "lex")
             p_lex = category_classifier(lex[train], y_train, len(names))(lex[rows])
             u["softcat+lex"] = p_lex @ qbar
             res.setdefault("category accuracy (softcat+lex)", []).append(
                 float(np.mean(np.array(names)[p_lex.argmax(1)] == held)))
         if a.length:  # standardised on the fold's training rows
             z = (raw - raw[train].mean(0)) / raw[train].std(0).clip(min=1e-9)
-            lenf = np.concatenate([emb, 0.5 * z / np.sqrt(z.shape[1])], 1).astype(np.float32)
-            u["head+len"] = head_on(lenf).utilities(lenf[rows])
-            u["parametric+len"] = get_router("parametric").fit(RouterContext.from_table(t, lenf, 0)).utilities(
-                lenf[rows], rows)
+            with_features(np.concatenate([emb, 0.5 * z / np.sqrt(z.shape[1])], 1).astype(np.float32), "len")
             code = {c: i for i, c in enumerate(names)}
             known = np.array([c in code for c in held])  # a category the training folds never saw: its table row
             y_rows = np.array([code.get(c, 0) for c in held])
