@@ -43,6 +43,7 @@ def main() -> None:
 
     import torch
 
+    from cscr.atomic import atomic_write_text
     from cscr.encoder import Encoder
     from cscr.runs.inputs import Run
 
@@ -54,8 +55,8 @@ def main() -> None:
     texts = [str(table.texts[rows[i]]) for i in pick]
 
     torch.set_num_threads(args.threads)
-    name = Path(args.encoder).name
-    encoders = {"MiniLM (default)": Encoder(EncoderConfig()), name: Encoder(EncoderConfig(model=args.encoder))}
+    ref = "MiniLM (default)"
+    encoders = {ref: Encoder(EncoderConfig()), Path(args.encoder).name: Encoder(EncoderConfig(model=args.encoder))}
     for enc in encoders.values():
         enc.encode(texts[:4])  # warm up
     load0 = os.getloadavg()
@@ -63,7 +64,6 @@ def main() -> None:
     lat = interleaved_latency(encoders, texts[: args.latency_prompts])
     load1 = os.getloadavg()
 
-    ref = "MiniLM (default)"
     n = len(texts)
     lines = [
         f"RouterBench test prompts: {n} (seeded sample), long_prompt=windows, max_seq_length "
@@ -81,10 +81,7 @@ def main() -> None:
     lines += ["", f"(p50/p90 over {len(lat[ref])} single-prompt calls; x MiniLM below 1: slower)"]
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out) if args.out else run_dir / "encoder_models.md"
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(Path(args.out) if args.out else run_dir / "encoder_models.md", text + "\n")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ DEST=${1:-models/all-mpnet-base-v2}
 SHA=78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658  # model.safetensors
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+verified() { [ -f "$1/model.safetensors" ] && echo "$SHA  $1/model.safetensors" | sha256sum -c --status; }
 
-if [ -f "$DEST/model.safetensors" ] && echo "$SHA  $DEST/model.safetensors" | sha256sum -c --status; then
+if verified "$DEST"; then
   echo "[get_mpnet] $DEST is already there (weights verified)"
   exit 0
 fi
@@ -40,7 +41,7 @@ rm -f "$work/model.zip"
 src="$work/unzipped/all-mpnet-base-v2"
 find "$src" -name desktop.ini -delete
 echo "[get_mpnet] 3/3 checking the weights"
-if ! echo "$SHA  $src/model.safetensors" | sha256sum -c --status; then
+if ! verified "$src"; then
   echo "[get_mpnet] error: model.safetensors does not match the pinned sha256 $SHA" >&2
   exit 3
 fi
