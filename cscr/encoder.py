@@ -12,7 +12,8 @@ consecutive windows, at most ``max_windows`` of them, evenly spaced, first and l
 that fit the window are embedded whole in every mode. Prompts sharing a long preamble (few-shot
 templates) collapse to one vector under ``head``; the other modes see how they differ. The default,
 ``windows``, was chosen on RouterBench validation (issue 10: distinct embeddings 3,176 of 3,176
-prompt texts vs 427 under ``head``; the best validation AUDC of kNN and of CSCR over 3 seeds).
+prompt texts vs 427 under ``head``; the best validation AUDC of kNN and of CSCR over 3 seeds) and
+kept under nested cross-validation, where no other mode or window lifted the head (docs/routing-quality.md).
 The mode is part of the encoder id, so the caches and a run's manifest record it, and
 ``Encoder.from_run`` (``encoder_config_for_run``) rebuilds the same encoder for serving:
 training, evaluation and serving embed with one function, ``Encoder.encode``.
