@@ -80,14 +80,15 @@ def train_config(over: dict[str, Any]) -> Any:
     return TrainConfig.from_nested(d)
 
 
-def head_router(t: Any, emb: np.ndarray, desc: Any, kind: str, basis: Any) -> Any:
-    """The default CSCR head trained on ``t``'s train split (best epoch on its val split), as a router."""
+def head_router(t: Any, emb: np.ndarray, desc: Any, kind: str, basis: Any, cfg: Any = None) -> Any:
+    """The CSCR head (``cfg``, default TrainConfig()) trained on ``t``'s train split (best epoch on its
+    val split), as a router."""
     from cscr.config import TrainConfig
     from cscr.routers.cscr import CSCRRouter
     from cscr.training.arrays import prepare_arrays
     from cscr.training.fit import fit_head
 
-    cfg = TrainConfig()
+    cfg = cfg or TrainConfig()
     arrays = prepare_arrays(t, emb, desc, cfg.loss.tolerance, kind, basis)
     head = fit_head(arrays, cfg, log=None)
     return CSCRRouter.from_trained(head, dict(zip(arrays.expert_names, arrays.descriptors, strict=True)),

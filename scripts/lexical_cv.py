@@ -12,6 +12,10 @@ view) the view is fitted on the fold's training texts only, the default CSCR hea
 
     python scripts/lexical_cv.py --run runs/rb --configs '{"none": null, "d128": {}, "d32": {"dims": 32}}'
     python scripts/lexical_cv.py --run runs/rb --unseen gpt-3.5-turbo-1106,claude-v2,... --configs ...
+    python scripts/lexical_cv.py --run runs/rb --unseen ... --configs '{"none": null}' --train '{"epochs": 80}'
+
+``--train`` replaces dotted cscr.config.TrainConfig fields of the head's defaults (as epoch_choice_cv.py's
+``--config``), so the unseen-experts experiment can be cross-validated for another head schedule.
 
 One line per configuration: the mean AUDC over the folds, then each fold's.
 """
@@ -29,9 +33,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, head_router, json_object, make_folds, scored_rows, without_test
+    from foldcv import (
+        fold_table,
+        head_router,
+        json_object,
+        make_folds,
+        scored_rows,
+        train_config,
+        without_test,
+    )
 
-    from cscr.config import EvalConfig, TrainConfig
+    from cscr.config import EvalConfig
     from cscr.encoder import load_run_embeddings
     from cscr.eval.utility import utility_audc
     from cscr.experiments.unseen import run_unseen
@@ -43,14 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--configs", default='{"none": null, "d128": {}}', help="JSON {name: LexicalConfig fields or null}")
     p.add_argument("--unseen", default=None, help="comma-separated experts: the unseen-experts experiment instead")
+    p.add_argument("--train", default="{}", help="JSON {dotted TrainConfig field: value} over the head's defaults")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--nested", action="store_true",
                    help="score each fold with the head's epoch chosen on the next fold (foldcv.fold_table)")
     a = p.parse_args(argv)
 
-    given = json_object(a.configs, "lexical_cv: --configs")
-    if given is None:
+    given, over = json_object(a.configs, "lexical_cv: --configs"), json_object(a.train, "lexical_cv: --train")
+    if given is None or over is None:
         return 2
+    train_cfg = train_config(over)
     try:
         configs = {k: None if v is None else LexicalConfig(**v) for k, v in given.items()}
     except TypeError as exc:
@@ -74,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             view = None if cfg is None else LexicalView.fit(list(t.texts[train]), cfg)
             e = features(base, t.texts, view)
             if unseen is not None:
-                r = run_unseen(t, e, ["cscr"], seen or [], unseen, TrainConfig(), EvalConfig(bootstrap=1))
+                r = run_unseen(t, e, ["cscr"], seen or [], unseen, train_cfg, EvalConfig(bootstrap=1))
                 res.setdefault(name, []).append(r.evaluation.routers["cscr"].audc)
                 continue
             rows = scored_rows(t, nested)
-            router = head_router(t, e, desc, kind, basis)
+            router = head_router(t, e, desc, kind, basis, train_cfg)
             ref = get_router("per-category").fit(RouterContext.from_table(t, e, 0))  # the probes' c_m
             res.setdefault(name, []).append(utility_audc(ref.expert_names, ref.costs, router.utilities(e[rows]),
                                                          e[rows], t.quality[rows], t.cost[rows]))

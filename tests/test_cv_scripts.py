@@ -93,6 +93,11 @@ def test_the_scripts_score_the_same_folds(run_dir, capsys):
     assert category_probe.main(["--run", str(out), "--folds", "3", "--nested", "--length"]) == 0
     probe = _table(capsys.readouterr().out)
     np.testing.assert_allclose(nested["none"][1:], probe["head"][1:], atol=1e-9)
+    # --train: the head is trained with the schedule given, not the default's
+    assert lexical_cv.main(["--run", str(out), "--folds", "3", "--nested", "--configs", '{"none": null}',
+                            "--train", '{"epochs": 1, "lr": 1e-6}']) == 0
+    assert _table(capsys.readouterr().out)["none"] != nested["none"]
+    assert lexical_cv.main(["--run", str(out), "--configs", '{"none": null}', "--train", "[1]"]) == 2
     for name in ("head+len", "parametric+len", "per-category+len", "head+param w=0.5"):
         assert len(probe[name]) == 4 and all(0.0 < v <= 1.0 for v in probe[name]), name  # the mean, 3 folds
 

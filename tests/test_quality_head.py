@@ -92,7 +92,7 @@ def test_quality_utility_follows_the_bce_weight_and_old_records_mean_similarity(
         LossConfig(bce_weight=-1.0)
     # the defaults: the quality head (chosen on validation); a record without the fields: similarity
     d = TrainConfig()
-    assert (d.head.utility, d.loss.bce_weight, d.lr, d.batch_size, d.epochs) == ("quality", 4.0, 1e-3, 128, 20)
+    assert (d.head.utility, d.loss.bce_weight, d.lr, d.batch_size, d.epochs) == ("quality", 1000.0, 3e-3, 128, 80)
     assert (d.head.query_map, d.head.dropout, d.loss.category_smoothing) == (True, 0.1, 0.75)
     old = TrainConfig.from_nested({"head": {"hidden": 384}, "loss": {"gamma": 0.2}})
     assert (old.head.utility, old.loss.bce_weight) == ("similarity", 0.0)

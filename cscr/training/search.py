@@ -31,9 +31,9 @@ SPACE: dict[str, tuple[Any, ...]] = {
     "loss.alpha": (0.0, 0.1, 0.25, 0.5),
     "loss.tau_min": (0.02, 0.05, 0.08),
     "head.hidden": (384, 768, 1536),
-    "epochs": (3, 5, 10, 20),
-    "lr": (1e-4, 2e-4, 5e-4, 1e-3),
-    "loss.bce_weight": (0.0, 1.0, 2.0, 4.0, 8.0),
+    "epochs": (5, 10, 20, 40, 80),
+    "lr": (2e-4, 5e-4, 1e-3, 3e-3),
+    "loss.bce_weight": (0.0, 1.0, 4.0, 16.0, 64.0, 1000.0),
     "loss.category_smoothing": (0.0, 0.25, 0.5, 0.75),
 }
 
