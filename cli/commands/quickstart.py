@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/quickstart", help="run folder")
     p.add_argument("--descriptor", choices=["perplexity", "probe-outcome"], default="perplexity",
                    help="expert descriptors to train with")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="head epochs (default: cscr train's, the best on validation kept)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers and scorer-LM actors")
     p.add_argument("--routers", default=DEFAULT_ROUTERS, help="routers to evaluate")
     p.set_defaults(func=run)
@@ -56,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     if args.descriptor == "perplexity":
         steps.append(("descriptors", ["fingerprint", "--pool", str(_pool_file()), "--run", args.out,
                                       "--workers", str(args.workers)]))
+    epochs = [] if args.epochs is None else ["--epochs", str(args.epochs)]
     steps.append(("train", ["train", "--run", args.out, "--variant", "cscr,vanilla", "--workers", str(args.workers),
-                            "--epochs", str(args.epochs), "--descriptor-kind", args.descriptor]))
+                            *epochs, "--descriptor-kind", args.descriptor]))
     steps.append(("evaluate", ["evaluate", "--run", args.out, "--routers", args.routers, "--compare", "cscr"]))
     for i, (name, argv) in enumerate(steps, 1):
         print(f"\n== quickstart {i}/{len(steps)}: {name} ({time.perf_counter() - t0:.0f}s so far)\n"
