@@ -192,6 +192,10 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     select_window: int = 1  # best epoch by the trailing mean of this many epochs' val AUDC (1: its own)
+    # after training, fit the category prior (cscr/prior.py; beyond the write-up): the per-category
+    # train quality table mixed in by the category read from the prompt, its weight chosen on the
+    # validation split (0 where it does not help there); chosen by nested 5-fold CV (docs/routing-quality.md)
+    category_prior: bool = True
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -207,13 +211,15 @@ class TrainConfig:
     def from_nested(d: dict[str, Any]) -> TrainConfig:
         """A TrainConfig from a nested dict (a record's ``asdict``): a missing field takes its
         dataclass field default, but a missing ``loss.bce_weight`` is 0 (similarity utilities: what a
-        record written before the quality head meant), a missing ``loss.category_smoothing`` is 0 and the
+        record written before the quality head meant), a missing ``loss.category_smoothing`` is 0, a missing
+        ``category_prior`` false, and the
         head's missing fields are HeadConfig's (no dropout, no query map): what older records meant."""
         d = dict(d)
         head = from_dict(HeadConfig, d.pop("head", {}))  # a record without query_map: none (HeadConfig's default)
         loss_d = dict(d.pop("loss", {}))
         loss_d.setdefault("bce_weight", 0.0)  # a record written before the quality head: similarity utilities
         loss_d.setdefault("category_smoothing", 0.0)  # a record written before the smoothing: none
+        d.setdefault("category_prior", False)  # a record written before the category prior: none
         loss = from_dict(LossConfig, loss_d)
         index = from_dict(IndexConfig, d.pop("index", {}))
         return from_dict(TrainConfig, {**d, "head": head, "loss": loss, "index": index})

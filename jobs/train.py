@@ -207,9 +207,9 @@ def run_training(run_dir: str | os.PathLike[str], variants: Sequence[str] = ("cs
         out = save_trained(paths.root, res)
         shutil.rmtree(folder, ignore_errors=True)  # finished: the next run starts afresh
         log(f"train[{variant}]: best epoch {res.best_epoch} (val AUDC {res.best_val_audc}); saved {out}")
-        from cscr.operating_run import calibrate_after_training
+        from cscr.prior_run import after_training
 
-        calibrate_after_training(paths.root, variant, log)  # the operating points of the saved head (issue 11)
+        after_training(paths.root, variant, log)  # its category prior, then its operating points (issue 11)
         results[variant] = res
     return results
 

@@ -51,38 +51,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BLEND = (0.25, 0.5, 0.75)
 
 
-def lbfgs_minimise(params, loss_fn, max_iter: int) -> None:
-    """Minimise ``loss_fn()`` (a scalar tensor) over ``params`` with full-batch L-BFGS (strong Wolfe line search)."""
-    import torch
-
-    opt = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-
-
 def category_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-4, steps: int = 300):
-    """A softmax regression (L2, full-batch L-BFGS) from embeddings (n, d) to classes (n,); returns
-    ``proba(x) -> (m, n_classes)``."""
-    import torch
+    """A softmax regression (cscr.prior.softmax_regression: L2, full-batch L-BFGS) from embeddings
+    (n, d) to classes (n,); returns ``proba(x) -> (m, n_classes)``."""
+    from cscr.prior import softmax_regression, softmax_rows
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        xt, yt = torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
-        lin = torch.nn.Linear(xt.shape[1], n_classes)
-        lbfgs_minimise(lin.parameters(),
-                       lambda: torch.nn.functional.cross_entropy(lin(xt), yt) + l2 * lin.weight.pow(2).sum(), steps)
-
-    def proba(z: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return torch.softmax(lin(torch.from_numpy(np.asarray(z, dtype=np.float32))), 1).double().numpy()
-
-    return proba
+    weight, bias = softmax_regression(x, y, n_classes, l2, steps)
+    return lambda z: softmax_rows((np.asarray(z, dtype=np.float32) @ weight + bias).astype(np.float64))
 
 
 def length_features(texts) -> np.ndarray:
@@ -96,6 +71,8 @@ def per_category_length(z_train: np.ndarray, y_train: np.ndarray, q_train: np.nd
     regression per category and expert fitted on the training rows (``z_train``, ``y_train``, quality
     ``q_train`` (N, M), NaN = missing); ``qbar`` (C, M) where a cell has fewer than 10 answers."""
     import torch
+
+    from cscr.prior import lbfgs_minimise
 
     u = qbar[y].copy()  # (n, M)
     for c in np.unique(y):

@@ -1,4 +1,4 @@
-"""The cross-validation scripts (scripts/cv_grid.py, category_probe.py, lexical_cv.py,
+"""The cross-validation scripts (scripts/cv_grid.py, category_probe.py, lexical_cv.py, prior_cv.py,
 finetune_probe.py with finetune_export.py) share their folds (scripts/foldcv.py): run end to end on a
 small synthetic run, they score the same rows, and the test split is never read."""
 
@@ -25,6 +25,7 @@ import finetune_import  # noqa: E402
 import finetune_probe  # noqa: E402
 import foldcv  # noqa: E402
 import lexical_cv  # noqa: E402
+import prior_cv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +255,23 @@ def test_the_length_probe_reads_length_within_a_category_and_falls_back_to_the_t
     assert u[0, 0] > 0.8 and u[1, 0] < 0.2 and u[2, 0] > 0.8
     np.testing.assert_allclose(u[:, 1], [0.9, 0.9, 0.8])
     np.testing.assert_allclose(category_probe.length_features(["ab 12", ""]), np.log1p([[5, 2], [0, 0]]))
+
+
+def test_prior_cv_scores_the_nested_folds_with_w_chosen_on_the_next_fold(run_dir, capsys, tmp_path):
+    from cscr.prior import GRID
+
+    out, _ = run_dir
+    assert category_probe.main(["--run", str(out), "--folds", "3", "--nested"]) == 0
+    probe = _table(capsys.readouterr().out)
+    assert prior_cv.main(["--run", str(out), "--folds", "3", "--out", str(tmp_path / "p.json")]) == 0
+    rows = _table(capsys.readouterr().out)
+    # the same nested head and baseline on the same folds as the probe
+    np.testing.assert_allclose(rows["head"], probe["head"], atol=1e-9)
+    np.testing.assert_allclose(rows["per-category (given the label)"], probe["per-category"], atol=1e-9)
+    # each fold scores the w its inner fold chose, one of the grid's
+    for k, w in enumerate(rows["chosen w"][1:]):
+        assert w in GRID
+        assert rows["head + prior (w chosen)"][1 + k] == pytest.approx(rows[f"w={w}"][1 + k], abs=1e-9)
+    np.testing.assert_allclose(rows["w=0.0"], rows["head"], atol=1e-12)
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["folds"] == 3 and len(saved["results"]["head"]) == 3

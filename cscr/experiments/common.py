@@ -5,6 +5,9 @@ saved in the run folder (trained on the full split) do not apply: ``train_cscr``
 heads on the experiment's table with the plain loop of ``cscr.training`` and ``cscr_router``
 builds the router from the in-memory head, descriptors and costs (``CSCRRouter.from_trained``,
 the builder ``cscr.runs.loader.load_router`` uses for heads saved in a run folder).
+The CSCR routers carry the category prior (cscr/prior.py) when the head's TrainConfig asks for
+one, fitted on the experiment table's train rows with its weight chosen on its validation rows
+(``experiment_prior``), as ``cscr train`` fits it for a run.
 Descriptors default to probe-outcome descriptors computed from the experiment table's probe
 split (``cscr.fingerprints.probe_outcome``); a caller with fingerprints from the store passes
 them instead.
@@ -18,6 +21,7 @@ import numpy as np
 
 from cscr.config import TrainConfig
 from cscr.data.table import RoutingTable
+from cscr.prior import CategoryPrior, fit_prior
 from cscr.routers.base import Router, RouterContext, get_router, router_class
 from cscr.routers.cscr import CSCRRouter
 from cscr.training import Log, TrainResult, fit_head, prepare_arrays
@@ -41,12 +45,26 @@ def train_cscr(table: RoutingTable, emb: np.ndarray, descriptors: Mapping[str, n
 
 
 def cscr_router(variant: str, result: TrainResult, descriptors: Mapping[str, np.ndarray],
-                costs: Mapping[str, float], top_k: int | None = None) -> Router:
-    """The ``variant`` router (cscr, vanilla) of a trained head over the experts named in ``descriptors``."""
+                costs: Mapping[str, float], top_k: int | None = None, prior: CategoryPrior | None = None) -> CSCRRouter:
+    """The ``variant`` router (cscr, vanilla) of a trained head over the experts named in
+    ``descriptors``, with ``prior`` attached (experts it lacks get the head's per-category means)."""
     cls = router_class(variant)
     if not issubclass(cls, CSCRRouter):
         raise ValueError(f"{variant!r} is not a CSCR variant; expected one of {CSCR_VARIANTS}")
-    return cls.from_trained(result, dict(descriptors), dict(costs), top_k=top_k, use_gpu=False)
+    router = cls.from_trained(result, dict(descriptors), dict(costs), top_k=top_k, use_gpu=False)
+    if prior is not None:
+        router.set_prior(prior)
+    return router
+
+
+def experiment_prior(result: TrainResult, router: CSCRRouter, table: RoutingTable,
+                     emb: np.ndarray) -> CategoryPrior | None:
+    """The category prior of a head trained on ``table`` (``router``: its router over ``table``'s
+    experts): fitted on the train rows, w chosen on the val rows; None when the head's TrainConfig
+    asks for none, its utilities are not qualities, or the train rows have fewer than two categories."""
+    if not result.config.category_prior or result.config.head.utility != "quality":
+        return None
+    return fit_prior(router, table, emb)
 
 
 def costs_of(table: RoutingTable, rows: np.ndarray | None = None) -> dict[str, float]:
@@ -64,7 +82,9 @@ def fit_routers(names: Sequence[str], ctx: RouterContext, heads: Mapping[str, Tr
             if heads is None or name not in heads or descriptors is None:
                 raise ValueError(f"router {name!r} needs a trained head and descriptors")
             desc = {n: descriptors[n] for n in ctx.table.expert_names}
-            out[name] = cscr_router(name, heads[name], desc, costs_of(ctx.table, ctx.train_rows))
+            router = cscr_router(name, heads[name], desc, costs_of(ctx.table, ctx.train_rows))
+            router.set_prior(experiment_prior(heads[name], router, ctx.table, ctx.embeddings))
+            out[name] = router
         else:
             out[name] = get_router(name).fit(ctx)
     return out

@@ -37,6 +37,7 @@ from cscr.experiments.common import (
     costs_of,
     cscr_router,
     default_descriptors,
+    experiment_prior,
     fit_routers,
     train_cscr,
 )
@@ -199,7 +200,7 @@ def _guarded(table: RoutingTable, e: np.ndarray, heads: Mapping[str, TrainResult
     search = search_guard(table, e, train_cfg, "cscr", store, log=log)
     router = cscr_router("cscr", heads["cscr"], {n: desc[n] for n in table.expert_names},
                          costs_of(table, table.split_index("train")))
-    assert isinstance(router, CSCRRouter)
+    router.set_prior(experiment_prior(heads["cscr"], router, table, e))  # as the cscr router has it
     if log is not None:
         log(f"{GUARDED}: w = {search.w}, gate = {search.gate} (chosen without the held-out group)")
     router.set_guard(Guard.fit(table, e, search.w, search.gate, search=search.record()))

@@ -39,6 +39,7 @@ from cscr.experiments.common import (
     costs_of,
     cscr_router,
     default_descriptors,
+    experiment_prior,
     train_cscr,
 )
 from cscr.routers.base import Router, RouterContext, get_router
@@ -117,8 +118,11 @@ def run_unseen(table: RoutingTable, emb: np.ndarray, routers: Sequence[str], see
             continue
         if name in CSCR_VARIANTS:
             result = train_cscr(seen_table, emb, desc, name, train_cfg, log)
+            seen_router = cscr_router(name, result, {n: desc[n] for n in seen_table.expert_names},
+                                      costs_of(seen_table, seen_table.split_index("train")))
+            prior = experiment_prior(result, seen_router, seen_table, emb)  # w chosen over the seen experts
             fitted[name] = cscr_router(name, result, {n: desc[n] for n in pool.expert_names},
-                                       costs_of(pool, pool.split_index("train")))
+                                       costs_of(pool, pool.split_index("train")), prior=prior)
         else:
             fitted[name] = fit_unseen_router(name, pool, emb, seed)
     if not fitted:

@@ -16,6 +16,12 @@ An optional out-of-distribution guard (cscr/guard.py, beyond the write-up, label
 guard``) shrinks those expected qualities towards each expert's mean on prompts far from the
 training prompts; ``set_guard`` attaches it, the loader does so when the run has one.
 
+The category prior (cscr/prior.py, beyond the write-up, labelled so) blends the expected qualities
+with the train split's per-category quality table, weighted by the category a softmax regression
+reads from the prompt; ``set_prior`` attaches it (before the guard), ``cscr train`` fits it with its
+weight chosen on validation and the loader attaches it. An expert that joins later gets the head's
+own per-category means, so it still needs only its descriptor.
+
 Adding or removing an expert is an index update (``add_expert`` / ``remove_expert``): the head is
 not retrained. The router does no file I/O: ``from_parts`` builds it from a head, descriptors and
 costs, ``from_trained`` from a trained head's record; ``cscr.runs.loader.load_router`` builds it
@@ -36,6 +42,7 @@ from cscr.routers.base import DescriptorBasis, Router, RouterContext, RouterErro
 
 if TYPE_CHECKING:
     from cscr.guard import Guard
+    from cscr.prior import CategoryPrior
 
 
 class TrainedHeadLike(Protocol):
@@ -61,6 +68,7 @@ class CSCRRouter(Router):
         self.index: ExpertIndex | None = None
         self.basis_id = ""  # what the descriptor coordinates mean (the store's basis id)
         self.guard: Guard | None = None  # the out-of-distribution guard (cscr/guard.py), if attached
+        self.prior: CategoryPrior | None = None  # the category prior (cscr/prior.py), if attached
 
     # ---- building ----
     def _set_parts(self, head: Head, descriptors: Mapping[str, np.ndarray] | ExpertIndex,
@@ -124,6 +132,27 @@ class CSCRRouter(Router):
         if missing:
             self.guard = guard.with_means({n: self._head_mean(n) for n in missing})
 
+    def set_prior(self, prior: CategoryPrior | None) -> None:
+        """Attach a category prior (None: detach). Experts it has no per-category quality for (they
+        joined after training) get the head's own per-category means over its reference prompts."""
+        self._check_parts()
+        if prior is None:
+            self.prior = None
+            return
+        if prior.weight.shape[0] != self.head.cfg.in_dim:  # type: ignore[union-attr]
+            raise RouterError(f"{self.name}: the category prior reads {prior.weight.shape[0]}-d embeddings, the "
+                              f"head takes {self.head.cfg.in_dim}-d ones")  # type: ignore[union-attr]
+        self.prior = prior
+        missing = [n for n in self.expert_names if n not in prior.table]
+        if missing:
+            self.prior = prior.with_means({n: self._head_category_means(n) for n in missing})
+
+    def _head_category_means(self, name: str) -> np.ndarray:
+        """(C,) the head's mean expected quality for expert ``name`` per category of the prior's reference prompts."""
+        ref = self.prior.reference  # type: ignore[union-attr]
+        return self.prior.category_means_of(  # type: ignore[union-attr]
+            self._raw_utilities(ref, [name])[:, self.expert_names.index(name)])
+
     def _head_mean(self, name: str) -> float:
         """The head's mean expected quality for expert ``name`` over (a sample of) the guard's training prompts."""
         sample = self.guard.sample()  # type: ignore[union-attr]
@@ -148,6 +177,8 @@ class CSCRRouter(Router):
             raise RouterError(str(exc), param="descriptor") from exc
         self.expert_names = list(self.index.names)  # type: ignore[union-attr]
         self.costs = np.append(self.costs, float(cost))
+        if self.prior is not None and name not in self.prior.table:  # trained experts keep their table
+            self.prior = self.prior.with_means({name: self._head_category_means(name)})
         if self.guard is not None and name not in self.guard.qbar:  # trained experts keep their label mean
             self.guard = self.guard.with_means({name: self._head_mean(name)})
 
@@ -183,6 +214,8 @@ class CSCRRouter(Router):
 
     def _utilities(self, emb: np.ndarray, candidates: Sequence[str] | None) -> np.ndarray:
         u = self._raw_utilities(emb, candidates)
+        if self.prior is not None:
+            u = self.prior.apply(u, self.expert_names, emb)
         return u if self.guard is None else self.guard.apply(u, self.expert_names, emb)
 
     def _raw_utilities(self, emb: np.ndarray, candidates: Sequence[str] | None) -> np.ndarray:

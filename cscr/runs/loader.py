@@ -7,8 +7,9 @@ Serving, ``cscr evaluate`` and the experiment commands all load routers here:
   kind the head was trained with, refused when their basis is not the one the head was trained
   on (cscr.runs.descriptors), and c_m from the train split; built with
   ``CSCRRouter.from_trained``, with the out-of-distribution guard of ``models/<variant>/guard/``
-  attached when ``cscr guard`` wrote one (``guard=False``: without it). The prompt embeddings are
-  not read.
+  attached when ``cscr guard`` wrote one (``guard=False``: without it), and the category prior of
+  ``models/<variant>/prior/`` when ``cscr train`` fitted one (``prior=False``: without it). The prompt
+  embeddings are not read.
 * any other registered router (``kwargs`` go to its constructor): fitted on the run's table and
   prompt embeddings with the given seed.
 """
@@ -19,6 +20,7 @@ import os
 from typing import Any
 
 from cscr.guard import load_guard
+from cscr.prior import load_prior
 from cscr.routers.base import Router, RouterContext, RouterError, router_class
 from cscr.routers.cscr import CSCRRouter
 from cscr.runs.descriptors import DEFAULT_KIND
@@ -28,8 +30,9 @@ from cscr.runs.paths import RunPaths
 
 
 def load_router(run: Run | str | os.PathLike[str] | RunPaths, variant: str = "cscr", *, seed: int = 0,
-                top_k: int | None = None, use_gpu: bool | None = None, guard: bool = True, **kwargs: Any) -> Router:
-    """The fitted router ``variant`` of a run (``top_k`` / ``use_gpu`` / ``guard``: CSCR variants only)."""
+                top_k: int | None = None, use_gpu: bool | None = None, guard: bool = True, prior: bool = True,
+                **kwargs: Any) -> Router:
+    """The fitted router ``variant`` of a run (``top_k`` / ``use_gpu`` / ``guard`` / ``prior``: CSCR variants only)."""
     run = Run.of(run)
     base, at, _ = variant.partition("@")
     cls = router_class(base)
@@ -40,6 +43,9 @@ def load_router(run: Run | str | os.PathLike[str] | RunPaths, variant: str = "cs
         desc, kind, basis = run.descriptors(trained.descriptor_kind or DEFAULT_KIND, trained.basis_id)
         built = cls.from_trained(trained, desc, run.train_costs(), top_k=top_k, use_gpu=use_gpu, kind=kind,
                                  basis_id=basis)
+        fitted_prior = load_prior(run.paths.model(variant)) if prior else None
+        if fitted_prior is not None:
+            built.set_prior(fitted_prior)
         saved = load_guard(run.paths.model(variant)) if guard else None
         if saved is not None:
             built.set_guard(saved)

@@ -220,7 +220,8 @@ def overwrite_line(run: RunLike, variant: str, kind: str, prefix: str = "cscr") 
 
 def head_line(run: RunLike, variant: str) -> str | None:
     """Which head ``variant`` (``cscr``, ``vanilla``, ``cscr@KIND``) of a run is: folder, descriptor
-    kind, basis, k, when it was trained, its best epoch and validation AUDC (None: not trained)."""
+    kind, basis, k, when it was trained, its best epoch and validation AUDC, its category prior and
+    guard (None: not trained)."""
     config = head_config(run, variant)
     if config is None:
         return None
@@ -232,6 +233,13 @@ def head_line(run: RunLike, variant: str) -> str | None:
              "k = every expert" if k == 0 else f"k = {k}",
              f"trained {config.get('created', '?')}",
              f"best epoch {config.get('best_epoch', '?')} (val AUDC {'n/a' if audc is None else f'{audc:.4f}'})"]
+    prior = RunPaths.of(run).model(variant) / "prior" / "prior.json"  # cscr.prior.FOLDER
+    if prior.exists():
+        try:
+            w = json.loads(prior.read_text())["w"]
+            parts.append(f"category prior w = {w:g}" + (" (chose no blend on validation)" if w == 0 else ""))
+        except (OSError, ValueError, KeyError, TypeError):
+            parts.append("an unreadable category prior folder")
     guard = RunPaths.of(run).model(variant) / "guard" / "guard.json"  # cscr.guard.FOLDER
     if guard.exists():
         try:

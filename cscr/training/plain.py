@@ -7,7 +7,7 @@ layer imports cscr.training.arrays, and this module imports the run layer: one d
 from __future__ import annotations
 
 from cscr.config import TrainConfig
-from cscr.operating_run import calibrate_after_training
+from cscr.prior_run import after_training
 from cscr.runs.descriptors import prepare_descriptors
 from cscr.runs.heads import save_trained
 from cscr.runs.inputs import load_training_arrays
@@ -30,5 +30,5 @@ def train_run(run_dir: str, variant: str = "cscr", cfg: TrainConfig | None = Non
     path = save_trained(run_dir, result)
     if log:
         log(f"train[{variant}]: best epoch {result.best_epoch} (val AUDC {result.best_val_audc}); saved {path}")
-    calibrate_after_training(run_dir, variant, log)  # the operating points of the saved head (issue 11)
+    after_training(run_dir, variant, log)  # its category prior, then its operating points (issue 11)
     return result

@@ -1,0 +1,84 @@
+"""Does the category prior pay? Nested K-fold cross-validation on train + val (the test split is never read).
+
+For each fold k the default CSCR head is trained on the folds but k and k + 1 (best epoch on fold
+k + 1), the category prior (cscr/prior.py) is fitted on the same training folds with its weight w
+chosen on fold k + 1, as ``cscr train`` chooses it on the validation split, and the router is
+scored on fold k with and without it (and at every w of the grid, for the record).
+
+    python scripts/prior_cv.py --run runs/llmr [--folds 5] [--out prior.json]
+
+One line per fold, then the means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from foldcv import fold_table, head_router, make_folds, scored_rows, without_test
+
+    from cscr.eval.utility import utility_audc
+    from cscr.prior import GRID, fit_prior
+    from cscr.routers.base import RouterContext, get_router
+    from cscr.runs.inputs import Run
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+
+    run = Run.of(a.run)
+    table, emb = without_test(run.table, run.embeddings)
+    try:
+        desc, kind, basis = run.trained_descriptors()
+    except FileNotFoundError as exc:
+        print(f"prior_cv: {exc}", file=sys.stderr)
+        return 2
+    pool, folds = make_folds(table, a.folds)
+    res: dict[str, list[float]] = {}
+    for k in range(a.folds):
+        t0 = time.time()
+        t = fold_table(table, pool, folds, k, nested=True)
+        rows = scored_rows(t, nested=True)
+        router = head_router(t, emb, desc, kind, basis)
+        prior = fit_prior(router, t, emb)
+        if prior is None:
+            print("prior_cv: fewer than 2 train categories: no prior to score", file=sys.stderr)
+            return 2
+        per_cat = get_router("per-category").fit(RouterContext.from_table(t, emb, 0))
+
+        def audc(u: np.ndarray, t=t, rows=rows, names=router.expert_names, costs=router.costs) -> float:
+            return utility_audc(list(names), costs, u, emb[rows], t.quality[rows][:, [t.expert_names.index(n) for n in names]],
+                                t.cost[rows][:, [t.expert_names.index(n) for n in names]])
+
+        u = router.utilities(emb[rows])
+        res.setdefault("head", []).append(audc(u))
+        res.setdefault("head + prior (w chosen)", []).append(audc(prior.apply(u, router.expert_names, emb[rows])))
+        res.setdefault("chosen w", []).append(prior.w)
+        for w in GRID:
+            res.setdefault(f"w={w}", []).append(audc(prior.apply(u, router.expert_names, emb[rows], w)))
+        cols = [per_cat.expert_names.index(n) for n in router.expert_names]
+        res.setdefault("per-category (given the label)", []).append(audc(per_cat.utilities(emb[rows], rows)[:, cols]))
+        print(f"fold {k}: head {res['head'][-1]:.4f}  with the prior {res['head + prior (w chosen)'][-1]:.4f} "
+              f"(w = {prior.w:g})  per-category {res['per-category (given the label)'][-1]:.4f}  {time.time() - t0:.0f} s",
+              flush=True)
+    for name, vals in res.items():
+        print(f"{name:32s} {np.mean(vals):.4f}   {' '.join(f'{v:.4f}' for v in vals)}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"run": str(run.root), "folds": a.folds, "results": res}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
