@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -130,7 +129,7 @@ def fold_utilities(t, e: np.ndarray, rows: np.ndarray, cats: np.ndarray, desc, k
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, head_router, make_folds, scored_rows, without_test
+    from foldcv import fold_table, head_router, make_folds, print_results, scored_rows, without_test
 
     from cscr.config import TrainConfig
     from cscr.encoder import load_run_embeddings
@@ -227,11 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         res.setdefault("category accuracy (softcat)", []).append(acc)
         print(f"fold {k}: head {res['head'][-1]:.4f}  per-category {res['per-category'][-1]:.4f}  "
               f"softcat {res['softcat'][-1]:.4f} (category accuracy {acc:.3f})  {time.time() - t0:.0f} s", flush=True)
-    for name, vals in res.items():
-        print(f"{name:30s} {np.mean(vals):.4f}   {' '.join(f'{v:.4f}' for v in vals)}")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"run": str(run.root), "folds": a.folds, "results": res}, f, indent=1)
+    print_results(res, run.root, a.folds, a.out, 30)
     return 0
 
 

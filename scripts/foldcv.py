@@ -67,6 +67,18 @@ def json_object(text: str, what: str) -> dict[str, Any] | None:
     return value
 
 
+def print_results(res: dict[str, list[float]], run: Any, folds: int, out: str | None, width: int = 30) -> None:
+    """One line per row of ``res`` (its mean over the folds, then each fold's); with ``out``, the
+    results as JSON there too."""
+    import json
+
+    for name, vals in res.items():
+        print(f"{name:{width}s} {np.mean(vals):.4f}   {' '.join(f'{v:.4f}' for v in vals)}")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"run": str(run), "folds": folds, "results": res}, f, indent=1)
+
+
 def train_config(over: dict[str, Any]) -> Any:
     """The default TrainConfig with ``over``'s dotted fields (``{"loss.bce_weight": 16.0}``) replaced."""
     import dataclasses

@@ -13,7 +13,6 @@ One line per fold, then the means.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, head_router, make_folds, scored_rows, without_test
+    from foldcv import fold_table, head_router, make_folds, print_results, scored_rows, without_test
 
     from cscr.eval.utility import utility_audc
     from cscr.prior import GRID, fit_prior
@@ -72,11 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fold {k}: head {res['head'][-1]:.4f}  with the prior {res['head + prior (w chosen)'][-1]:.4f} "
               f"(w = {prior.w:g})  per-category {res['per-category (given the label)'][-1]:.4f}  {time.time() - t0:.0f} s",
               flush=True)
-    for name, vals in res.items():
-        print(f"{name:32s} {np.mean(vals):.4f}   {' '.join(f'{v:.4f}' for v in vals)}")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"run": str(run.root), "folds": a.folds, "results": res}, f, indent=1)
+    print_results(res, run.root, a.folds, a.out, 32)
     return 0
 
 

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 from cscr.cli import main
-from cscr.serve.service import RouterService
+from routing_checks import assert_served_as_evaluated
 
 from cscr.config import EvalConfig, TrainConfig
 from cscr.experiments.ood import ood_split, run_ood, search_guard
@@ -130,16 +130,7 @@ def test_saved_guard_is_loaded_served_and_pickled(trained, tmp_path, encoder):
     assert far.any() and not far.all()
     u0, u1 = plain.utilities(e), router.utilities(e)
     assert np.array_equal(u0[~far], u1[~far]) and not np.allclose(u0[far], u1[far])
-    # served equals evaluated, with and without candidates
-    grid = router.knob_grid(e, 7)
-    for cands in (None, table.expert_names[1:4]):
-        want = np.array(router.expert_names)[router.route_sweep(e, grid, candidates=cands)]
-        for lam, expected in zip(grid, want, strict=True):
-            assert [r[0].expert for r in router.rank(e, float(lam), cands)] == list(expected)
-    service = RouterService(encoder, router)
-    want = np.array(router.expert_names)[router.route_sweep(e, grid)]
-    for lam, expected in zip(grid, want, strict=True):
-        assert [d.chosen for d in service.decide(e, float(lam))] == list(expected)
+    assert_served_as_evaluated(router, encoder, e, table.expert_names[1:4])  # with and without candidates
     # a copy (Ray ships routers pickled) routes the same; the FAISS index is rebuilt
     copy = pickle.loads(pickle.dumps(router))
     assert np.array_equal(copy.utilities(e), u1)

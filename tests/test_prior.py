@@ -10,7 +10,7 @@ import pickle
 
 import numpy as np
 import pytest
-from cscr.serve.service import RouterService
+from routing_checks import assert_served_as_evaluated
 
 from cscr.config import EvalConfig, TrainConfig
 from cscr.data.table import RoutingTable
@@ -116,16 +116,7 @@ def test_train_saves_it_and_the_loader_serves_it(trained, encoder):
     u0, u1 = plain.utilities(e), router.utilities(e)
     np.testing.assert_allclose(u1, router.prior.apply(u0, router.expert_names, e))
     assert not np.allclose(u0, u1)
-    # served equals evaluated, with and without candidates
-    grid = router.knob_grid(e, 7)
-    for cands in (None, table.expert_names[1:4]):
-        want = np.array(router.expert_names)[router.route_sweep(e, grid, candidates=cands)]
-        for lam, expected in zip(grid, want, strict=True):
-            assert [r[0].expert for r in router.rank(e, float(lam), cands)] == list(expected)
-    service = RouterService(encoder, router)
-    want = np.array(router.expert_names)[router.route_sweep(e, grid)]
-    for lam, expected in zip(grid, want, strict=True):
-        assert [d.chosen for d in service.decide(e, float(lam))] == list(expected)
+    assert_served_as_evaluated(router, encoder, e, table.expert_names[1:4])  # with and without candidates
     copy = pickle.loads(pickle.dumps(router))  # Ray ships routers pickled
     assert np.array_equal(copy.utilities(e), u1)
     # an expert that joins by its descriptor gets the head's own per-category means

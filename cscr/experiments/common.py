@@ -58,13 +58,16 @@ def cscr_router(variant: str, result: TrainResult, descriptors: Mapping[str, np.
 
 
 def experiment_prior(result: TrainResult, router: CSCRRouter, table: RoutingTable,
-                     emb: np.ndarray) -> CategoryPrior | None:
+                     emb: np.ndarray, log: Log | None = None) -> CategoryPrior | None:
     """The category prior of a head trained on ``table`` (``router``: its router over ``table``'s
     experts): fitted on the train rows, w chosen on the val rows; None when the head's TrainConfig
     asks for none, its utilities are not qualities, or the train rows have fewer than two categories."""
     if not result.config.category_prior or result.config.head.utility != "quality":
         return None
-    return fit_prior(router, table, emb)
+    prior = fit_prior(router, table, emb)
+    if log is not None and prior is not None:
+        log(f"{result.variant}: category prior w = {prior.w:g} (chosen on the validation rows)")
+    return prior
 
 
 def costs_of(table: RoutingTable, rows: np.ndarray | None = None) -> dict[str, float]:
@@ -73,7 +76,7 @@ def costs_of(table: RoutingTable, rows: np.ndarray | None = None) -> dict[str, f
 
 
 def fit_routers(names: Sequence[str], ctx: RouterContext, heads: Mapping[str, TrainResult] | None = None,
-                descriptors: Mapping[str, np.ndarray] | None = None) -> dict[str, Router]:
+                descriptors: Mapping[str, np.ndarray] | None = None, log: Log | None = None) -> dict[str, Router]:
     """Fit each named router on ``ctx``; ``cscr`` / ``vanilla`` come from ``heads`` (TrainResults)
     with ``descriptors`` of ``ctx.table``'s experts."""
     out: dict[str, Router] = {}
@@ -83,7 +86,7 @@ def fit_routers(names: Sequence[str], ctx: RouterContext, heads: Mapping[str, Tr
                 raise ValueError(f"router {name!r} needs a trained head and descriptors")
             desc = {n: descriptors[n] for n in ctx.table.expert_names}
             router = cscr_router(name, heads[name], desc, costs_of(ctx.table, ctx.train_rows))
-            router.set_prior(experiment_prior(heads[name], router, ctx.table, ctx.embeddings))
+            router.set_prior(experiment_prior(heads[name], router, ctx.table, ctx.embeddings, log))
             out[name] = router
         else:
             out[name] = get_router(name).fit(ctx)

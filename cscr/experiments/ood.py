@@ -179,7 +179,7 @@ def run_ood(split: OODSplit, emb: np.ndarray, routers: Sequence[str], train_cfg:
     desc = dict(descriptors) if descriptors is not None else default_descriptors(table)
     heads = {v: train_cscr(table, e, desc, v, train_cfg, log) for v in CSCR_VARIANTS if v in routers}
     ctx = RouterContext.from_table(table, e, seed=seed)
-    fitted = fit_routers(routers, ctx, heads, desc)
+    fitted = fit_routers(routers, ctx, heads, desc, log)
     if guard:
         fitted[GUARDED] = _guarded(table, e, heads, desc, descriptors, train_cfg, log)
     cfg = eval_cfg or EvalConfig()

@@ -120,7 +120,7 @@ def run_unseen(table: RoutingTable, emb: np.ndarray, routers: Sequence[str], see
             result = train_cscr(seen_table, emb, desc, name, train_cfg, log)
             seen_router = cscr_router(name, result, {n: desc[n] for n in seen_table.expert_names},
                                       costs_of(seen_table, seen_table.split_index("train")))
-            prior = experiment_prior(result, seen_router, seen_table, emb)  # w chosen over the seen experts
+            prior = experiment_prior(result, seen_router, seen_table, emb, log)  # w chosen over the seen experts
             fitted[name] = cscr_router(name, result, {n: desc[n] for n in pool.expert_names},
                                        costs_of(pool, pool.split_index("train")), prior=prior)
         else:
