@@ -115,14 +115,10 @@ class CategoryPrior:
         weight, bias = softmax_regression(x, y, len(names))
         means, overall = category_means(table.quality[rows], y, len(names))
         qbar = np.where(np.isnan(means), overall[None, :], means)  # (C, M)
-        qtable = {n: qbar[:, j].astype(np.float64) for j, n in enumerate(table.expert_names)
-                  if np.isfinite(qbar[:, j]).all()}
+        observed = (~np.isnan(table.quality[rows])).any(axis=0)  # an expert with no train answer: the head's means
+        qtable = {n: qbar[:, j].astype(np.float64) for j, n in enumerate(table.expert_names) if observed[j]}
         pick = np.unique(np.linspace(0, len(rows) - 1, min(N_REFERENCE, len(rows))).astype(int))
         return cls(float(w), names, weight, bias, qtable, x[pick].copy(), y[pick].copy())
-
-    @property
-    def active(self) -> bool:
-        return self.w > 0.0
 
     def proba(self, emb: np.ndarray) -> np.ndarray:
         """(n, C) p(c | x) for prompt embeddings (n, d)."""

@@ -71,6 +71,10 @@ def test_fit_reads_the_category_from_the_prompt_and_tabulates_train_quality(trai
             rows = train[table.categories[train] == cat]
             assert prior.table[name][c] == pytest.approx(np.nanmean(table.quality[rows, j]))
     assert len(prior.reference) == len(prior.reference_codes) <= len(train)
+    # an expert without a single train answer gets no table row (the router fills in the head's means)
+    q = table.quality.copy()
+    q[train, 0] = np.nan
+    assert table.expert_names[0] not in CategoryPrior.fit(dataclasses.replace(table, quality=q), emb).table
     one = dataclasses.replace(table, categories=np.array(["same"] * table.n))
     with pytest.raises(PriorError, match="at least 2 train categories"):
         CategoryPrior.fit(one, emb)
