@@ -100,8 +100,8 @@ class CategoryPrior:
     search: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, table: RoutingTable, emb: np.ndarray, rows: np.ndarray | None = None, w: float = 0.0) -> CategoryPrior:
-        """The classifier and per-category table of ``table``'s rows ``rows`` (default: train), weight ``w``."""
+    def fit(cls, table: RoutingTable, emb: np.ndarray, rows: np.ndarray | None = None) -> CategoryPrior:
+        """The classifier and per-category table of ``table``'s rows ``rows`` (default: train); w 0 until chosen."""
         rows = table.split_index("train") if rows is None else np.asarray(rows)
         cats = np.asarray(table.categories, dtype=str)[rows]
         names = sorted({c for c in cats.tolist() if c.strip()})
@@ -118,7 +118,7 @@ class CategoryPrior:
         observed = (~np.isnan(table.quality[rows])).any(axis=0)  # an expert with no train answer: the head's means
         qtable = {n: qbar[:, j].astype(np.float64) for j, n in enumerate(table.expert_names) if observed[j]}
         pick = np.unique(np.linspace(0, len(rows) - 1, min(N_REFERENCE, len(rows))).astype(int))
-        return cls(float(w), names, weight, bias, qtable, x[pick].copy(), y[pick].copy())
+        return cls(0.0, names, weight, bias, qtable, x[pick].copy(), y[pick].copy())
 
     def proba(self, emb: np.ndarray) -> np.ndarray:
         """(n, C) p(c | x) for prompt embeddings (n, d)."""
@@ -149,14 +149,9 @@ class CategoryPrior:
         """(C,) per-category means of one expert's utilities ``u`` (R,) over the reference prompts (a
         category without a finite one: the overall mean)."""
         u = np.asarray(u, dtype=np.float64)
-        ok = np.isfinite(u)
-        overall = float(u[ok].mean()) if ok.any() else 0.0
-        out = np.full(len(self.categories), overall)
-        for c in range(len(self.categories)):
-            sel = ok & (self.reference_codes == c)
-            if sel.any():
-                out[c] = float(u[sel].mean())
-        return out
+        means, overall = category_means(np.where(np.isfinite(u), u, np.nan)[:, None], self.reference_codes,
+                                        len(self.categories))
+        return np.where(np.isnan(means[:, 0]), overall[0], means[:, 0])  # type: ignore[no-any-return]
 
     def with_means(self, extra: Mapping[str, np.ndarray]) -> CategoryPrior:
         """A copy with more experts' per-category qualities."""
@@ -190,6 +185,12 @@ def choose_w(prior: CategoryPrior, utilities: Callable[[np.ndarray], np.ndarray]
     best = int(np.argmax(np.round(scores, 10)))  # first maximum: the smaller w
     return dataclasses.replace(prior, w=float(GRID[best]), search={"grid": list(GRID), "val_audc": scores,
                                                                    "n_val": int(len(rows))})
+
+
+def wants_prior(cfg: Any) -> bool:
+    """Whether a head trained with TrainConfig ``cfg`` gets a category prior: asked for, and its
+    utilities are expected qualities (a similarity is not on the table's scale)."""
+    return bool(cfg.category_prior) and cfg.head.utility == "quality"
 
 
 def fit_prior(router: Any, table: RoutingTable, emb: np.ndarray, train_rows: np.ndarray | None = None,

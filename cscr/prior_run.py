@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cscr.operating_run import RunLike
-from cscr.prior import CategoryPrior, fit_prior, save_prior
+from cscr.prior import CategoryPrior, fit_prior, save_prior, wants_prior
 from cscr.runs.inputs import Run
 
 
@@ -19,10 +19,8 @@ def fit_run_prior(run: RunLike, variant: str, log: Callable[[str], None] | None 
 
     run = Run.of(run)
     trained = load_trained(run.paths, variant)
-    if not trained.config.category_prior:
-        return None
-    if trained.config.head.utility != "quality":
-        if log:
+    if not wants_prior(trained.config):
+        if log and trained.config.category_prior:
             log(f"train[{variant}]: no category prior (a similarity head: its utilities are not qualities)")
         return None
     router = load_router(run, variant, guard=False, prior=False)

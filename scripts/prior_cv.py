@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         per_cat = get_router("per-category").fit(RouterContext.from_table(t, emb, 0))
 
-        def audc(u: np.ndarray, t=t, rows=rows, names=router.expert_names, costs=router.costs) -> float:
-            return utility_audc(list(names), costs, u, emb[rows], t.quality[rows][:, [t.expert_names.index(n) for n in names]],
-                                t.cost[rows][:, [t.expert_names.index(n) for n in names]])
+        own = [t.expert_names.index(n) for n in router.expert_names]  # the table's columns in the router's order
+
+        def audc(u: np.ndarray, t=t, rows=rows, own=own, names=router.expert_names, costs=router.costs) -> float:
+            return utility_audc(list(names), costs, u, emb[rows], t.quality[rows][:, own], t.cost[rows][:, own])
 
         u = router.utilities(emb[rows])
         res.setdefault("head", []).append(audc(u))

@@ -21,7 +21,7 @@ import numpy as np
 
 from cscr.config import TrainConfig
 from cscr.data.table import RoutingTable
-from cscr.prior import CategoryPrior, fit_prior
+from cscr.prior import CategoryPrior, fit_prior, wants_prior
 from cscr.routers.base import Router, RouterContext, get_router, router_class
 from cscr.routers.cscr import CSCRRouter
 from cscr.training import Log, TrainResult, fit_head, prepare_arrays
@@ -45,16 +45,13 @@ def train_cscr(table: RoutingTable, emb: np.ndarray, descriptors: Mapping[str, n
 
 
 def cscr_router(variant: str, result: TrainResult, descriptors: Mapping[str, np.ndarray],
-                costs: Mapping[str, float], top_k: int | None = None, prior: CategoryPrior | None = None) -> CSCRRouter:
-    """The ``variant`` router (cscr, vanilla) of a trained head over the experts named in
-    ``descriptors``, with ``prior`` attached (experts it lacks get the head's per-category means)."""
+                costs: Mapping[str, float], top_k: int | None = None) -> CSCRRouter:
+    """The ``variant`` router (cscr, vanilla) of a trained head over the experts named in ``descriptors``
+    (``set_prior`` attaches an ``experiment_prior``)."""
     cls = router_class(variant)
     if not issubclass(cls, CSCRRouter):
         raise ValueError(f"{variant!r} is not a CSCR variant; expected one of {CSCR_VARIANTS}")
-    router = cls.from_trained(result, dict(descriptors), dict(costs), top_k=top_k, use_gpu=False)
-    if prior is not None:
-        router.set_prior(prior)
-    return router
+    return cls.from_trained(result, dict(descriptors), dict(costs), top_k=top_k, use_gpu=False)
 
 
 def experiment_prior(result: TrainResult, router: CSCRRouter, table: RoutingTable,
@@ -62,7 +59,7 @@ def experiment_prior(result: TrainResult, router: CSCRRouter, table: RoutingTabl
     """The category prior of a head trained on ``table`` (``router``: its router over ``table``'s
     experts): fitted on the train rows, w chosen on the val rows; None when the head's TrainConfig
     asks for none, its utilities are not qualities, or the train rows have fewer than two categories."""
-    if not result.config.category_prior or result.config.head.utility != "quality":
+    if not wants_prior(result.config):
         return None
     prior = fit_prior(router, table, emb)
     if log is not None and prior is not None:

@@ -121,8 +121,10 @@ def run_unseen(table: RoutingTable, emb: np.ndarray, routers: Sequence[str], see
             seen_router = cscr_router(name, result, {n: desc[n] for n in seen_table.expert_names},
                                       costs_of(seen_table, seen_table.split_index("train")))
             prior = experiment_prior(result, seen_router, seen_table, emb, log)  # w chosen over the seen experts
-            fitted[name] = cscr_router(name, result, {n: desc[n] for n in pool.expert_names},
-                                       costs_of(pool, pool.split_index("train")), prior=prior)
+            router = cscr_router(name, result, {n: desc[n] for n in pool.expert_names},
+                                 costs_of(pool, pool.split_index("train")))
+            router.set_prior(prior)  # the held-out experts get the head's per-category means
+            fitted[name] = router
         else:
             fitted[name] = fit_unseen_router(name, pool, emb, seed)
     if not fitted:

@@ -142,16 +142,12 @@ class CSCRRouter(Router):
         if prior.weight.shape[0] != self.head.cfg.in_dim:  # type: ignore[union-attr]
             raise RouterError(f"{self.name}: the category prior reads {prior.weight.shape[0]}-d embeddings, the "
                               f"head takes {self.head.cfg.in_dim}-d ones")  # type: ignore[union-attr]
-        self.prior = prior
         missing = [n for n in self.expert_names if n not in prior.table]
-        if missing:
-            self.prior = prior.with_means({n: self._head_category_means(n) for n in missing})
+        self.prior = prior.with_means({n: self._head_category_means(prior, n) for n in missing}) if missing else prior
 
-    def _head_category_means(self, name: str) -> np.ndarray:
-        """(C,) the head's mean expected quality for expert ``name`` per category of the prior's reference prompts."""
-        ref = self.prior.reference  # type: ignore[union-attr]
-        return self.prior.category_means_of(  # type: ignore[union-attr]
-            self._raw_utilities(ref, [name])[:, self.expert_names.index(name)])
+    def _head_category_means(self, prior: CategoryPrior, name: str) -> np.ndarray:
+        """(C,) the head's mean expected quality for expert ``name`` per category of ``prior``'s reference prompts."""
+        return prior.category_means_of(self._raw_utilities(prior.reference, [name])[:, self.expert_names.index(name)])
 
     def _head_mean(self, name: str) -> float:
         """The head's mean expected quality for expert ``name`` over (a sample of) the guard's training prompts."""
@@ -178,7 +174,7 @@ class CSCRRouter(Router):
         self.expert_names = list(self.index.names)  # type: ignore[union-attr]
         self.costs = np.append(self.costs, float(cost))
         if self.prior is not None and name not in self.prior.table:  # trained experts keep their table
-            self.prior = self.prior.with_means({name: self._head_category_means(name)})
+            self.prior = self.prior.with_means({name: self._head_category_means(self.prior, name)})
         if self.guard is not None and name not in self.guard.qbar:  # trained experts keep their label mean
             self.guard = self.guard.with_means({name: self._head_mean(name)})
 
