@@ -196,6 +196,9 @@ class TrainConfig:
     # train quality table mixed in by the category read from the prompt, its weight chosen on the
     # validation split (0 where it does not help there); chosen by nested 5-fold CV (docs/routing-quality.md)
     category_prior: bool = True
+    # experts that join after training (the unseen-experts experiment) calibrated on their probe outcomes
+    # (cscr/newcomer.py; beyond the write-up), when pseudo-newcomers among the trained experts gain on validation
+    newcomer_levels: bool = True
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")

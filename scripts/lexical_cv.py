@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             view = None if cfg is None else LexicalView.fit(list(t.texts[train]), cfg)
             e = features(base, t.texts, view)
             if unseen is not None:
-                r = run_unseen(t, e, ["cscr"], seen or [], unseen, train_cfg, EvalConfig(bootstrap=1))
+                r = run_unseen(t, e, ["cscr", "umr"], seen or [], unseen, train_cfg, EvalConfig(bootstrap=1))
                 res.setdefault(name, []).append(r.evaluation.routers["cscr"].audc)
+                res.setdefault(f"{name}: umr", []).append(r.evaluation.routers["umr"].audc)
+                if "cscr" in r.levels:  # the newcomer-level choice (cscr/newcomer.py): 1 = on
+                    res.setdefault(f"{name}: newcomer levels on", []).append(float(r.levels["cscr"]["use"]))
                 continue
             rows = scored_rows(t, nested)
             router = head_router(t, e, desc, kind, basis, train_cfg)

@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from cscr.config import TrainConfig
-from cscr.data.table import RoutingTable
+from cscr.data.table import RoutingTable, TableError
+from cscr.newcomer import REPS, LevelChoice, choose_levels
 from cscr.prior import CategoryPrior, fit_prior, wants_prior
 from cscr.routers.base import Router, RouterContext, get_router, router_class
 from cscr.routers.cscr import CSCRRouter
@@ -65,6 +66,83 @@ def experiment_prior(result: TrainResult, router: CSCRRouter, table: RoutingTabl
     if log is not None and prior is not None:
         log(f"{result.variant}: category prior w = {prior.w:g} (chosen on the validation rows)")
     return prior
+
+
+def split_experts(table: RoutingTable, frac_unseen: float = 1 / 3, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(seen, unseen) expert names, each in table order; unseen stratified by cost."""
+    names = table.expert_names
+    m = len(names)
+    k = int(round(frac_unseen * m))
+    if not 0 < k < m:
+        raise TableError(f"cannot hold out {frac_unseen:.2f} of {m} experts ({k}): need 1..{m - 1}")
+    order = np.argsort(table.expert_costs(), kind="stable")  # cheapest first
+    rng = np.random.default_rng(seed)
+    held = {int(rng.choice(chunk)) for chunk in np.array_split(order, k)}
+    return [n for j, n in enumerate(names) if j not in held], [n for j, n in enumerate(names) if j in held]
+
+
+def pseudo_newcomers(table: RoutingTable, seed: int = 0, reps: int = REPS) -> list[list[str]]:
+    """Up to ``reps`` distinct draws of held-out experts among ``table``'s, as ``split_experts`` draws
+    them (a third, stratified by cost), seeded; none for a table of fewer than 2 experts."""
+    picks: list[list[str]] = []
+    for i in range(20 * reps if len(table.expert_names) > 1 else 0):
+        held = split_experts(table, seed=seed + 1 + i)[1]
+        if held not in picks:
+            picks.append(held)
+        if len(picks) == reps:
+            break
+    return picks
+
+
+def experiment_levels(result: TrainResult, table: RoutingTable, emb: np.ndarray,
+                      descriptors: Mapping[str, np.ndarray], log: Log | None = None) -> LevelChoice | None:
+    """Whether routers of ``result`` (a head trained on ``table``'s experts) calibrate experts that join
+    later on their probe outcomes (cscr/newcomer.py): pseudo-newcomers among ``table``'s experts, a head
+    trained without them each time, scored on the validation rows. None when the TrainConfig asks for no
+    levels or the head's utilities are not qualities."""
+    from cscr.eval.utility import utility_audc
+
+    cfg = result.config
+    if not cfg.newcomer_levels or cfg.head.utility != "quality":
+        return None
+    probe = table.split_index("probe")
+
+    def gain_of(held: list[str]) -> float | None:
+        rest = [n for n in table.expert_names if n not in held]
+        head = train_cscr(table.subset(experts=rest), emb, descriptors, result.variant, cfg)
+        sub = table.subset(experts=held)
+        router = cscr_router(result.variant, head, {n: descriptors[n] for n in held}, costs_of(sub, sub.split_index("train")))
+        val = sub.split_index("val")
+        cols = [sub.expert_names.index(n) for n in router.expert_names]
+        q, c = sub.quality[val][:, cols], sub.cost[val][:, cols]
+        full = ~np.isnan(q).any(axis=1)
+        if full.sum() < 2 or len(probe) < 2:
+            return None
+        e = emb[val[full]]
+
+        def audc() -> float:
+            return utility_audc(list(router.expert_names), router.costs, router.utilities(e), e, q[full], c[full])
+
+        before = audc()
+        set_levels(router, sub, emb)
+        return audc() - before
+
+    choice = choose_levels(gain_of, pseudo_newcomers(table, cfg.seed))
+    if log is not None:
+        gains = " ".join(f"{g:+.4f}" for g in choice.gains)
+        log(f"{result.variant}: newcomer levels {'on' if choice.use else 'off'} ({choice.why}; validation gains {gains})")
+    return choice
+
+
+def set_levels(router: CSCRRouter, table: RoutingTable, emb: np.ndarray) -> list[str]:
+    """Calibrate each of ``router``'s experts that ``table`` has probe outcomes for (its probe split)
+    on them; the names calibrated."""
+    probe = table.split_index("probe")
+    done = []
+    for name in router.expert_names:
+        if name in table.expert_names and router.set_level(name, emb[probe], table.quality[probe, table.expert_index(name)]):
+            done.append(name)
+    return done
 
 
 def costs_of(table: RoutingTable, rows: np.ndarray | None = None) -> dict[str, float]:

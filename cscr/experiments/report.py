@@ -121,9 +121,12 @@ def unseen_record(res: UnseenResult, run: str | os.PathLike[str], settings: Mapp
              "rows": rows, "align": "lrrrrl",
              "note": (f"Seen (trained on): {', '.join(res.seen)}. Held out: {', '.join(res.unseen)}. "
                       f"Best held-out expert: {ev.best_expert} (quality {ev.best_quality:.4f}, "
-                      f"mean cost {ev.best_cost:.4g}).")}
+                      f"mean cost {ev.best_cost:.4g})." + "".join(
+                          f" {v}: held-out experts {'calibrated on their probe outcomes' if c['use'] else 'not calibrated'} "
+                          f"(pseudo-newcomer validation gains {', '.join(f'{g:+.4f}' for g in c['gains'])})."
+                          for v, c in res.levels.items()))}
     return {**_base("unseen-experts", ev, run, settings), "seen": res.seen, "unseen": res.unseen,
-            "how": res.how, "excluded": res.excluded, "tables": [table],
+            "how": res.how, "excluded": res.excluded, "newcomer_levels": res.levels, "tables": [table],
             "significance": _significance("held-out pool", ev), "evaluations": {"unseen": to_json(ev)},
             "figures": {"unseen": "deferral.png"}}
 

@@ -6,7 +6,9 @@ is drawn, seeded), so the held-out pool spans the cost range instead of landing 
 
 ``run_unseen`` trains the CSCR heads on the seen experts only (their answers, their
 descriptors) and routes over the held-out experts through their descriptors alone: the head is
-not retrained. Every router is evaluated on the test prompts over the held-out pool. Baselines
+not retrained. Where chosen on the seen experts' validation answers (cscr/newcomer.py,
+``experiment_levels``), each held-out expert is calibrated on its probe outcomes, the answers its
+probe-outcome descriptor is made from. Every router is evaluated on the test prompts over the held-out pool. Baselines
 take part as far as their method allows without training on the held-out experts' train answers
 (``HOW`` says what each uses):
 
@@ -26,7 +28,8 @@ are the held-out pool's own (price metadata, known for any expert). Pure: nothin
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -39,14 +42,19 @@ from cscr.experiments.common import (
     costs_of,
     cscr_router,
     default_descriptors,
+    experiment_levels,
     experiment_prior,
+    set_levels,
+    split_experts,  # noqa: F401  (re-exported: it lived here)
     train_cscr,
 )
 from cscr.routers.base import Router, RouterContext, get_router
 
 HOW = {
-    "cscr": "head trained on the seen experts; held-out experts enter by their descriptors",
-    "vanilla": "head trained on the seen experts; held-out experts enter by their descriptors",
+    "cscr": "head trained on the seen experts; held-out experts enter by their descriptors (calibrated on "
+            "their probe outcomes where chosen)",
+    "vanilla": "head trained on the seen experts; held-out experts enter by their descriptors (calibrated on "
+               "their probe outcomes where chosen)",
     "umr": "train-prompt clusters; held-out experts' per-cluster errors from their validation answers",
     "knn": "neighbour memory = validation prompts with the held-out experts' answers",
     "pareto-random": "hull from the held-out experts' mean validation quality",
@@ -61,19 +69,6 @@ EXCLUDED = {
 _VAL_AS_TRAIN = ("knn", "pareto-random")  # fitted with the validation rows in the train role
 
 
-def split_experts(table: RoutingTable, frac_unseen: float = 1 / 3, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(seen, unseen) expert names, each in table order; unseen stratified by cost."""
-    names = table.expert_names
-    m = len(names)
-    k = int(round(frac_unseen * m))
-    if not 0 < k < m:
-        raise TableError(f"cannot hold out {frac_unseen:.2f} of {m} experts ({k}): need 1..{m - 1}")
-    order = np.argsort(table.expert_costs(), kind="stable")  # cheapest first
-    rng = np.random.default_rng(seed)
-    held = {int(rng.choice(chunk)) for chunk in np.array_split(order, k)}
-    return [n for j, n in enumerate(names) if j not in held], [n for j, n in enumerate(names) if j in held]
-
-
 @dataclass
 class UnseenResult:
     seen: list[str]
@@ -81,6 +76,7 @@ class UnseenResult:
     evaluation: EvalResult  # every participating router over the held-out pool, test prompts
     how: dict[str, str]  # router -> what it used for the held-out experts
     excluded: dict[str, str]  # router -> why it could not take part
+    levels: dict[str, dict[str, Any]] = field(default_factory=dict)  # CSCR variant -> its newcomer-level choice
 
 
 def fit_unseen_router(name: str, pool: RoutingTable, emb: np.ndarray, seed: int = 0) -> Router:
@@ -113,6 +109,7 @@ def run_unseen(table: RoutingTable, emb: np.ndarray, routers: Sequence[str], see
     seen_table, pool = table.subset(experts=list(seen)), table.subset(experts=list(unseen))
     excluded = {n: EXCLUDED[n] for n in routers if n in EXCLUDED}
     fitted: dict[str, Router] = {}
+    levels: dict[str, dict[str, Any]] = {}
     for name in routers:
         if name in excluded:
             continue
@@ -121,13 +118,18 @@ def run_unseen(table: RoutingTable, emb: np.ndarray, routers: Sequence[str], see
             seen_router = cscr_router(name, result, {n: desc[n] for n in seen_table.expert_names},
                                       costs_of(seen_table, seen_table.split_index("train")))
             prior = experiment_prior(result, seen_router, seen_table, emb, log)  # w chosen over the seen experts
+            choice = experiment_levels(result, seen_table, emb, desc, log)  # chosen over the seen experts
             router = cscr_router(name, result, {n: desc[n] for n in pool.expert_names},
                                  costs_of(pool, pool.split_index("train")))
-            router.set_prior(prior)  # the held-out experts get the head's per-category means
+            if choice is not None:
+                levels[name] = choice.record()
+                if choice.use:  # the held-out experts calibrated on their probe outcomes
+                    levels[name]["calibrated"] = set_levels(router, pool, emb)
+            router.set_prior(prior)  # the held-out experts get the (calibrated) head's per-category means
             fitted[name] = router
         else:
             fitted[name] = fit_unseen_router(name, pool, emb, seed)
     if not fitted:
         raise ValueError(f"none of {list(routers)} can route over unseen experts")
     evaluation = evaluate_routers(fitted, pool, emb, pool.split_index("test"), eval_cfg or EvalConfig())
-    return UnseenResult(list(seen), list(unseen), evaluation, {n: HOW[n] for n in fitted}, excluded)
+    return UnseenResult(list(seen), list(unseen), evaluation, {n: HOW[n] for n in fitted}, excluded, levels)

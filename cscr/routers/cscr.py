@@ -22,6 +22,10 @@ reads from the prompt; ``set_prior`` attaches it (before the guard), ``cscr trai
 weight chosen on validation and the loader attaches it. An expert that joins later gets the head's
 own per-category means, so it still needs only its descriptor.
 
+Newcomer levels (cscr/newcomer.py, beyond the write-up, labelled so): an expert that joins after
+training can be calibrated on its probe outcomes (``set_level``), a Platt map on the logit of the
+head's expected quality, since a probe-outcome descriptor is standardised and carries no level.
+
 Adding or removing an expert is an index update (``add_expert`` / ``remove_expert``): the head is
 not retrained. The router does no file I/O: ``from_parts`` builds it from a head, descriptors and
 costs, ``from_trained`` from a trained head's record; ``cscr.runs.loader.load_router`` builds it
@@ -69,6 +73,7 @@ class CSCRRouter(Router):
         self.basis_id = ""  # what the descriptor coordinates mean (the store's basis id)
         self.guard: Guard | None = None  # the out-of-distribution guard (cscr/guard.py), if attached
         self.prior: CategoryPrior | None = None  # the category prior (cscr/prior.py), if attached
+        self.levels: dict[str, tuple[float, float]] = {}  # newcomers' probe-outcome maps (cscr/newcomer.py)
 
     # ---- building ----
     def _set_parts(self, head: Head, descriptors: Mapping[str, np.ndarray] | ExpertIndex,
@@ -145,6 +150,28 @@ class CSCRRouter(Router):
         missing = [n for n in self.expert_names if n not in prior.table]
         self.prior = prior.with_means({n: self._head_category_means(prior, n) for n in missing}) if missing else prior
 
+    def set_level(self, name: str, probe_emb: np.ndarray, outcomes: np.ndarray) -> bool:
+        """Calibrate expert ``name`` (one that joined after training) on its probe outcomes (R,) at the
+        probe prompts' embeddings (R, d) (cscr/newcomer.py); False when there is nothing to fit (the map
+        is then removed). Only for a head whose utilities are expected qualities."""
+        from cscr.newcomer import fit_level
+
+        self._check_parts()
+        if name not in self.expert_names:
+            raise RouterError(f"unknown expert {name!r}; the pool has {self.expert_names}", param="expert",
+                              code="unknown_expert")
+        if self.head.cfg.utility != "quality":  # type: ignore[union-attr]
+            raise RouterError(f"{self.name}: newcomer levels need a head whose utilities are expected qualities")
+        self.levels.pop(name, None)
+        u = self._raw_utilities(np.asarray(probe_emb, dtype=np.float32), [name])[:, self.expert_names.index(name)]
+        try:
+            level = fit_level(u, outcomes)
+        except ValueError as exc:
+            raise RouterError(f"{name!r}: {exc}", param="outcomes") from exc
+        if level is not None:
+            self.levels[name] = level
+        return level is not None
+
     def _head_category_means(self, prior: CategoryPrior, name: str) -> np.ndarray:
         """(C,) the head's mean expected quality for expert ``name`` per category of ``prior``'s reference prompts."""
         return prior.category_means_of(self._raw_utilities(prior.reference, [name])[:, self.expert_names.index(name)])
@@ -190,6 +217,7 @@ class CSCRRouter(Router):
         self.index.remove(name)  # type: ignore[union-attr]
         self.expert_names = list(self.index.names)  # type: ignore[union-attr]
         self.costs = np.delete(self.costs, pos)
+        self.levels.pop(name, None)
 
     # ---- scoring ----
     def _check_parts(self) -> None:
@@ -226,6 +254,12 @@ class CSCRRouter(Router):
             safe = np.where(ok, pos, 0)  # (n, k)
             scores = 1.0 / (1.0 + np.exp(-(a * scores.astype(np.float64) + bias[safe])))  # (n, k) P(good)
         u[rows[ok], pos[ok]] = scores[ok]
+        if self.levels:
+            from cscr.newcomer import apply_level
+
+            for name, level in self.levels.items():
+                j = self.expert_names.index(name)
+                u[:, j] = apply_level(u[:, j], level)
         return u
 
     def utilities(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:

@@ -1,0 +1,97 @@
+"""Newcomer levels: an expert that joins after training, calibrated on its probe outcomes
+(beyond the write-up, labelled so).
+
+A probe-outcome descriptor (cscr/fingerprints/probe_outcome.py) is the expert's quality on the N
+probe prompts *standardised* per expert, so it says which probes the expert does better or worse
+on, not how good it is overall; the head's expected quality for an expert it was not trained on
+therefore has the right shape but a borrowed level and slope. The probe outcomes the descriptor is
+made from fix that without retraining anything: a two-parameter Platt map on the logit of the
+head's expected quality, fitted on the newcomer's own probe prompts,
+
+    u'(x, m) = sigmoid(a_m * logit(u(x, m)) + b_m)     (a_m >= 0: the map never reverses the order)
+
+Experts the head was trained on keep their utilities (their level was learned from their answers).
+
+Whether a router uses the maps is chosen on the validation split over the experts the head was
+trained on (``choose_levels``): REPS times, a third of them (drawn as the unseen-experts experiment
+draws its held-out experts: stratified by cost, seeded) play newcomers, a head is trained on the rest, and the validation AUDC over the pseudo-newcomers is compared with and without
+their maps; the maps are used when the draws gain on average. The draws and gains are recorded.
+
+By nested 5-fold CV on train + val (docs/routing-quality.md) this lifts CSCR over experts that join
+later on RouterBench (0.7733 -> 0.7999, above UMR's 0.7915, which reads each newcomer's validation
+answers) and lowers it on LLMRouter with the maps always on (0.5996 -> 0.5938): hence the choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cscr.calibration import logistic_fit
+
+REPS = 3  # distinct pseudo-newcomer draws for the choice
+EPS = 1e-4  # utilities are clipped to [EPS, 1 - EPS] before the logit
+
+
+def _logit(u: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(u, dtype=np.float64), EPS, 1.0 - EPS)
+    return np.log(p / (1.0 - p))  # type: ignore[no-any-return]
+
+
+def fit_level(u_probe: np.ndarray, outcomes: np.ndarray) -> tuple[float, float] | None:
+    """(a, b) of the Platt map from the head's expected qualities ``u_probe`` (R,) of one expert on
+    the probe prompts to its outcomes there (R,), NaN = missing; None when fewer than two probes have
+    both, or the outcomes do not vary (no slope to fit)."""
+    u, y = np.asarray(u_probe, dtype=np.float64), np.asarray(outcomes, dtype=np.float64)
+    if u.shape != y.shape or u.ndim != 1:
+        raise ValueError(f"probe utilities and outcomes must be (R,) alike, got {u.shape} and {y.shape}")
+    ok = np.isfinite(u) & np.isfinite(y)
+    if ok.sum() < 2 or np.ptp(y[ok]) == 0:
+        return None
+    if (y[ok] < 0).any() or (y[ok] > 1).any():
+        raise ValueError("probe outcomes must lie in [0, 1]")
+    a, b = logistic_fit(_logit(u[ok]), y[ok])
+    return float(a), float(b)
+
+
+def apply_level(u: np.ndarray, level: tuple[float, float]) -> np.ndarray:
+    """One expert's utilities (n,) through its map; -inf (outside the top-k) stays -inf."""
+    u = np.asarray(u, dtype=np.float64)
+    out = u.copy()
+    ok = np.isfinite(u)
+    a, b = level
+    out[ok] = 1.0 / (1.0 + np.exp(-(a * _logit(u[ok]) + b)))
+    return out
+
+
+@dataclass
+class LevelChoice:
+    """Whether routers of a head calibrate newcomers on their probe outcomes, and why."""
+
+    use: bool
+    gains: list[float] = field(default_factory=list)  # validation AUDC gain per pseudo-newcomer draw
+    draws: list[list[str]] = field(default_factory=list)  # the pseudo-newcomers of each draw
+    why: str = ""
+
+    def record(self) -> dict[str, Any]:
+        return {"use": self.use, "gains": self.gains, "draws": self.draws, "why": self.why,
+                "how": "u' = sigmoid(a logit(u) + b) per newcomer, fitted on its probe outcomes; used when every "
+                       "pseudo-newcomer draw gains on validation"}
+
+
+def choose_levels(gain_of: Callable[[list[str]], float | None], picks: Sequence[Sequence[str]]) -> LevelChoice:
+    """The choice from pseudo-newcomer draws ``picks`` among the experts a head was trained on:
+    ``gain_of(held_out)`` trains a head without ``held_out`` and returns the validation AUDC gain of
+    their maps over them (None: no answers to score)."""
+    if not picks:
+        return LevelChoice(False, why="fewer than 2 trained experts: nobody to play a newcomer")
+    held = [list(d) for d in picks]
+    gains = [gain_of(d) for d in held]
+    if any(g is None for g in gains):
+        return LevelChoice(False, [], held, "a draw could not be scored (no validation or probe answers)")
+    got = [float(g) for g in gains if g is not None]
+    use = float(np.mean(got)) > 0
+    return LevelChoice(use, got, held, "the draws gain on average" if use else "the draws do not gain on average")
