@@ -1,4 +1,4 @@
-"""The cross-validation scripts (scripts/cv_grid.py, category_probe.py, lexical_cv.py, prior_cv.py,
+"""The cross-validation scripts (scripts/cv_grid.py, category_probe.py, lexical_cv.py, prior_cv.py, newcomer_cv.py, ceiling_cv.py,
 finetune_probe.py with finetune_export.py) share their folds (scripts/foldcv.py): run end to end on a
 small synthetic run, they score the same rows, and the test split is never read."""
 
@@ -17,6 +17,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import category_probe  # noqa: E402
+import ceiling_cv  # noqa: E402
 import cv_grid  # noqa: E402
 import epoch_choice_cv  # noqa: E402
 import finetune_device  # noqa: E402
@@ -25,6 +26,7 @@ import finetune_import  # noqa: E402
 import finetune_probe  # noqa: E402
 import foldcv  # noqa: E402
 import lexical_cv  # noqa: E402
+import newcomer_cv  # noqa: E402
 import prior_cv  # noqa: E402
 
 
@@ -275,3 +277,44 @@ def test_prior_cv_scores_the_nested_folds_with_w_chosen_on_the_next_fold(run_dir
     np.testing.assert_allclose(rows["w=0.0"], rows["head"], atol=1e-12)
     saved = json.loads((tmp_path / "p.json").read_text())
     assert saved["folds"] == 3 and len(saved["results"]["head"]) == 3
+
+
+def test_newcomer_cv_scores_held_out_experts_off_on_and_as_chosen(run_dir, capsys, tmp_path):
+    out, table = run_dir
+    held = table.expert_names[-1]
+    assert newcomer_cv.main(["--run", str(out), "--folds", "3", "--unseen", held, "--out", str(tmp_path / "n.json")]) == 0
+    rows = _table(capsys.readouterr().out)
+    for k, on in enumerate(rows["chosen: on"][1:]):  # the default is one of the two it chose between, per fold
+        picked = rows["levels always on" if on else "levels off"][1 + k]
+        assert rows["levels chosen (default)"][1 + k] == pytest.approx(picked, abs=1e-12)
+    assert all(0.0 < v <= 1.0 for v in rows["umr"] + rows["levels off"])
+    assert json.loads((tmp_path / "n.json").read_text())["folds"] == 3
+    assert newcomer_cv.main(["--run", str(out), "--unseen", "gpt-9"]) == 2
+    assert "unknown expert(s) ['gpt-9']" in capsys.readouterr().err
+
+
+def test_ceiling_cv_scores_the_prior_and_its_references_on_the_prior_cv_folds(run_dir, capsys):
+    out, _ = run_dir
+    assert prior_cv.main(["--run", str(out), "--folds", "3"]) == 0
+    prior = _table(capsys.readouterr().out)
+    assert ceiling_cv.main(["--run", str(out), "--folds", "3", "--lexical-dims", "8"]) == 0
+    rows = _table(capsys.readouterr().out)
+    # the same nested head, prior and per-category table on the same folds as prior_cv
+    np.testing.assert_allclose(rows["head"], prior["head"], atol=1e-9)
+    np.testing.assert_allclose(rows["head + prior (the default)"], prior["head + prior (w chosen)"], atol=1e-9)
+    np.testing.assert_allclose(rows["per-category (given the label)"], prior["per-category (given the label)"], atol=1e-9)
+    for name in ("head + prior reading lexical too", "head + true category", "neighbours within the true category"):
+        assert all(0.0 < v <= 1.0 for v in rows[name]), name
+    assert all(0.0 <= v <= 1.0 for v in rows["accuracy: MiniLM"] + rows["accuracy: + lexical"])
+
+
+def test_the_neighbour_table_stays_within_a_category_and_shrinks_to_its_mean():
+    feats = np.eye(4, dtype=np.float32)[[0, 0, 1, 1, 2, 2]]
+    quality = np.array([[1.0], [1.0], [0.0], [0.0], [1.0], [0.0]])
+    codes = np.array([0, 0, 1, 1, 0, 1])
+    train, rows = np.arange(4), np.array([4, 5])
+    qbar = np.array([[0.6], [0.2]])
+    got = ceiling_cv.neighbour_table(feats, quality, codes, train, rows, qbar, 2, 0.0)
+    assert got[:, 0] == pytest.approx([1.0, 0.0])  # each prompt's own category's neighbours only
+    got = ceiling_cv.neighbour_table(feats, quality, codes, train, rows, qbar, 2, 2.0)
+    assert got[:, 0] == pytest.approx([(2 * 1.0 + 2 * 0.6) / 4, (2 * 0.0 + 2 * 0.2) / 4])

@@ -61,6 +61,9 @@ def register(subparsers: Any) -> None:
     u.add_argument("--frac", type=float, default=1 / 3, help="fraction of experts held out (default 1/3)")
     u.add_argument("--unseen", default=None, metavar="E1,E2",
                    help="hold out exactly these experts (default: a cost-stratified draw)")
+    u.add_argument("--newcomer-levels", choices=("on", "off"), default=None,
+                   help="let the held-out experts be calibrated on their probe outcomes where the seen experts' "
+                        "validation answers choose it (on), or never (off); default: the run's training record (on)")
     u.set_defaults(func=run_unseen_cmd)
 
     o = sub.add_parser("ood", parents=[common], help="train on some prompt categories, test on the rest",
@@ -153,6 +156,8 @@ def run_unseen_cmd(args: argparse.Namespace) -> int:
     routers = _routers(args.routers)
     paths, table, emb = _load(args)
     train, ev, kind = _configs(args)
+    if args.newcomer_levels is not None:
+        train = dataclasses.replace(train, newcomer_levels=args.newcomer_levels == "on")
     if args.unseen:
         unseen = [s.strip() for s in args.unseen.split(",") if s.strip()]
         unknown = sorted(set(unseen) - set(table.expert_names))

@@ -49,6 +49,8 @@ from cscr.experiments.common import (
     train_cscr,
 )
 from cscr.routers.base import Router, RouterContext, get_router
+from cscr.routers.cscr import CSCRRouter
+from cscr.training import TrainResult
 
 HOW = {
     "cscr": "head trained on the seen experts; held-out experts enter by their descriptors (calibrated on "
@@ -95,6 +97,31 @@ def fit_unseen_router(name: str, pool: RoutingTable, emb: np.ndarray, seed: int 
     return get_router(name).fit(ctx)
 
 
+def held_out_router(result: TrainResult, seen_table: RoutingTable, pool: RoutingTable, emb: np.ndarray,
+                    desc: Mapping[str, np.ndarray], levels: bool | None = None,
+                    log: Log | None = None) -> tuple[CSCRRouter, dict[str, Any] | None]:
+    """The router of ``result`` (a head trained on ``seen_table``'s experts) over ``pool``'s held-out
+    experts, with its category prior (w chosen over the seen experts) and, where chosen (``levels``
+    None: ``experiment_levels``; True / False: always / never), the held-out experts calibrated on
+    their probe outcomes; and the level choice's record (None when none was made)."""
+    seen_router = cscr_router(result.variant, result, {n: desc[n] for n in seen_table.expert_names},
+                              costs_of(seen_table, seen_table.split_index("train")))
+    prior = experiment_prior(result, seen_router, seen_table, emb, log)  # w chosen over the seen experts
+    record: dict[str, Any] | None = None
+    if levels is None:
+        choice = experiment_levels(result, seen_table, emb, desc, log)  # chosen over the seen experts
+        record = None if choice is None else choice.record()
+        levels = choice is not None and choice.use
+    router = cscr_router(result.variant, result, {n: desc[n] for n in pool.expert_names},
+                         costs_of(pool, pool.split_index("train")))
+    if levels:  # the held-out experts calibrated on their probe outcomes
+        calibrated = set_levels(router, pool, emb)
+        if record is not None:
+            record["calibrated"] = calibrated
+    router.set_prior(prior)  # the held-out experts get the (calibrated) head's per-category means
+    return router, record
+
+
 def run_unseen(table: RoutingTable, emb: np.ndarray, routers: Sequence[str], seen: Sequence[str],
                unseen: Sequence[str], train_cfg: TrainConfig | None = None, eval_cfg: EvalConfig | None = None,
                descriptors: Mapping[str, np.ndarray] | None = None, seed: int = 0,
@@ -115,18 +142,9 @@ def run_unseen(table: RoutingTable, emb: np.ndarray, routers: Sequence[str], see
             continue
         if name in CSCR_VARIANTS:
             result = train_cscr(seen_table, emb, desc, name, train_cfg, log)
-            seen_router = cscr_router(name, result, {n: desc[n] for n in seen_table.expert_names},
-                                      costs_of(seen_table, seen_table.split_index("train")))
-            prior = experiment_prior(result, seen_router, seen_table, emb, log)  # w chosen over the seen experts
-            choice = experiment_levels(result, seen_table, emb, desc, log)  # chosen over the seen experts
-            router = cscr_router(name, result, {n: desc[n] for n in pool.expert_names},
-                                 costs_of(pool, pool.split_index("train")))
+            fitted[name], choice = held_out_router(result, seen_table, pool, emb, desc, log=log)
             if choice is not None:
-                levels[name] = choice.record()
-                if choice.use:  # the held-out experts calibrated on their probe outcomes
-                    levels[name]["calibrated"] = set_levels(router, pool, emb)
-            router.set_prior(prior)  # the held-out experts get the (calibrated) head's per-category means
-            fitted[name] = router
+                levels[name] = choice
         else:
             fitted[name] = fit_unseen_router(name, pool, emb, seed)
     if not fitted:

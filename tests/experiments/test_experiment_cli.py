@@ -51,6 +51,12 @@ def test_unseen_experts_writes_tables_and_lists_who_could_not_take_part(tasks_ru
     assert "| cscr |" in md and "Could not take part" in md and "**parametric**" in md and "deferral.png" in md
     assert _png(out / "deferral.png") and (out / "metrics.csv").read_text().startswith("group,set,router,audc")
     assert "| umr |" in capsys.readouterr().out
+    levels = rec["newcomer_levels"]["cscr"]  # the newcomer-level choice, recorded and said in the table's note
+    assert len(levels["gains"]) == len(levels["draws"]) >= 1 and levels["use"] == (np.mean(levels["gains"]) > 0)
+    assert "cscr: held-out experts" in rec["tables"][0]["note"]
+    assert main(["experiment", "unseen-experts", "--run", str(run), "--routers", "cscr", "--newcomer-levels", "off",
+                 "--out", str(run / "no-levels"), *FAST]) == 0
+    assert json.loads((run / "no-levels" / "metrics.json").read_text())["newcomer_levels"] == {}
 
 
 def test_ood_holds_out_a_task_group(tasks_run):

@@ -1,0 +1,77 @@
+"""Do newcomer levels pay? The unseen-experts experiment under nested K-fold CV on train + val.
+
+For each fold k (foldcv's nested layout: fold k scored, fold k + 1 the validation split, the test
+split never read) a CSCR head is trained on the seen experts and routes over the held-out ones
+(``cscr.experiments.unseen.held_out_router``, with its category prior) three ways: the held-out
+experts as the head sees them (levels off), each calibrated on its probe outcomes (levels always
+on), and as chosen on the seen experts' validation answers (the default, cscr/newcomer.py); UMR
+on the same held-out pool for reference.
+
+    python scripts/newcomer_cv.py --run runs/rb --unseen gpt-3.5-turbo-1106,claude-v2,... [--folds 5] [--out f.json]
+
+One line per fold, then the means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from foldcv import fold_table, make_folds, print_results, scored_rows, without_test
+
+    from cscr.config import TrainConfig
+    from cscr.eval.utility import utility_audc
+    from cscr.experiments.common import default_descriptors, train_cscr
+    from cscr.experiments.unseen import fit_unseen_router, held_out_router, split_experts
+    from cscr.runs.inputs import Run
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True)
+    p.add_argument("--unseen", default=None, help="comma-separated held-out experts (default: a cost-stratified third)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+
+    run = Run.of(a.run)
+    table, emb = without_test(run.table, run.embeddings)
+    unseen = a.unseen.split(",") if a.unseen else split_experts(table)[1]
+    unknown = sorted(set(unseen) - set(table.expert_names))
+    if unknown or len(unseen) >= len(table.expert_names):
+        print(f"newcomer_cv: --unseen: unknown expert(s) {unknown} or nobody left to train on", file=sys.stderr)
+        return 2
+    seen = [n for n in table.expert_names if n not in unseen]
+    pool_rows, folds = make_folds(table, a.folds)
+    res: dict[str, list[float]] = {}
+    for k in range(a.folds):
+        t0 = time.time()
+        t = fold_table(table, pool_rows, folds, k, nested=True)
+        seen_table, pool = t.subset(experts=seen), t.subset(experts=unseen)
+        desc = default_descriptors(t)
+        result = train_cscr(seen_table, emb, desc, "cscr", TrainConfig())
+        rows = scored_rows(pool, nested=True)
+
+        def audc(router, rows=rows, pool=pool) -> float:
+            cols = [pool.expert_names.index(n) for n in router.expert_names]
+            return utility_audc(list(router.expert_names), router.costs, router.utilities(emb[rows]), emb[rows],
+                                pool.quality[rows][:, cols], pool.cost[rows][:, cols])
+
+        chosen, record = held_out_router(result, seen_table, pool, emb, desc)
+        res.setdefault("levels off", []).append(audc(held_out_router(result, seen_table, pool, emb, desc, False)[0]))
+        res.setdefault("levels always on", []).append(audc(held_out_router(result, seen_table, pool, emb, desc, True)[0]))
+        res.setdefault("levels chosen (default)", []).append(audc(chosen))
+        res.setdefault("chosen: on", []).append(float(bool(record and record["use"])))
+        res.setdefault("umr", []).append(audc(fit_unseen_router("umr", pool, emb)))
+        print(f"fold {k}: " + "  ".join(f"{n} {v[-1]:.4f}" for n, v in res.items()) + f"  {time.time() - t0:.0f} s",
+              flush=True)
+    print_results(res, run.root, a.folds, a.out, 26)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
