@@ -47,9 +47,12 @@ class AdminRouter(Protocol):
 
     async def check_descriptor(self, descriptor: list[float] | None) -> None: ...
 
+    async def check_outcomes(self, outcomes: list[float | None] | None) -> None: ...
+
     async def fingerprint_plan(self) -> Any: ...
 
-    async def add_expert(self, name: str, cost: float, descriptor: list[float]) -> dict[str, float]: ...
+    async def add_expert(self, name: str, cost: float, descriptor: list[float],
+                         outcomes: list[float | None] | None = None) -> dict[str, float]: ...
 
     async def remove_expert(self, name: str) -> dict[str, float]: ...
 
@@ -132,7 +135,7 @@ class AdminService:
                     descriptor = await self.pool.fingerprint(spec.name, plan)
                 if descriptor is None:  # unreachable: checked above
                     raise ProtocolError("no descriptor", param="descriptor")
-                await self.router.add_expert(spec.name, body.cost, descriptor)
+                await self.router.add_expert(spec.name, body.cost, descriptor, body.probe_outcomes)
             except BaseException:
                 await self.pool.stop(spec.name)
                 raise
@@ -151,6 +154,7 @@ class AdminService:
         self.policy.check(spec)  # first: nothing the operator did not declare is looked at
         self._refuse_existing(spec.name, names)
         await self.router.check_descriptor(body.descriptor)
+        await self.router.check_outcomes(body.probe_outcomes)
         plan = await self.router.fingerprint_plan() if body.fingerprint else None
         if plan is not None and spec.backend == "openai":
             raise ProtocolError(f"expert {spec.name!r} is black-box (no logits): send its descriptor",
@@ -171,8 +175,10 @@ class AdminService:
                 raise ProtocolError("no descriptor", param="descriptor")
             current = await state.get()
             self._refuse_existing(spec.name, current.names())
+            outcomes = None if body.probe_outcomes is None else [None if v is None else float(v)
+                                                                 for v in body.probe_outcomes]
             entry = PoolEntry(spec=spec, cost=float(body.cost), descriptor=[float(x) for x in descriptor],
-                              app=app)
+                              probe_outcomes=outcomes, app=app)
             record = await state.commit(current.version, current.with_expert(entry))
         except BaseException:  # failed, refused, lost the race or abandoned: no orphan application
             await asyncio.shield(pool.discard(app))

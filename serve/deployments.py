@@ -220,6 +220,9 @@ class RouterDeployment:
     async def check_descriptor(self, descriptor: list[float] | None) -> None:
         await self.core.check_descriptor(descriptor)
 
+    async def check_outcomes(self, outcomes: list[float | None] | None) -> None:
+        await self.core.check_outcomes(outcomes)
+
     async def batch_stats(self) -> dict[str, int]:
         return await self.core.batch_stats()
 
@@ -314,6 +317,9 @@ class HandleRouter:
 
     async def check_descriptor(self, descriptor: list[float] | None) -> None:
         await self._call("check_descriptor", descriptor)
+
+    async def check_outcomes(self, outcomes: list[float | None] | None) -> None:
+        await self._call("check_outcomes", outcomes)
 
     async def fingerprint_plan(self) -> Any:
         return await self._call("fingerprint_plan")

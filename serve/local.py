@@ -44,11 +44,15 @@ class LocalRouter:
     async def check_descriptor(self, descriptor: list[float] | None) -> None:
         self.service.check_descriptor(descriptor)
 
+    async def check_outcomes(self, outcomes: list[float | None] | None) -> None:
+        self.service.check_outcomes(outcomes)
+
     async def fingerprint_plan(self) -> Any:
         return await self._run(self.service.fingerprint_plan)
 
-    async def add_expert(self, name: str, cost: float, descriptor: list[float]) -> dict[str, float]:
-        await self._run(self.service.add_expert, name, cost, descriptor)
+    async def add_expert(self, name: str, cost: float, descriptor: list[float],
+                         outcomes: list[float | None] | None = None) -> dict[str, float]:
+        await self._run(self.service.add_expert, name, cost, descriptor, True, outcomes)
         return await self.experts()
 
     async def remove_expert(self, name: str) -> dict[str, float]:

@@ -254,6 +254,9 @@ class AddExpertRequest(BaseModel):
     cost: Number = Field(..., ge=0.0, description="normalised cost c_m (1 = the pool's most expensive)")
     descriptor: list[Number] | None = None  # unit or not; normalised by the server
     fingerprint: Flag = False  # compute the descriptor on the fly (logit footprint on the run's probes)
+    # its answers' quality on the run's probe prompts, in their order (null: not answered): the router
+    # calibrates the expert on them (cscr/newcomer.py); the router checks the length
+    probe_outcomes: list[Number | None] | None = Field(None, max_length=100_000)
 
 
 class ExpertInfo(BaseModel):

@@ -74,7 +74,7 @@ class RouterCore:
         """Make the index hold the record's experts (add the new ones by their descriptors, drop
         the removed ones; the run's experts are in the index from the start), then route with the
         record's operating-point table, or compute it and attach it to the record."""
-        added: list[tuple[str, float, list[float]]] = []
+        added: list[tuple[str, float, list[float], list[float | None] | None]] = []
         for entry in record.experts:
             if entry.name in self.service.expert_names:
                 continue
@@ -82,7 +82,7 @@ class RouterCore:
                 log.error("pool v%d: expert %r has no descriptor and is not in the run's index; not routed",
                           record.version, entry.name)
                 continue
-            added.append((entry.name, entry.cost, entry.descriptor))
+            added.append((entry.name, entry.cost, entry.descriptor, entry.probe_outcomes))
         want = set(record.names())
         removed = [n for n in self.service.expert_names if n not in want]
         table = None
@@ -131,6 +131,9 @@ class RouterCore:
 
     async def check_descriptor(self, descriptor: list[float] | None) -> None:
         self.service.check_descriptor(descriptor)
+
+    async def check_outcomes(self, outcomes: list[float | None] | None) -> None:
+        self.service.check_outcomes(outcomes)
 
     async def batch_stats(self) -> dict[str, int]:
         return dict(self.stats)

@@ -147,18 +147,19 @@ class RouterService:
         long-prompt mode its manifest records), with the run's lexical view appended when it has
         one, to whichever encoder is given; an encoder other than the run's is refused."""
         from cscr.runs.inputs import Run
-        from cscr.runs.loader import load_router
+        from cscr.runs.loader import attach_probes, load_router
 
         run = Run.of(run_dir)
-        router = load_router(run, variant)
+        router = load_router(run, variant, probes=False)  # attached below, with the view loaded once
         if encoder is None:
             from cscr.encoder import encoder_config_for_run, get_encoder
 
             encoder = get_encoder(encoder_config_for_run(run.root))  # the view is appended below
-        from cscr.lexical import for_run
+        from cscr.lexical import WithLexical, for_run
 
         encoder = for_run(encoder, run.root)  # the run's lexical view, as training read it (idempotent)
         check_encoder(run, encoder)
+        attach_probes(router, run, encoder.view if isinstance(encoder, WithLexical) else None)  # newcomers' outcomes
         kwargs.setdefault("reference", reference_from_table(run.table, router))
         if "table" not in kwargs:
             kwargs["table"], kwargs["calibrator"] = run_operating_points(run, variant, router)
@@ -193,20 +194,29 @@ class RouterService:
         if not np.isfinite(vec).all() or not np.any(vec):
             raise ProtocolError("descriptor is zero or not finite", param="descriptor", code="bad_descriptor")
 
+    def check_outcomes(self, outcomes: Sequence[float | None] | None) -> None:
+        """Refuse probe outcomes the router cannot use (before any expert is started for them)."""
+        with protocol_errors(param="probe_outcomes"):
+            self.router.check_outcomes(outcomes)
+
     def _live_pool(self) -> None:
         if not self.router.supports_live_pool:
             raise ProtocolError(f"router {self.router.name!r} does not support live expert changes",
                                 status=400, code="unsupported")
 
-    def add_expert(self, name: str, cost: float, descriptor: Sequence[float], refresh: bool = True) -> None:
+    def add_expert(self, name: str, cost: float, descriptor: Sequence[float], refresh: bool = True,
+                   outcomes: Sequence[float | None] | None = None) -> None:
+        """Add an expert by its descriptor; with its ``outcomes`` on the run's probe prompts it is also
+        calibrated on them (cscr/newcomer.py)."""
         self.check_descriptor(descriptor)
+        self.check_outcomes(outcomes)
         if name in self.expert_names:
             raise ProtocolError(f"expert {name!r} is already in the pool", status=409, code="expert_exists")
         self._live_pool()
         vec = np.asarray(descriptor, dtype=np.float64).ravel()
         unit = (vec / np.linalg.norm(vec)).astype(np.float32)  # any scale: non-zero, finite (checked above)
         with protocol_errors(param="descriptor"):  # cost and dimension checked by the router
-            self.router.add_expert(name, unit, float(cost))
+            self.router.add_expert(name, unit, float(cost), outcomes)
         self.new_experts[name] = NewExpert(unit, float(cost))
         if refresh:
             self.refresh_table()
@@ -224,13 +234,14 @@ class RouterService:
         if refresh:
             self.refresh_table()
 
-    def apply_pool(self, added: Sequence[tuple[str, float, Sequence[float]]], removed: Sequence[str],
+    def apply_pool(self, added: Sequence[tuple[str, float, Sequence[float], Sequence[float | None] | None]],
+                   removed: Sequence[str],
                    table: OperatingTable | None = None) -> OperatingTable | None:
-        """Add and remove experts (name, cost, descriptor) in one go, then route with ``table``
+        """Add and remove experts (name, cost, descriptor, probe outcomes or None) in one go, then route with ``table``
         when it covers the new pool; else recompute it (once). Returns the recomputed table (None:
         ``table`` was used, or the pool did not change and had one, or there is no calibrator)."""
-        for name, cost, descriptor in added:
-            self.add_expert(name, cost, descriptor, refresh=False)
+        for name, cost, descriptor, outcomes in added:
+            self.add_expert(name, cost, descriptor, refresh=False, outcomes=outcomes)
         for name in removed:
             self.remove_expert(name, refresh=False)
         if table is not None and list(table.expert_names) == self.expert_names:

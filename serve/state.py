@@ -47,6 +47,7 @@ class PoolEntry(BaseModel):
     spec: ExpertSpec
     cost: float = Field(ge=0)  # normalised cost c_m
     descriptor: list[float] | None = None  # None: the run's expert index holds it
+    probe_outcomes: list[float | None] | None = None  # its answers on the run's probe prompts (cscr/newcomer.py)
     app: str | None = None  # Serve application of its deployment (None: the main application)
 
     @property

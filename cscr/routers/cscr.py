@@ -24,7 +24,9 @@ own per-category means, so it still needs only its descriptor.
 
 Newcomer levels (cscr/newcomer.py, beyond the write-up, labelled so): an expert that joins after
 training can be calibrated on its probe outcomes (``set_level``), a Platt map on the logit of the
-head's expected quality, since a probe-outcome descriptor is standardised and carries no level.
+head's expected quality, since a probe-outcome descriptor is standardised and carries no level;
+``add_expert(..., outcomes=...)`` does so when the router holds the run's probe prompts
+(``set_probes``; the loader attaches them).
 
 Adding or removing an expert is an index update (``add_expert`` / ``remove_expert``): the head is
 not retrained. The router does no file I/O: ``from_parts`` builds it from a head, descriptors and
@@ -74,6 +76,7 @@ class CSCRRouter(Router):
         self.guard: Guard | None = None  # the out-of-distribution guard (cscr/guard.py), if attached
         self.prior: CategoryPrior | None = None  # the category prior (cscr/prior.py), if attached
         self.levels: dict[str, tuple[float, float]] = {}  # newcomers' probe-outcome maps (cscr/newcomer.py)
+        self.probes: np.ndarray | None = None  # (R, d) the run's probe prompts, for newcomers' maps
 
     # ---- building ----
     def _set_parts(self, head: Head, descriptors: Mapping[str, np.ndarray] | ExpertIndex,
@@ -189,17 +192,55 @@ class CSCRRouter(Router):
             return None
         return DescriptorBasis(self.index.kind, self.basis_id, self.index.dim)
 
-    def add_expert(self, name: str, descriptor: np.ndarray, cost: float) -> None:
-        """Add an expert by its descriptor and normalised cost c_m (>= 0)."""
+    def set_probes(self, emb: np.ndarray | None) -> None:
+        """The probe prompts' embeddings (R, d) whose outcomes an expert that joins later may bring
+        (``add_expert(..., outcomes=...)``); None: newcomers join by their descriptors only."""
+        self._check_parts()
+        if emb is None:
+            self.probes = None
+            return
+        emb = np.asarray(emb, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[1] != self.head.cfg.in_dim or len(emb) < 2:  # type: ignore[union-attr]
+            raise RouterError(f"{self.name}: probe embeddings must be (R >= 2, {self.head.cfg.in_dim}), "  # type: ignore[union-attr]
+                              f"got {emb.shape}")
+        self.probes = emb
+
+    def check_outcomes(self, outcomes: Sequence[float | None] | np.ndarray | None) -> np.ndarray | None:
+        """A newcomer's probe outcomes as (R,) floats (NaN: not answered), or RouterError (param
+        ``probe_outcomes``) when this router cannot use them or they do not fit its probes."""
+        if outcomes is None:
+            return None
+        if self.probes is None or self.head is None or self.head.cfg.utility != "quality":
+            raise RouterError(f"{self.name}: this router takes no probe outcomes (its run has no probe prompts, "
+                              "or its head's utilities are not expected qualities)", param="probe_outcomes")
+        try:
+            y = np.array([np.nan if v is None else float(v) for v in np.asarray(outcomes, dtype=object).ravel()])
+        except (TypeError, ValueError) as exc:
+            raise RouterError(f"probe outcomes must be numbers in [0, 1] or null: {exc}", param="probe_outcomes") from exc
+        if y.size != len(self.probes):
+            raise RouterError(f"probe outcomes: {y.size} given, the run has {len(self.probes)} probe prompts",
+                              param="probe_outcomes")
+        known = y[~np.isnan(y)]
+        if not np.isfinite(known).all() or (known < 0).any() or (known > 1).any():
+            raise RouterError("probe outcomes must be numbers in [0, 1] or null", param="probe_outcomes")
+        return y
+
+    def add_expert(self, name: str, descriptor: np.ndarray, cost: float,
+                   outcomes: Sequence[float | None] | np.ndarray | None = None) -> None:
+        """Add an expert by its descriptor and normalised cost c_m (>= 0); with its ``outcomes`` on the
+        run's probe prompts (``set_probes``) it is also calibrated on them (``set_level``)."""
         self._check_parts()
         if not np.isfinite(cost) or cost < 0:
             raise RouterError(f"cost of {name!r} must be a finite number >= 0, got {cost}", param="cost")
+        y = self.check_outcomes(outcomes)  # before the index changes: a refused request changes nothing
         try:
             self.index.add(name, descriptor)  # type: ignore[union-attr]
         except ExpertIndexError as exc:
             raise RouterError(str(exc), param="descriptor") from exc
         self.expert_names = list(self.index.names)  # type: ignore[union-attr]
         self.costs = np.append(self.costs, float(cost))
+        if y is not None:
+            self.set_level(name, self.probes, y)  # type: ignore[arg-type]
         if self.prior is not None and name not in self.prior.table:  # trained experts keep their table
             self.prior = self.prior.with_means({name: self._head_category_means(self.prior, name)})
         if self.guard is not None and name not in self.guard.qbar:  # trained experts keep their label mean

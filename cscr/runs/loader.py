@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from cscr.guard import load_guard
 from cscr.prior import load_prior
 from cscr.routers.base import Router, RouterContext, RouterError, router_class
@@ -29,10 +31,34 @@ from cscr.runs.inputs import Run
 from cscr.runs.paths import RunPaths
 
 
+def probe_features(run: Run, view: Any = ...) -> np.ndarray | None:
+    """(R, d) the features of the run's probe prompts as training read them: the encoder's vectors
+    from the run's cache and, when the run has a lexical view, its half (``view``: the view already
+    loaded, None for none; default: the run's); None when the run has fewer than 2 probe prompts."""
+    from cscr.encoder import load_run_embeddings
+    from cscr.lexical import LexicalView, features
+
+    probe = run.table.split_index("probe")
+    if len(probe) < 2:
+        return None
+    if view is ...:
+        view = LexicalView.load(run.paths.embeddings)
+    return features(load_run_embeddings(run.root, lexical=False)[probe], list(run.table.texts[probe]), view)
+
+
+def attach_probes(router: Router, run: Run, view: Any = ...) -> None:
+    """Give a CSCR router whose utilities are expected qualities the run's probe prompts
+    (``probe_features``); other routers are left as they are."""
+    if isinstance(router, CSCRRouter) and router.head is not None and router.head.cfg.utility == "quality":
+        router.set_probes(probe_features(run, view))
+
+
 def load_router(run: Run | str | os.PathLike[str] | RunPaths, variant: str = "cscr", *, seed: int = 0,
                 top_k: int | None = None, use_gpu: bool | None = None, guard: bool = True, prior: bool = True,
-                **kwargs: Any) -> Router:
-    """The fitted router ``variant`` of a run (``top_k`` / ``use_gpu`` / ``guard`` / ``prior``: CSCR variants only)."""
+                probes: bool = True, **kwargs: Any) -> Router:
+    """The fitted router ``variant`` of a run (``top_k`` / ``use_gpu`` / ``guard`` / ``prior`` / ``probes``:
+    CSCR variants only; ``probes``: attach the run's probe prompts, so an expert added later may bring
+    its outcomes there, cscr/newcomer.py)."""
     run = Run.of(run)
     base, at, _ = variant.partition("@")
     cls = router_class(base)
@@ -49,6 +75,8 @@ def load_router(run: Run | str | os.PathLike[str] | RunPaths, variant: str = "cs
         saved = load_guard(run.paths.model(variant)) if guard else None
         if saved is not None:
             built.set_guard(saved)
+        if probes:
+            attach_probes(built, run)
         return built
     if at:
         raise RouterError(f"{variant!r}: '@KIND' names a head trained with descriptor kind KIND; "

@@ -246,11 +246,16 @@ def test_live_add_and_remove(app):
     huge = app.admin.post("/v1/experts", json={"expert": {**spec, "num_cpus": 1000}, "cost": 0.0,
                                                "descriptor": query_vector(app, prompt)})
     assert huge.status_code == 400 and huge.json()["error"]["code"] == "insufficient_resources"  # at once
+    short = app.admin.post("/v1/experts", json={"expert": spec, "cost": 0.0, "descriptor": query_vector(app, prompt),
+                                                "probe_outcomes": [1.0]})
+    assert short.status_code == 400 and short.json()["error"]["param"] == "probe_outcomes"  # before anything starts
     from ray import serve as ray_serve
 
     apps = set(ray_serve.status().applications)
     version = app.admin.get("/healthz").json()["pool_version"]
-    added = app.admin.post("/v1/experts", json={"expert": spec, "cost": 0.0, "descriptor": query_vector(app, prompt)})
+    n_probe = len(app.local.router.probes)  # the run's probe prompts travel with its router
+    added = app.admin.post("/v1/experts", json={"expert": spec, "cost": 0.0, "descriptor": query_vector(app, prompt),
+                                                "probe_outcomes": [1.0] * (n_probe - 1) + [None]})
     assert added.status_code == 201, added.text
     assert added.json()["pool_version"] == version + 1 and added.json()["replicas"]["lagging"] == []
     for lam in (0.0, 5.0):  # right on the prompt and free: chosen whatever the knob

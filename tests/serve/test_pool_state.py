@@ -54,6 +54,10 @@ def test_record_changes_make_the_next_version():
     with pytest.raises(PoolStateError, match="not in the pool"):
         v1.without_expert("zzz")
     assert json.loads(v2.model_dump_json())["experts"][0]["spec"]["name"] == "b"
+    # an added expert's probe outcomes travel with the record (every replica calibrates it alike)
+    v3 = v2.with_expert(PoolEntry(spec=ExpertSpec(name="c", model="smollm2"), cost=0.1, descriptor=[1.0, 0.0],
+                                  probe_outcomes=[1.0, None, 0.5]))
+    assert PoolRecord.model_validate_json(v3.model_dump_json()).experts[-1].probe_outcomes == [1.0, None, 0.5]
 
 
 def test_commit_is_compare_and_set_and_durable(tmp_path):

@@ -204,6 +204,9 @@ def test_live_add_and_remove_through_the_admin_api(parts, tiny_lms):
                  400, "bad_descriptor")
     openai_error(c.post("/v1/experts", headers=admin, json={"expert": spec, "cost": True, "descriptor": [1.0] * dim}),
                  400)
+    err = openai_error(c.post("/v1/experts", headers=admin, json={"expert": spec, "cost": 0.0, "descriptor": [1.0] * dim,
+                                                                 "probe_outcomes": [1.0, 0.0]}), 400)
+    assert err["param"] == "probe_outcomes" and "no probe outcomes" in err["message"]
     openai_error(c.post("/v1/experts", headers=admin, json={"expert": {**spec, "name": "tiny-a"}, "cost": 0.0,
                                                             "descriptor": [1.0] * dim}), 409, "expert_exists")
     # nothing the operator did not declare: a local path outside the model roots, an upstream URL

@@ -3,6 +3,8 @@ baseline without a live pool; router errors become protocol errors (4xx) here.""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -99,6 +101,10 @@ def test_live_add_is_chosen_near_its_descriptor_and_remove_is_never_chosen(servi
         service.remove_expert("newcomer")
     for lam in (0.0, 0.3, 10.0):
         assert all(r.name != "newcomer" for d in service.decide(emb, lam) for r in d.ranked)
+    # a router from parts has no probe prompts: outcomes are refused, nothing is added
+    with pytest.raises(ProtocolError, match="takes no probe outcomes") as err:
+        service.add_expert("newcomer", 0.5, q.tolist(), outcomes=[1.0, 0.0])
+    assert err.value.param == "probe_outcomes" and "newcomer" not in service.expert_names
     with pytest.raises(ProtocolError, match="unknown expert 'newcomer'") as err:
         service.remove_expert("newcomer")
     assert err.value.status == 404
@@ -123,6 +129,31 @@ def test_from_run_loads_the_trained_router(trained_run, encoder):
     assert d.chosen == min(svc.expert_costs(), key=svc.expert_costs().get)
     with pytest.raises(ProtocolError, match="probe-outcome descriptors, which cannot be computed"):
         svc.fingerprint_plan()
+
+
+def test_a_newcomer_with_probe_outcomes_is_calibrated_on_them(trained_run, encoder):
+    """The run's probe prompts travel with its router: an expert added with its answers there is
+    calibrated on them (cscr/newcomer.py); outcomes that do not fit are a 400 that changes nothing."""
+    svc = RouterService.from_run(trained_run, encoder=encoder)
+    n_probe = len(Run.of(trained_run).table.split_index("probe"))
+    assert svc.router.probes is not None and len(svc.router.probes) == n_probe
+    emb = svc.embed(PROMPTS)
+    desc = svc.router.queries(emb[:1])[0].tolist()
+    outcomes = [float(i % 4 == 0) for i in range(n_probe)]  # answers a quarter of the probes well
+    for bad, words in (([1.0] * (n_probe + 1), f"the run has {n_probe} probe prompts"),
+                       ([2.0] * n_probe, "in [0, 1]"), (["yes"] * n_probe, "numbers in [0, 1]")):
+        with pytest.raises(ProtocolError, match=re.escape(words)) as err:
+            svc.add_expert("newcomer", 0.1, desc, outcomes=bad)
+        assert err.value.param == "probe_outcomes" and "newcomer" not in svc.expert_names
+    svc.add_expert("plain", 0.1, desc)
+    svc.add_expert("newcomer", 0.1, desc, outcomes=[*outcomes[:-1], None])  # null: a probe not answered
+    u = svc.router.utilities(emb)
+    plain, new = svc.expert_names.index("plain"), svc.expert_names.index("newcomer")
+    assert "newcomer" in svc.router.levels and "plain" not in svc.router.levels
+    assert not np.allclose(u[:, new], u[:, plain])  # same descriptor, its own level
+    assert abs(u[:, new].mean() - 0.25) < abs(u[:, plain].mean() - 0.25)  # towards what it answered
+    svc.remove_expert("newcomer")
+    assert "newcomer" not in svc.router.levels
 
 
 def test_an_encoder_other_than_the_runs_is_refused(trained_run, encoder):
