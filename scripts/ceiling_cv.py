@@ -50,7 +50,15 @@ def neighbour_table(feats: np.ndarray, quality: np.ndarray, codes: np.ndarray, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, head_router, make_folds, print_results, scored_rows, without_test
+    from foldcv import (
+        fold_table,
+        head_router,
+        make_folds,
+        print_fold,
+        print_results,
+        scored_rows,
+        without_test,
+    )
 
     from cscr.eval.utility import utility_audc
     from cscr.lexical import LexicalConfig, LexicalView
@@ -124,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         cols = [per_cat.expert_names.index(n) for n in names]
         res.setdefault("per-category (given the label)", []).append(audc(per_cat.utilities(emb[test], test)[:, cols],
                                                                          test))
-        print(f"fold {k}: " + "  ".join(f"{name} {v[-1]:.4f}" for name, v in res.items()) + f"  {time.time() - t0:.0f} s",
-              flush=True)
+        print_fold(k, res, t0)
     print_results(res, run.root, a.folds, a.out, 36)
     return 0
 

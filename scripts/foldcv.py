@@ -67,6 +67,14 @@ def json_object(text: str, what: str) -> dict[str, Any] | None:
     return value
 
 
+def print_fold(k: int, res: dict[str, list[float]], started: float) -> None:
+    """Fold ``k``'s line: every row's latest value, then the seconds since ``started``."""
+    import time
+
+    print(f"fold {k}: " + "  ".join(f"{n} {v[-1]:.4f}" for n, v in res.items()) + f"  {time.time() - started:.0f} s",
+          flush=True)
+
+
 def print_results(res: dict[str, list[float]], run: Any, folds: int, out: str | None, width: int = 30) -> None:
     """One line per row of ``res`` (its mean over the folds, then each fold's); with ``out``, the
     results as JSON there too."""

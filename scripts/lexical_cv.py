@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         head_router,
         json_object,
         make_folds,
+        print_fold,
         scored_rows,
         train_config,
         without_test,
@@ -99,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             ref = get_router("per-category").fit(RouterContext.from_table(t, e, 0))  # the probes' c_m
             res.setdefault(name, []).append(utility_audc(ref.expert_names, ref.costs, router.utilities(e[rows]),
                                                          e[rows], t.quality[rows], t.cost[rows]))
-        print(f"fold {k}: " + "  ".join(f"{n} {v[-1]:.4f}" for n, v in res.items()) + f"  {time.time() - t0:.0f} s",
-              flush=True)
+        print_fold(k, res, t0)
     for name, vals in res.items():
         print(f"{name:24s} {np.mean(vals):.4f}   {' '.join(f'{v:.4f}' for v in vals)}")
     return 0

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, make_folds, print_results, scored_rows, without_test
+    from foldcv import fold_table, make_folds, print_fold, print_results, scored_rows, without_test
 
     from cscr.config import TrainConfig
     from cscr.eval.utility import utility_audc
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         res.setdefault("levels chosen (default)", []).append(audc(chosen))
         res.setdefault("chosen: on", []).append(float(bool(record and record["use"])))
         res.setdefault("umr", []).append(audc(fit_unseen_router("umr", pool, emb)))
-        print(f"fold {k}: " + "  ".join(f"{n} {v[-1]:.4f}" for n, v in res.items()) + f"  {time.time() - t0:.0f} s",
-              flush=True)
+        print_fold(k, res, t0)
     print_results(res, run.root, a.folds, a.out, 26)
     return 0
 

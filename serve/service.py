@@ -196,8 +196,13 @@ class RouterService:
 
     def check_outcomes(self, outcomes: Sequence[float | None] | None) -> None:
         """Refuse probe outcomes the router cannot use (before any expert is started for them)."""
+        if outcomes is None:
+            return
+        check = getattr(self.router, "check_outcomes", None)  # CSCR routers calibrate newcomers on them
+        if check is None:
+            raise ProtocolError(f"router {self.router.name!r} takes no probe outcomes", param="probe_outcomes")
         with protocol_errors(param="probe_outcomes"):
-            self.router.check_outcomes(outcomes)
+            check(outcomes)
 
     def _live_pool(self) -> None:
         if not self.router.supports_live_pool:

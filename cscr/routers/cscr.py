@@ -170,7 +170,7 @@ class CSCRRouter(Router):
         try:
             level = fit_level(u, outcomes)
         except ValueError as exc:
-            raise RouterError(f"{name!r}: {exc}", param="outcomes") from exc
+            raise RouterError(f"{name!r}: {exc}", param="probe_outcomes") from exc
         if level is not None:
             self.levels[name] = level
         return level is not None

@@ -180,5 +180,10 @@ def test_a_router_without_a_live_pool_serves_and_refuses_pool_changes(trained_ru
     with pytest.raises(ProtocolError, match="does not support live expert changes") as err:
         svc.remove_expert(svc.expert_names[0])
     assert err.value.code == "unsupported"
+    with pytest.raises(ProtocolError, match="does not support live expert changes"):
+        svc.add_expert("newcomer", 0.1, [1.0] * 8)
+    with pytest.raises(ProtocolError, match="'knn' takes no probe outcomes") as err:
+        svc.add_expert("newcomer", 0.1, [1.0] * 8, outcomes=[1.0, 0.0])
+    assert err.value.param == "probe_outcomes" and "newcomer" not in svc.expert_names
     with pytest.raises(ProtocolError, match="'knn' takes no expert descriptors"):
         svc.fingerprint_plan()
