@@ -8,9 +8,9 @@ is drawn, seeded), so the held-out pool spans the cost range instead of landing 
 descriptors) and routes over the held-out experts through their descriptors alone: the head is
 not retrained. Where chosen on the seen experts' validation answers (cscr/newcomer.py,
 ``experiment_levels``), each held-out expert is calibrated on its probe outcomes, the answers its
-probe-outcome descriptor is made from. Every router is evaluated on the test prompts over the held-out pool. Baselines
-take part as far as their method allows without training on the held-out experts' train answers
-(``HOW`` says what each uses):
+probe-outcome descriptor is made from. Every router is evaluated on the test prompts over the
+held-out pool. Baselines take part as far as their method allows without training on the held-out
+experts' train answers (``HOW`` says what each uses):
 
   * umr: clusters of the train prompts; the held-out experts' per-cluster errors from their
     validation answers (UniRoute's recipe for new experts);
