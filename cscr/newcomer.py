@@ -14,12 +14,14 @@ Experts the head was trained on keep their utilities (their level was learned fr
 
 Whether a router uses the maps is chosen on the validation split over the experts the head was
 trained on (``choose_levels``): REPS times, a third of them (drawn as the unseen-experts experiment
-draws its held-out experts: stratified by cost, seeded) play newcomers, a head is trained on the rest, and the validation AUDC over the pseudo-newcomers is compared with and without
-their maps; the maps are used when the draws gain on average. The draws and gains are recorded.
+draws its held-out experts: stratified by cost, seeded) play newcomers, a head is trained on the
+rest, and the validation AUDC over the pseudo-newcomers is compared with and without their maps;
+the maps are used when the draws gain on average. The draws and gains are recorded.
 
-By nested 5-fold CV on train + val (docs/routing-quality.md) this lifts CSCR over experts that join
-later on RouterBench (0.7733 -> 0.7999, above UMR's 0.7915, which reads each newcomer's validation
-answers) and lowers it on LLMRouter with the maps always on (0.5996 -> 0.5938): hence the choice.
+By nested 5-fold CV on train + val (``scripts/newcomer_cv.py``, docs/routing-quality.md) the maps
+always on lift CSCR over experts that join later on RouterBench (0.7733 -> 0.7999; UMR, which reads
+each newcomer's validation answers, 0.7915) and lower it on LLMRouter (0.6014 -> 0.5983): hence the
+choice (0.7929 and 0.5996 as chosen).
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ class LevelChoice:
 
     def record(self) -> dict[str, Any]:
         return {"use": self.use, "gains": self.gains, "draws": self.draws, "why": self.why,
-                "how": "u' = sigmoid(a logit(u) + b) per newcomer, fitted on its probe outcomes; used when every "
-                       "pseudo-newcomer draw gains on validation"}
+                "how": "u' = sigmoid(a logit(u) + b) per newcomer, fitted on its probe outcomes; used when the "
+                       "pseudo-newcomer draws gain on validation on average"}
 
 
 def choose_levels(gain_of: Callable[[list[str]], float | None], picks: Sequence[Sequence[str]]) -> LevelChoice:
