@@ -43,18 +43,30 @@ def _logit(u: np.ndarray) -> np.ndarray:
     return np.log(p / (1.0 - p))  # type: ignore[no-any-return]
 
 
+def as_outcomes(values: Any) -> np.ndarray:
+    """Probe outcomes as (R,) floats, NaN where not answered (None or NaN); ValueError unless every
+    answered one is a number in [0, 1]. The one check of outcome values (the router's, the fit's)."""
+    try:
+        y = np.array([np.nan if v is None else float(v) for v in np.asarray(values, dtype=object).ravel()])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"probe outcomes must be numbers in [0, 1] or null: {exc}") from exc
+    known = y[~np.isnan(y)]
+    if not np.isfinite(known).all() or (known < 0).any() or (known > 1).any():
+        raise ValueError("probe outcomes must be numbers in [0, 1] or null")
+    return y
+
+
 def fit_level(u_probe: np.ndarray, outcomes: np.ndarray) -> tuple[float, float] | None:
     """(a, b) of the Platt map from the head's expected qualities ``u_probe`` (R,) of one expert on
     the probe prompts to its outcomes there (R,), NaN = missing; None when fewer than two probes have
     both, or the outcomes do not vary (no slope to fit)."""
-    u, y = np.asarray(u_probe, dtype=np.float64), np.asarray(outcomes, dtype=np.float64)
-    if u.shape != y.shape or u.ndim != 1:
-        raise ValueError(f"probe utilities and outcomes must be (R,) alike, got {u.shape} and {y.shape}")
-    ok = np.isfinite(u) & np.isfinite(y)
+    u = np.asarray(u_probe, dtype=np.float64)
+    if u.ndim != 1 or np.shape(outcomes) != u.shape:
+        raise ValueError(f"probe utilities and outcomes must be (R,) alike, got {u.shape} and {np.shape(outcomes)}")
+    y = as_outcomes(outcomes)
+    ok = np.isfinite(u) & ~np.isnan(y)
     if ok.sum() < 2 or np.ptp(y[ok]) == 0:
         return None
-    if (y[ok] < 0).any() or (y[ok] > 1).any():
-        raise ValueError("probe outcomes must lie in [0, 1]")
     a, b = logistic_fit(_logit(u[ok]), y[ok])
     return float(a), float(b)
 

@@ -150,7 +150,7 @@ class RouterService:
         from cscr.runs.loader import attach_probes, load_router
 
         run = Run.of(run_dir)
-        router = load_router(run, variant, probes=False)  # attached below, with the view loaded once
+        router = load_router(run, variant)
         if encoder is None:
             from cscr.encoder import encoder_config_for_run, get_encoder
 
@@ -159,7 +159,8 @@ class RouterService:
 
         encoder = for_run(encoder, run.root)  # the run's lexical view, as training read it (idempotent)
         check_encoder(run, encoder)
-        attach_probes(router, run, encoder.view if isinstance(encoder, WithLexical) else None)  # newcomers' outcomes
+        # newcomers may bring probe outcomes: the run's probe prompts, the lexical view loaded once
+        attach_probes(router, run, encoder.view if isinstance(encoder, WithLexical) else None)
         kwargs.setdefault("reference", reference_from_table(run.table, router))
         if "table" not in kwargs:
             kwargs["table"], kwargs["calibrator"] = run_operating_points(run, variant, router)

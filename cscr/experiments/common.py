@@ -108,20 +108,19 @@ def experiment_levels(result: TrainResult, table: RoutingTable, emb: np.ndarray,
     probe = table.split_index("probe")
 
     def gain_of(held: list[str]) -> float | None:
+        sub = table.subset(experts=held)
+        val = sub.split_index("val")
+        val = val[~np.isnan(sub.quality[val]).any(axis=1)]
+        if len(val) < 2 or len(probe) < 2:  # nothing to score: no head is trained for it
+            return None
         rest = [n for n in table.expert_names if n not in held]
         head = train_cscr(table.subset(experts=rest), emb, descriptors, result.variant, cfg)
-        sub = table.subset(experts=held)
         router = cscr_router(result.variant, head, {n: descriptors[n] for n in held}, costs_of(sub, sub.split_index("train")))
-        val = sub.split_index("val")
         cols = [sub.expert_names.index(n) for n in router.expert_names]
-        q, c = sub.quality[val][:, cols], sub.cost[val][:, cols]
-        full = ~np.isnan(q).any(axis=1)
-        if full.sum() < 2 or len(probe) < 2:
-            return None
-        e = emb[val[full]]
+        q, c, e = sub.quality[val][:, cols], sub.cost[val][:, cols], emb[val]
 
         def audc() -> float:
-            return utility_audc(list(router.expert_names), router.costs, router.utilities(e), e, q[full], c[full])
+            return utility_audc(list(router.expert_names), router.costs, router.utilities(e), e, q, c)
 
         before = audc()
         set_levels(router, sub, emb)

@@ -26,7 +26,7 @@ Newcomer levels (cscr/newcomer.py, beyond the write-up, labelled so): an expert 
 training can be calibrated on its probe outcomes (``set_level``), a Platt map on the logit of the
 head's expected quality, since a probe-outcome descriptor is standardised and carries no level;
 ``add_expert(..., outcomes=...)`` does so when the router holds the run's probe prompts
-(``set_probes``; the loader attaches them).
+(``set_probes``; ``cscr.runs.loader.attach_probes`` gives it them, as serving does).
 
 Adding or removing an expert is an index update (``add_expert`` / ``remove_expert``): the head is
 not retrained. The router does no file I/O: ``from_parts`` builds it from a head, descriptors and
@@ -213,16 +213,15 @@ class CSCRRouter(Router):
         if self.probes is None or self.head is None or self.head.cfg.utility != "quality":
             raise RouterError(f"{self.name}: this router takes no probe outcomes (its run has no probe prompts, "
                               "or its head's utilities are not expected qualities)", param="probe_outcomes")
+        from cscr.newcomer import as_outcomes
+
         try:
-            y = np.array([np.nan if v is None else float(v) for v in np.asarray(outcomes, dtype=object).ravel()])
-        except (TypeError, ValueError) as exc:
-            raise RouterError(f"probe outcomes must be numbers in [0, 1] or null: {exc}", param="probe_outcomes") from exc
+            y = as_outcomes(outcomes)
+        except ValueError as exc:
+            raise RouterError(str(exc), param="probe_outcomes") from exc
         if y.size != len(self.probes):
             raise RouterError(f"probe outcomes: {y.size} given, the run has {len(self.probes)} probe prompts",
                               param="probe_outcomes")
-        known = y[~np.isnan(y)]
-        if not np.isfinite(known).all() or (known < 0).any() or (known > 1).any():
-            raise RouterError("probe outcomes must be numbers in [0, 1] or null", param="probe_outcomes")
         return y
 
     def add_expert(self, name: str, descriptor: np.ndarray, cost: float,

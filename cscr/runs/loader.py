@@ -48,17 +48,18 @@ def probe_features(run: Run, view: Any = ...) -> np.ndarray | None:
 
 def attach_probes(router: Router, run: Run, view: Any = ...) -> None:
     """Give a CSCR router whose utilities are expected qualities the run's probe prompts
-    (``probe_features``); other routers are left as they are."""
+    (``probe_features``), so an expert added later may bring its outcomes there (cscr/newcomer.py);
+    other routers are left as they are. Only a router that takes new experts needs them (serving:
+    ``RouterService.from_run``), so ``load_router`` does not read them."""
     if isinstance(router, CSCRRouter) and router.head is not None and router.head.cfg.utility == "quality":
         router.set_probes(probe_features(run, view))
 
 
 def load_router(run: Run | str | os.PathLike[str] | RunPaths, variant: str = "cscr", *, seed: int = 0,
                 top_k: int | None = None, use_gpu: bool | None = None, guard: bool = True, prior: bool = True,
-                probes: bool = True, **kwargs: Any) -> Router:
-    """The fitted router ``variant`` of a run (``top_k`` / ``use_gpu`` / ``guard`` / ``prior`` / ``probes``:
-    CSCR variants only; ``probes``: attach the run's probe prompts, so an expert added later may bring
-    its outcomes there, cscr/newcomer.py)."""
+                **kwargs: Any) -> Router:
+    """The fitted router ``variant`` of a run (``top_k`` / ``use_gpu`` / ``guard`` / ``prior``: CSCR variants
+    only). A router that will take experts with their probe outcomes also needs ``attach_probes``."""
     run = Run.of(run)
     base, at, _ = variant.partition("@")
     cls = router_class(base)
@@ -75,8 +76,6 @@ def load_router(run: Run | str | os.PathLike[str] | RunPaths, variant: str = "cs
         saved = load_guard(run.paths.model(variant)) if guard else None
         if saved is not None:
             built.set_guard(saved)
-        if probes:
-            attach_probes(built, run)
         return built
     if at:
         raise RouterError(f"{variant!r}: '@KIND' names a head trained with descriptor kind KIND; "
