@@ -199,10 +199,14 @@ class TrainConfig:
     # experts that join after training (the unseen-experts experiment) calibrated on their probe outcomes
     # (cscr/newcomer.py; beyond the write-up), when pseudo-newcomers among the trained experts gain on validation
     newcomer_levels: bool = True
+    # distinct pseudo-newcomer draws behind that choice (a head trained per draw): 6 chosen over 3 and 9 by
+    # nested 5-fold CV on RouterBench and LLMRouter (docs/routing-quality.md)
+    newcomer_draws: int = 6
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.select_window >= 1, f"select_window must be >= 1, got {self.select_window}")
+        _check(self.newcomer_draws >= 1, f"newcomer_draws must be >= 1, got {self.newcomer_draws}")
         # the quality map is trained by the BCE: a quality head exactly when bce_weight > 0
         utility: Literal["similarity", "quality"] = "quality" if self.loss.bce_weight > 0 else "similarity"
         if self.head.utility != utility:

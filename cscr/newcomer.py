@@ -13,7 +13,7 @@ head's expected quality, fitted on the newcomer's own probe prompts,
 Experts the head was trained on keep their utilities (their level was learned from their answers).
 
 Whether a router uses the maps is chosen on the validation split over the experts the head was
-trained on (``choose_levels``): REPS times, a third of them (drawn as the unseen-experts experiment
+trained on (``choose_levels``): ``TrainConfig.newcomer_draws`` times, a third of them (drawn as the unseen-experts experiment
 draws its held-out experts: stratified by cost, seeded) play newcomers, a head is trained on the
 rest, and the validation AUDC over the pseudo-newcomers is compared with and without their maps;
 the maps are used when the draws gain on average. The draws and gains are recorded.
@@ -34,7 +34,6 @@ import numpy as np
 
 from cscr.calibration import logistic_fit
 
-REPS = 3  # distinct pseudo-newcomer draws for the choice
 EPS = 1e-4  # utilities are clipped to [EPS, 1 - EPS] before the logit
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from cscr.config import TrainConfig
 from cscr.data.table import RoutingTable, TableError
-from cscr.newcomer import REPS, LevelChoice, choose_levels
+from cscr.newcomer import LevelChoice, choose_levels
 from cscr.prior import CategoryPrior, fit_prior, wants_prior
 from cscr.routers.base import Router, RouterContext, get_router, router_class
 from cscr.routers.cscr import CSCRRouter
@@ -81,7 +81,7 @@ def split_experts(table: RoutingTable, frac_unseen: float = 1 / 3, seed: int = 0
     return [n for j, n in enumerate(names) if j not in held], [n for j, n in enumerate(names) if j in held]
 
 
-def pseudo_newcomers(table: RoutingTable, seed: int = 0, reps: int = REPS) -> list[list[str]]:
+def pseudo_newcomers(table: RoutingTable, seed: int = 0, reps: int = 6) -> list[list[str]]:
     """Up to ``reps`` distinct draws of held-out experts among ``table``'s, as ``split_experts`` draws
     them (a third, stratified by cost), seeded; none for a table of fewer than 2 experts."""
     picks: list[list[str]] = []
@@ -126,7 +126,7 @@ def experiment_levels(result: TrainResult, table: RoutingTable, emb: np.ndarray,
         set_levels(router, sub, emb)
         return audc() - before
 
-    choice = choose_levels(gain_of, pseudo_newcomers(table, cfg.seed))
+    choice = choose_levels(gain_of, pseudo_newcomers(table, cfg.seed, cfg.newcomer_draws))
     if log is not None:
         gains = " ".join(f"{g:+.4f}" for g in choice.gains)
         log(f"{result.variant}: newcomer levels {'on' if choice.use else 'off'} ({choice.why}; validation gains {gains})")
