@@ -26,14 +26,19 @@ choice (0.7929 and 0.5996 as chosen).
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cscr.atomic import atomic_write_json
 from cscr.calibration import logistic_fit
 
+FILE = "newcomer_levels.json"  # models/<variant>/: the choice ``cscr train`` made over the run's experts
 EPS = 1e-4  # utilities are clipped to [EPS, 1 - EPS] before the logit
 
 
@@ -108,3 +113,24 @@ def choose_levels(gain_of: Callable[[list[str]], float | None], picks: Sequence[
     got = [float(g) for g in gains if g is not None]
     use = float(np.mean(got)) > 0
     return LevelChoice(use, got, held, "the draws gain on average" if use else "the draws do not gain on average")
+
+
+def save_choice(model_dir: str | os.PathLike[str], choice: LevelChoice) -> Path:
+    """Write ``model_dir/newcomer_levels.json`` (the choice and its evidence) atomically."""
+    return atomic_write_json(Path(model_dir) / FILE, choice.record())
+
+
+def load_choice(model_dir: str | os.PathLike[str]) -> LevelChoice | None:
+    """The choice ``cscr train`` recorded for a head (None: it recorded none: a run trained before,
+    ``newcomer_levels`` false, or a similarity head); ValueError for a record that is not one."""
+    path = Path(model_dir) / FILE
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+        if not isinstance(rec, dict) or not isinstance(rec.get("use"), bool):
+            raise ValueError("no boolean 'use'")
+        return LevelChoice(rec["use"], [float(g) for g in rec.get("gains", [])],
+                           [list(map(str, d)) for d in rec.get("draws", [])], str(rec.get("why", "")))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not a newcomer-level record ({exc})") from exc

@@ -1,11 +1,13 @@
-"""What ``cscr train`` runs after saving a head: fit its category prior (cscr/prior.py), then write
-its operating points (cscr/operating_run.py, which route through the prior)."""
+"""What ``cscr train`` runs after saving a head: fit its category prior (cscr/prior.py), choose
+whether experts that join later are calibrated on their probe outcomes (cscr/newcomer.py), then
+write its operating points (cscr/operating_run.py, which route through the prior)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
+from cscr.newcomer import LevelChoice, save_choice
 from cscr.operating_run import RunLike
 from cscr.prior import CategoryPrior, fit_prior, save_prior, wants_prior
 from cscr.runs.inputs import Run
@@ -38,9 +40,33 @@ def fit_run_prior(run: RunLike, variant: str, log: Callable[[str], None] | None 
     return prior
 
 
+def choose_run_levels(run: RunLike, variant: str, log: Callable[[str], None] | None = None) -> LevelChoice | None:
+    """Choose, on the validation split over the run's own experts (pseudo-newcomers, as the unseen-experts
+    experiment chooses), whether the saved ``variant`` head's router calibrates experts that join later
+    on their probe outcomes, and save the choice with its evidence (``models/<variant>/newcomer_levels.json``;
+    serving honours it). None, and nothing saved, when its TrainConfig asks for no levels or its head's
+    utilities are not qualities."""
+    from cscr.experiments.common import experiment_levels
+    from cscr.runs.descriptors import DEFAULT_KIND
+    from cscr.runs.heads import load_trained
+
+    run = Run.of(run)
+    trained = load_trained(run.paths, variant)
+    desc, _, _ = run.descriptors(trained.descriptor_kind or DEFAULT_KIND, trained.basis_id)
+    choice = experiment_levels(trained, run.table, run.embeddings, desc, log)
+    if choice is None:
+        return None
+    path = save_choice(run.paths.model(variant), choice)
+    if log:
+        log(f"train[{variant}]: newcomer levels recorded in {path}")
+    return choice
+
+
 def after_training(run: RunLike, variant: str, log: Callable[[str], None] | None = None) -> Path | None:
-    """The category prior, then the operating-point table (its path; None when none could be written)."""
+    """The category prior, the newcomer-level choice, then the operating-point table (its path; None
+    when none could be written)."""
     from cscr.operating_run import calibrate_after_training
 
     fit_run_prior(run, variant, log)
+    choose_run_levels(run, variant, log)
     return calibrate_after_training(run, variant, log)

@@ -160,7 +160,12 @@ class RouterService:
         encoder = for_run(encoder, run.root)  # the run's lexical view, as training read it (idempotent)
         check_encoder(run, encoder)
         # newcomers may bring probe outcomes: the run's probe prompts, the lexical view loaded once
-        attach_probes(router, run, encoder.view if isinstance(encoder, WithLexical) else None)
+        choice = attach_probes(router, run, variant, encoder.view if isinstance(encoder, WithLexical) else None)
+        if getattr(router, "probes", None) is not None:
+            log.info("experts that join with probe outcomes are %s on them (%s)",
+                     "calibrated" if choice is None or choice.use else "not calibrated",
+                     "no recorded choice: the operator's, by sending them" if choice is None else
+                     f"as cscr train chose: {choice.why}")
         kwargs.setdefault("reference", reference_from_table(run.table, router))
         if "table" not in kwargs:
             kwargs["table"], kwargs["calibrator"] = run_operating_points(run, variant, router)

@@ -13,6 +13,7 @@ from cscr.cli import main as cli
 from cscr.config import LossConfig, TrainConfig
 from cscr.fingerprints.probe_outcome import probe_outcome_descriptors
 from cscr.fingerprints.store import DescriptorStore
+from cscr.newcomer import load_choice
 from cscr.runs.heads import load_trained, save_trained
 from cscr.runs.paths import RunPaths
 from cscr.synthetic import synthetic_table, write_synthetic_run
@@ -195,6 +196,16 @@ def test_train_run_writes_probe_outcome_descriptors_and_the_head(tmp_path):
     assert back.descriptor_kind == "probe-outcome" and back.experts == table.expert_names
     assert back.config.loss.bands == 1 and back.config.loss.gamma == 0.0
     assert res.meta["n_val"] == len(table.split_index("val")) and len(res.history) == 2
+    # the newcomer-level choice over the run's own experts (pseudo-newcomers), recorded for serving
+    choice = load_choice(RunPaths.of(run).model("vanilla"))
+    assert choice is not None and choice.use == (np.mean(choice.gains) > 0) and len(choice.gains) == len(choice.draws) == 4
+    assert all(d and set(d) <= set(table.expert_names) for d in choice.draws)
+    assert any("vanilla: newcomer levels" in s for s in lines) and any("newcomer_levels.json" in s for s in lines)
+    train_run(str(run), "cscr", TrainConfig(epochs=1, batch_size=128, newcomer_levels=False), log=None)
+    assert load_choice(RunPaths.of(run).model("cscr")) is None  # asked for none: none recorded
+    (RunPaths.of(run).model("cscr") / "newcomer_levels.json").write_text('{"use": "yes"}')
+    with pytest.raises(ValueError, match="not a newcomer-level record"):
+        load_choice(RunPaths.of(run).model("cscr"))
     with pytest.raises(FileNotFoundError, match="no 'logit' descriptors"):
         train_run(str(run), "cscr", TrainConfig(epochs=1), descriptor_kind="logit", log=None)
 

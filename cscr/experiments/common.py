@@ -16,6 +16,7 @@ them instead.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -94,12 +95,20 @@ def pseudo_newcomers(table: RoutingTable, seed: int = 0, reps: int = 6) -> list[
     return picks
 
 
-def experiment_levels(result: TrainResult, table: RoutingTable, emb: np.ndarray,
+class TrainedLike(Protocol):
+    """What a level choice reads of a head: a TrainResult, or a run's saved head (TrainedHead)."""
+
+    config: TrainConfig
+    variant: str
+
+
+def experiment_levels(result: TrainedLike, table: RoutingTable, emb: np.ndarray,
                       descriptors: Mapping[str, np.ndarray], log: Log | None = None) -> LevelChoice | None:
     """Whether routers of ``result`` (a head trained on ``table``'s experts) calibrate experts that join
     later on their probe outcomes (cscr/newcomer.py): pseudo-newcomers among ``table``'s experts, a head
     trained without them each time, scored on the validation rows. None when the TrainConfig asks for no
-    levels or the head's utilities are not qualities."""
+    levels or the head's utilities are not qualities. The unseen-experts experiment and ``cscr train``
+    (for the run's own pool: ``cscr.prior_run.choose_run_levels``) make it this way."""
     from cscr.eval.utility import utility_audc
 
     cfg = result.config

@@ -26,7 +26,8 @@ Newcomer levels (cscr/newcomer.py, beyond the write-up, labelled so): an expert 
 training can be calibrated on its probe outcomes (``set_level``), a Platt map on the logit of the
 head's expected quality, since a probe-outcome descriptor is standardised and carries no level;
 ``add_expert(..., outcomes=...)`` does so when the router holds the run's probe prompts
-(``set_probes``; ``cscr.runs.loader.attach_probes`` gives it them, as serving does).
+(``set_probes``; ``cscr.runs.loader.attach_probes`` gives it them, as serving does) and
+``calibrate_newcomers`` is true (the loader sets it from the choice ``cscr train`` recorded).
 
 Adding or removing an expert is an index update (``add_expert`` / ``remove_expert``): the head is
 not retrained. The router does no file I/O: ``from_parts`` builds it from a head, descriptors and
@@ -77,6 +78,9 @@ class CSCRRouter(Router):
         self.prior: CategoryPrior | None = None  # the category prior (cscr/prior.py), if attached
         self.levels: dict[str, tuple[float, float]] = {}  # newcomers' probe-outcome maps (cscr/newcomer.py)
         self.probes: np.ndarray | None = None  # (R, d) the run's probe prompts, for newcomers' maps
+        # add_expert calibrates a newcomer that brings probe outcomes (False: the run's recorded choice
+        # said the maps do not pay; the outcomes are still checked)
+        self.calibrate_newcomers = True
 
     # ---- building ----
     def _set_parts(self, head: Head, descriptors: Mapping[str, np.ndarray] | ExpertIndex,
@@ -238,7 +242,7 @@ class CSCRRouter(Router):
             raise RouterError(str(exc), param="descriptor") from exc
         self.expert_names = list(self.index.names)  # type: ignore[union-attr]
         self.costs = np.append(self.costs, float(cost))
-        if y is not None:
+        if y is not None and self.calibrate_newcomers:
             self.set_level(name, self.probes, y)  # type: ignore[arg-type]
         if self.prior is not None and name not in self.prior.table:  # trained experts keep their table
             self.prior = self.prior.with_means({name: self._head_category_means(self.prior, name)})

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from cscr.guard import load_guard
+from cscr.newcomer import LevelChoice, load_choice
 from cscr.prior import load_prior
 from cscr.routers.base import Router, RouterContext, RouterError, router_class
 from cscr.routers.cscr import CSCRRouter
@@ -46,13 +47,19 @@ def probe_features(run: Run, view: Any = ...) -> np.ndarray | None:
     return features(load_run_embeddings(run.root, lexical=False)[probe], list(run.table.texts[probe]), view)
 
 
-def attach_probes(router: Router, run: Run, view: Any = ...) -> None:
+def attach_probes(router: Router, run: Run, variant: str = "cscr", view: Any = ...) -> LevelChoice | None:
     """Give a CSCR router whose utilities are expected qualities the run's probe prompts
-    (``probe_features``), so an expert added later may bring its outcomes there (cscr/newcomer.py);
-    other routers are left as they are. Only a router that takes new experts needs them (serving:
-    ``RouterService.from_run``), so ``load_router`` does not read them."""
-    if isinstance(router, CSCRRouter) and router.head is not None and router.head.cfg.utility == "quality":
-        router.set_probes(probe_features(run, view))
+    (``probe_features``), so an expert added later may bring its outcomes there (cscr/newcomer.py),
+    and whether it calibrates such an expert on them: as ``cscr train`` chose for ``variant`` (a run
+    without the record: yes, the operator chooses by sending outcomes); other routers are left as they
+    are. Only a router that takes new experts needs them (serving: ``RouterService.from_run``), so
+    ``load_router`` does not read them. Returns the recorded choice (None: none recorded or read)."""
+    if not (isinstance(router, CSCRRouter) and router.head is not None and router.head.cfg.utility == "quality"):
+        return None
+    router.set_probes(probe_features(run, view))
+    choice = load_choice(run.paths.model(variant))
+    router.calibrate_newcomers = choice is None or choice.use
+    return choice
 
 
 def load_router(run: Run | str | os.PathLike[str] | RunPaths, variant: str = "cscr", *, seed: int = 0,

@@ -4,6 +4,7 @@ baseline without a live pool; router errors become protocol errors (4xx) here.""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,10 +132,26 @@ def test_from_run_loads_the_trained_router(trained_run, encoder):
         svc.fingerprint_plan()
 
 
-def test_a_newcomer_with_probe_outcomes_is_calibrated_on_them(trained_run, encoder):
+def on_copy(trained_run: Path, tmp_path: Path, use: bool | None) -> Path:
+    """A copy of the trained run whose recorded newcomer-level choice says ``use`` (None: no record)."""
+    import shutil
+
+    from cscr.newcomer import LevelChoice, save_choice
+
+    run = Path(shutil.copytree(trained_run, tmp_path / f"run-{use}"))
+    model = Run.of(run).paths.model("cscr")
+    if use is None:
+        (model / "newcomer_levels.json").unlink()
+    else:
+        save_choice(model, LevelChoice(use, why="set by the test"))
+    return run
+
+
+def test_a_newcomer_with_probe_outcomes_is_calibrated_on_them(trained_run, encoder, tmp_path):
     """The run's probe prompts travel with its router: an expert added with its answers there is
-    calibrated on them (cscr/newcomer.py); outcomes that do not fit are a 400 that changes nothing."""
-    svc = RouterService.from_run(trained_run, encoder=encoder)
+    calibrated on them (cscr/newcomer.py; here the run's recorded choice says they pay); outcomes that
+    do not fit are a 400 that changes nothing."""
+    svc = RouterService.from_run(on_copy(trained_run, tmp_path, True), encoder=encoder)
     n_probe = len(Run.of(trained_run).table.split_index("probe"))
     assert svc.router.probes is not None and len(svc.router.probes) == n_probe
     emb = svc.embed(PROMPTS)
@@ -154,6 +171,25 @@ def test_a_newcomer_with_probe_outcomes_is_calibrated_on_them(trained_run, encod
     assert abs(u[:, new].mean() - 0.25) < abs(u[:, plain].mean() - 0.25)  # towards what it answered
     svc.remove_expert("newcomer")
     assert "newcomer" not in svc.router.levels
+
+
+def test_serving_honours_the_newcomer_level_choice_cscr_train_recorded(trained_run, encoder, tmp_path):
+    """cscr train records whether newcomers' probe outcomes pay (over the run's own experts); the
+    server calibrates a newcomer on them only where it said so, and checks them either way."""
+    from cscr.newcomer import load_choice
+
+    recorded = load_choice(Run.of(trained_run).paths.model("cscr"))
+    assert recorded is not None and recorded.draws  # the training run made the choice
+    assert RouterService.from_run(trained_run, encoder=encoder).router.calibrate_newcomers == recorded.use
+    n_probe = len(Run.of(trained_run).table.split_index("probe"))
+    outcomes = [float(i % 4 == 0) for i in range(n_probe)]
+    for use in (False, None):  # None: no record (a run trained before): the operator's choice
+        svc = RouterService.from_run(on_copy(trained_run, tmp_path, use), encoder=encoder)
+        desc = svc.router.queries(svc.embed(PROMPTS[:1]))[0].tolist()
+        with pytest.raises(ProtocolError, match="in \\[0, 1\\]"):  # checked whatever the choice
+            svc.add_expert("newcomer", 0.1, desc, outcomes=[2.0] * n_probe)
+        svc.add_expert("newcomer", 0.1, desc, outcomes=outcomes)
+        assert ("newcomer" in svc.router.levels) == (use is None) and "newcomer" in svc.expert_names
 
 
 def test_an_encoder_other_than_the_runs_is_refused(trained_run, encoder):
