@@ -13,15 +13,19 @@ head's expected quality, fitted on the newcomer's own probe prompts,
 Experts the head was trained on keep their utilities (their level was learned from their answers).
 
 Whether a router uses the maps is chosen on the validation split over the experts the head was
-trained on (``choose_levels``): ``TrainConfig.newcomer_draws`` times, a third of them (drawn as the unseen-experts experiment
-draws its held-out experts: stratified by cost, seeded) play newcomers, a head is trained on the
-rest, and the validation AUDC over the pseudo-newcomers is compared with and without their maps;
-the maps are used when the draws gain on average. The draws and gains are recorded.
+trained on (``choose_levels``): ``TrainConfig.newcomer_draws`` times, a third of them (drawn as the
+unseen-experts experiment draws its held-out experts: stratified by cost, seeded) play newcomers, a
+head is trained on the rest, and the validation AUDC over the pseudo-newcomers is compared with and
+without their maps; the maps are used when the draws gain on average. The draws and gains are recorded.
 
 By nested 5-fold CV on train + val (``scripts/newcomer_cv.py``, docs/routing-quality.md) the maps
 always on lift CSCR over experts that join later on RouterBench (0.7733 -> 0.7999; UMR, which reads
 each newcomer's validation answers, 0.7915) and lower it on LLMRouter (0.6014 -> 0.5983): hence the
-choice (0.7929 and 0.5996 as chosen).
+choice (0.7999 and 0.5994 as chosen from six draws; 0.7929 and 0.5996 from three).
+
+``cscr train`` makes the same choice for the run's own pool and records it (``save_choice``:
+``models/<variant>/newcomer_levels.json``); serving calibrates an expert added with probe outcomes only
+where the record says so (``cscr.runs.loader.attach_probes``).
 """
 
 from __future__ import annotations
