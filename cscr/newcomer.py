@@ -137,4 +137,4 @@ def load_choice(model_dir: str | os.PathLike[str]) -> LevelChoice | None:
         return LevelChoice(rec["use"], [float(g) for g in rec.get("gains", [])],
                            [list(map(str, d)) for d in rec.get("draws", [])], str(rec.get("why", "")))
     except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: not a newcomer-level record ({exc})") from exc
+        raise ValueError(f"{path}: not a newcomer-level record ({exc}; retrain the head, or remove the file)") from exc

@@ -82,7 +82,7 @@ def split_experts(table: RoutingTable, frac_unseen: float = 1 / 3, seed: int = 0
     return [n for j, n in enumerate(names) if j not in held], [n for j, n in enumerate(names) if j in held]
 
 
-def pseudo_newcomers(table: RoutingTable, seed: int = 0, reps: int = 6) -> list[list[str]]:
+def pseudo_newcomers(table: RoutingTable, seed: int = 0, reps: int = TrainConfig.newcomer_draws) -> list[list[str]]:
     """Up to ``reps`` distinct draws of held-out experts among ``table``'s, as ``split_experts`` draws
     them (a third, stratified by cost), seeded; none for a table of fewer than 2 experts."""
     picks: list[list[str]] = []
