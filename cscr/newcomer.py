@@ -97,9 +97,10 @@ class LevelChoice:
     gains: list[float] = field(default_factory=list)  # validation AUDC gain per pseudo-newcomer draw
     draws: list[list[str]] = field(default_factory=list)  # the pseudo-newcomers of each draw
     why: str = ""
+    over: str = ""  # what the gains were scored over: the pseudo-newcomers alone, or the pool they join
 
     def record(self) -> dict[str, Any]:
-        return {"use": self.use, "gains": self.gains, "draws": self.draws, "why": self.why,
+        return {"use": self.use, "gains": self.gains, "draws": self.draws, "why": self.why, "over": self.over,
                 "how": "u' = sigmoid(a logit(u) + b) per newcomer, fitted on its probe outcomes; used when the "
                        "pseudo-newcomer draws gain on validation on average"}
 
@@ -107,13 +108,15 @@ class LevelChoice:
 def choose_levels(gain_of: Callable[[list[str]], float | None], picks: Sequence[Sequence[str]]) -> LevelChoice:
     """The choice from pseudo-newcomer draws ``picks`` among the experts a head was trained on:
     ``gain_of(held_out)`` trains a head without ``held_out`` and returns the validation AUDC gain of
-    their maps over them (None: no answers to score)."""
+    their maps (None: the draw cannot be scored: no validation or probe answers, or no head trains
+    without it)."""
     if not picks:
         return LevelChoice(False, why="fewer than 2 trained experts: nobody to play a newcomer")
     held = [list(d) for d in picks]
     gains = [gain_of(d) for d in held]
     if any(g is None for g in gains):
-        return LevelChoice(False, [], held, "a draw could not be scored (no validation or probe answers)")
+        return LevelChoice(False, [], held, "a draw could not be scored (no validation or probe answers, or no head "
+                                            "trains without it)")
     got = [float(g) for g in gains if g is not None]
     use = float(np.mean(got)) > 0
     return LevelChoice(use, got, held, "the draws gain on average" if use else "the draws do not gain on average")
@@ -135,6 +138,7 @@ def load_choice(model_dir: str | os.PathLike[str]) -> LevelChoice | None:
         if not isinstance(rec, dict) or not isinstance(rec.get("use"), bool):
             raise ValueError("no boolean 'use'")
         return LevelChoice(rec["use"], [float(g) for g in rec.get("gains", [])],
-                           [list(map(str, d)) for d in rec.get("draws", [])], str(rec.get("why", "")))
+                           [list(map(str, d)) for d in rec.get("draws", [])], str(rec.get("why", "")),
+                           str(rec.get("over", "")))
     except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"{path}: not a newcomer-level record ({exc}; retrain the head, or remove the file)") from exc

@@ -42,8 +42,8 @@ def fit_run_prior(run: RunLike, variant: str, log: Callable[[str], None] | None 
 
 def choose_run_levels(run: RunLike, variant: str, log: Callable[[str], None] | None = None) -> LevelChoice | None:
     """Choose, on the validation split over the run's own experts (pseudo-newcomers, as the unseen-experts
-    experiment chooses), whether the saved ``variant`` head's router calibrates experts that join later
-    on their probe outcomes, and save the choice with its evidence (``models/<variant>/newcomer_levels.json``;
+    experiment chooses, but scored over the pool they join, as a server's pool grows), whether the saved
+    ``variant`` head's router calibrates experts that join later on their probe outcomes, and save the choice with its evidence (``models/<variant>/newcomer_levels.json``;
     serving honours it). None, and nothing saved, when its TrainConfig asks for no levels or its head's
     utilities are not qualities."""
     from cscr.experiments.common import experiment_levels
@@ -53,7 +53,7 @@ def choose_run_levels(run: RunLike, variant: str, log: Callable[[str], None] | N
     run = Run.of(run)
     trained = load_trained(run.paths, variant)
     desc, _, _ = run.descriptors(trained.descriptor_kind or DEFAULT_KIND, trained.basis_id)
-    choice = experiment_levels(trained, run.table, run.embeddings, desc, log)
+    choice = experiment_levels(trained, run.table, run.embeddings, desc, log, joining=True)  # as serving adds them
     if choice is None:
         return None
     path = save_choice(run.paths.model(variant), choice)

@@ -100,7 +100,7 @@ def test_the_experiment_chooses_on_the_seen_experts_and_never_reads_the_test_spl
     assert FAST.newcomer_draws == 6 and len(rec["gains"]) == 4 and len(rec["draws"]) == 4
     assert all(set(d) <= set(seen) and d for d in rec["draws"])  # pseudo-newcomers are seen experts
     assert len({tuple(d) for d in rec["draws"]}) == 4  # distinct draws
-    assert rec["use"] == (np.mean(rec["gains"]) > 0)
+    assert rec["use"] == (np.mean(rec["gains"]) > 0) and rec["over"] == "the pseudo-newcomers alone"
     if rec["use"]:
         assert rec["calibrated"] == list(unseen)
     # the test split's answers scrambled: the same choice from the same gains

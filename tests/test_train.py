@@ -200,6 +200,8 @@ def test_train_run_writes_probe_outcome_descriptors_and_the_head(tmp_path):
     choice = load_choice(RunPaths.of(run).model("vanilla"))
     assert choice is not None and choice.use == (np.mean(choice.gains) > 0) and len(choice.gains) == len(choice.draws) == 4
     assert all(d and set(d) <= set(table.expert_names) for d in choice.draws)
+    # scored over the pool they join: one pseudo-newcomer of four still moves the AUDC (alone it could not)
+    assert choice.over == "the pool they join" and any(g != 0 for g in choice.gains)
     assert any("vanilla: newcomer levels" in s for s in lines) and any("newcomer_levels.json" in s for s in lines)
     train_run(str(run), "cscr", TrainConfig(epochs=1, batch_size=128, newcomer_levels=False), log=None)
     assert load_choice(RunPaths.of(run).model("cscr")) is None  # asked for none: none recorded

@@ -103,12 +103,15 @@ class TrainedLike(Protocol):
 
 
 def experiment_levels(result: TrainedLike, table: RoutingTable, emb: np.ndarray,
-                      descriptors: Mapping[str, np.ndarray], log: Log | None = None) -> LevelChoice | None:
+                      descriptors: Mapping[str, np.ndarray], log: Log | None = None,
+                      joining: bool = False) -> LevelChoice | None:
     """Whether routers of ``result`` (a head trained on ``table``'s experts) calibrate experts that join
     later on their probe outcomes (cscr/newcomer.py): pseudo-newcomers among ``table``'s experts, a head
-    trained without them each time, scored on the validation rows. None when the TrainConfig asks for no
-    levels or the head's utilities are not qualities. The unseen-experts experiment and ``cscr train``
-    (for the run's own pool: ``cscr.prior_run.choose_run_levels``) make it this way."""
+    trained without them each time, scored on the validation rows over the pseudo-newcomers alone (what
+    the unseen-experts experiment scores) or, ``joining``, over the pool they join (the other experts,
+    uncalibrated, and them: what a server whose pool grows routes over; ``cscr train`` chooses so, via
+    ``cscr.prior_run.choose_run_levels``). None when the TrainConfig asks for no levels or the head's
+    utilities are not qualities."""
     from cscr.eval.utility import utility_audc
 
     cfg = result.config
@@ -117,28 +120,34 @@ def experiment_levels(result: TrainedLike, table: RoutingTable, emb: np.ndarray,
     probe = table.split_index("probe")
 
     def gain_of(held: list[str]) -> float | None:
-        sub = table.subset(experts=held)
-        val = sub.split_index("val")
-        val = val[~np.isnan(sub.quality[val]).any(axis=1)]
+        scored = table if joining else table.subset(experts=held)
+        val = scored.split_index("val")
+        val = val[~np.isnan(scored.quality[val]).any(axis=1)]
         if len(val) < 2 or len(probe) < 2:  # nothing to score: no head is trained for it
             return None
         rest = [n for n in table.expert_names if n not in held]
-        head = train_cscr(table.subset(experts=rest), emb, descriptors, result.variant, cfg)
-        router = cscr_router(result.variant, head, {n: descriptors[n] for n in held}, costs_of(sub, sub.split_index("train")))
-        cols = [sub.expert_names.index(n) for n in router.expert_names]
-        q, c, e = sub.quality[val][:, cols], sub.cost[val][:, cols], emb[val]
+        try:
+            head = train_cscr(table.subset(experts=rest), emb, descriptors, result.variant, cfg)
+        except ValueError:  # the other experts cannot train a head (e.g. none of them answers a train prompt well)
+            return None
+        router = cscr_router(result.variant, head, {n: descriptors[n] for n in scored.expert_names},
+                             costs_of(scored, scored.split_index("train")))
+        cols = [scored.expert_names.index(n) for n in router.expert_names]
+        q, c, e = scored.quality[val][:, cols], scored.cost[val][:, cols], emb[val]
 
         def audc() -> float:
             return utility_audc(list(router.expert_names), router.costs, router.utilities(e), e, q, c)
 
         before = audc()
-        set_levels(router, sub, emb)
+        set_levels(router, table.subset(experts=held), emb)  # the pseudo-newcomers only
         return audc() - before
 
     choice = choose_levels(gain_of, pseudo_newcomers(table, cfg.seed, cfg.newcomer_draws))
+    choice.over = "the pool they join" if joining else "the pseudo-newcomers alone"
     if log is not None:
         gains = " ".join(f"{g:+.4f}" for g in choice.gains)
-        log(f"{result.variant}: newcomer levels {'on' if choice.use else 'off'} ({choice.why}; validation gains {gains})")
+        log(f"{result.variant}: newcomer levels {'on' if choice.use else 'off'} ({choice.why}; validation gains "
+            f"over {choice.over} {gains})")
     return choice
 
 

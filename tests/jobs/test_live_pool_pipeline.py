@@ -16,6 +16,7 @@ from cscr.data.table import RoutingTable
 from cscr.encoder import load_run_embeddings
 from cscr.fingerprints.store import DescriptorStore
 from cscr.models import tiny_random_lm
+from cscr.newcomer import load_choice
 from cscr.runs.paths import RunPaths
 
 pytestmark = pytest.mark.slow
@@ -49,6 +50,10 @@ def test_label_fingerprint_train_evaluate_on_a_live_pool(tmp_path, capsys):
 
     assert main(["train", "--run", str(run), "--plain", "--descriptor-kind", "logit", "--epochs", "2"]) == 0
     capsys.readouterr()
+    # the newcomer-level choice: the weak expert alone answers no train prompt well, so no head trains
+    # without the strong one: that draw cannot be scored and the maps stay off (train still succeeds)
+    choice = load_choice(RunPaths.of(run).model("cscr"))
+    assert choice is not None and not choice.use and "no head trains without it" in choice.why
     assert main(["evaluate", "--run", str(run), "--routers", "cscr@logit,vanilla,oracle,random,single",
                  "--bootstrap", "100", "--lambdas", "30", "--compare", "cscr@logit"]) == 0
     printed = capsys.readouterr().out
