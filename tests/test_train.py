@@ -198,7 +198,8 @@ def test_train_run_writes_probe_outcome_descriptors_and_the_head(tmp_path):
     assert res.meta["n_val"] == len(table.split_index("val")) and len(res.history) == 2
     # the newcomer-level choice over the run's own experts (pseudo-newcomers), recorded for serving
     choice = load_choice(RunPaths.of(run).model("vanilla"))
-    assert choice is not None and choice.use == (np.mean(choice.gains) > 0) and len(choice.gains) == len(choice.draws) == 4
+    assert choice is not None and choice.use == (np.mean(choice.gains) > 0)
+    assert len(choice.gains) == len(choice.draws) == 4
     assert all(d and set(d) <= set(table.expert_names) for d in choice.draws)
     # scored over the pool they join: one pseudo-newcomer of four still moves the AUDC (alone it could not)
     assert choice.over == "the pool they join" and any(g != 0 for g in choice.gains)
