@@ -1,6 +1,7 @@
 """What ``cscr train`` runs after saving a head: fit its category prior (cscr/prior.py), choose
 whether experts that join later are calibrated on their probe outcomes (cscr/newcomer.py), then
-write its operating points (cscr/operating_run.py, which route through the prior)."""
+write its operating points (cscr/operating_run.py, which route through the prior); last, the
+head's ``models/<variant>@<kind>`` copy is refreshed with all of them (cscr.runs.heads)."""
 
 from __future__ import annotations
 
@@ -65,9 +66,12 @@ def choose_run_levels(run: RunLike, variant: str, log: Callable[[str], None] | N
 
 def after_training(run: RunLike, variant: str, log: Callable[[str], None] | None = None) -> Path | None:
     """The category prior, the newcomer-level choice, then the operating-point table (its path; None
-    when none could be written)."""
+    when none could be written); last, ``models/<variant>@<kind>`` refreshed with all of them."""
     from cscr.operating_run import calibrate_after_training
+    from cscr.runs.heads import refresh_kind_copy
 
     fit_run_prior(run, variant, log)
     choose_run_levels(run, variant, log)
-    return calibrate_after_training(run, variant, log)
+    table = calibrate_after_training(run, variant, log)
+    refresh_kind_copy(Run.of(run).paths, variant)  # the copy routes as models/<variant> does
+    return table

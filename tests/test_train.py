@@ -204,6 +204,11 @@ def test_train_run_writes_probe_outcome_descriptors_and_the_head(tmp_path):
     # scored over the pool they join: one pseudo-newcomer of four still moves the AUDC (alone it could not)
     assert choice.over == "the pool they join" and any(g != 0 for g in choice.gains)
     assert any("vanilla: newcomer levels" in s for s in lines) and any("newcomer_levels.json" in s for s in lines)
+    # the vanilla@probe-outcome copy carries what train wrote beside the head, so it routes alike
+    main_dir, copy_dir = RunPaths.of(run).model("vanilla"), RunPaths.of(run).model("vanilla@probe-outcome")
+    assert sorted(p.name for p in copy_dir.iterdir()) == sorted(p.name for p in main_dir.iterdir())
+    assert {"newcomer_levels.json", "operating_points.json"} <= {p.name for p in copy_dir.iterdir()}
+    assert load_choice(copy_dir) == choice
     train_run(str(run), "cscr", TrainConfig(epochs=1, batch_size=128, newcomer_levels=False), log=None)
     assert load_choice(RunPaths.of(run).model("cscr")) is None  # asked for none: none recorded
     (RunPaths.of(run).model("cscr") / "newcomer_levels.json").write_text('{"use": "yes"}')

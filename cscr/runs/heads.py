@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,6 +86,22 @@ def save_trained(run_dir: str | os.PathLike[str] | RunPaths | None, result: Head
         # kinds, so that `cscr evaluate --routers cscr@perplexity,cscr@logit` compares them
         atomic_dir(RunPaths.of(run_dir).model(f"{result.variant}@{kind}"), write)  # type: ignore[arg-type]
     return folder
+
+
+def refresh_kind_copy(run_dir: str | os.PathLike[str] | RunPaths, variant: str) -> Path | None:
+    """Replace ``models/<variant>@<kind>`` with a copy of ``models/<variant>`` as it stands now (the head
+    and what ``cscr train`` wrote beside it after saving: category prior, newcomer-level choice,
+    operating points), so that a router loaded from either folder routes alike. None (nothing
+    written) for a ``<variant>@<kind>`` itself, a head without a descriptor kind, or no head."""
+    paths = RunPaths.of(run_dir)
+    folder = paths.model(variant)
+    if "@" in variant or not (folder / "config.json").exists():
+        return None
+    kind = json.loads((folder / "config.json").read_text()).get("descriptor_kind") or ""
+    if not kind:
+        return None
+    return atomic_dir(paths.model(f"{variant}@{kind}"),
+                      lambda tmp: shutil.copytree(folder, tmp, dirs_exist_ok=True))
 
 
 def load_trained_from(folder: str | os.PathLike[str]) -> TrainedHead:
