@@ -197,7 +197,8 @@ class TrainConfig:
     # validation split (0 where it does not help there); chosen by nested 5-fold CV (docs/routing-quality.md)
     category_prior: bool = True
     # experts that join after training (the unseen-experts experiment) calibrated on their probe outcomes
-    # (cscr/newcomer.py; beyond the write-up), when pseudo-newcomers among the trained experts gain on validation
+    # (cscr/newcomer.py; beyond the write-up), when pseudo-newcomers among the trained experts gain on average
+    # (AUDC on the train and validation prompts, whose answers by them no draw's head read)
     newcomer_levels: bool = True
     # distinct pseudo-newcomer draws behind that choice (a head trained per draw): 6 chosen over 3 and 9 by
     # nested 5-fold CV on RouterBench and LLMRouter (docs/routing-quality.md)

@@ -12,11 +12,12 @@ head's expected quality, fitted on the newcomer's own probe prompts,
 
 Experts the head was trained on keep their utilities (their level was learned from their answers).
 
-Whether a router uses the maps is chosen on the validation split over the experts the head was
-trained on (``choose_levels``): ``TrainConfig.newcomer_draws`` times, a third of them (drawn as the
+Whether a router uses the maps is chosen over the experts the head was trained on, the test split
+unread (``choose_levels``): ``TrainConfig.newcomer_draws`` times, a third of them (drawn as the
 unseen-experts experiment draws its held-out experts: stratified by cost, seeded) play newcomers, a
-head is trained on the rest, and the validation AUDC over the pseudo-newcomers is compared with and
-without their maps; the maps are used when the draws gain on average. The draws and gains are recorded.
+head is trained on the rest, and the AUDC over the pseudo-newcomers on the train and validation
+prompts (their answers there are ones that head never read) is compared with and without their maps;
+the maps are used when the draws gain on average. The draws and gains are recorded.
 
 By nested 5-fold CV on train + val (``scripts/newcomer_cv.py``, docs/routing-quality.md) the maps
 always on lift CSCR over experts that join later on RouterBench (0.7733 -> 0.7999; UMR, which reads
@@ -94,7 +95,7 @@ class LevelChoice:
     """Whether routers of a head calibrate newcomers on their probe outcomes, and why."""
 
     use: bool
-    gains: list[float] = field(default_factory=list)  # validation AUDC gain per pseudo-newcomer draw
+    gains: list[float] = field(default_factory=list)  # AUDC gain per pseudo-newcomer draw (train + val prompts)
     draws: list[list[str]] = field(default_factory=list)  # the pseudo-newcomers of each draw
     why: str = ""
     over: str = ""  # what the gains were scored over: the pseudo-newcomers alone, or the pool they join
@@ -102,20 +103,19 @@ class LevelChoice:
     def record(self) -> dict[str, Any]:
         return {"use": self.use, "gains": self.gains, "draws": self.draws, "why": self.why, "over": self.over,
                 "how": "u' = sigmoid(a logit(u) + b) per newcomer, fitted on its probe outcomes; used when the "
-                       "pseudo-newcomer draws gain on validation on average"}
+                       "pseudo-newcomer draws gain on average (AUDC on the train and validation prompts)"}
 
 
 def choose_levels(gain_of: Callable[[list[str]], float | None], picks: Sequence[Sequence[str]]) -> LevelChoice:
     """The choice from pseudo-newcomer draws ``picks`` among the experts a head was trained on:
-    ``gain_of(held_out)`` trains a head without ``held_out`` and returns the validation AUDC gain of
-    their maps (None: the draw cannot be scored: no validation or probe answers, or no head trains
-    without it)."""
+    ``gain_of(held_out)`` trains a head without ``held_out`` and returns the AUDC gain of their maps
+    (None: the draw cannot be scored: no answers to score or fit on, or no head trains without it)."""
     if not picks:
         return LevelChoice(False, why="fewer than 2 trained experts: nobody to play a newcomer")
     held = [list(d) for d in picks]
     gains = [gain_of(d) for d in held]
     if any(g is None for g in gains):
-        return LevelChoice(False, [], held, "a draw could not be scored (no validation or probe answers, or no head "
+        return LevelChoice(False, [], held, "a draw could not be scored (no answers to score or probe answers, or no head "
                                             "trains without it)")
     got = [float(g) for g in gains if g is not None]
     use = float(np.mean(got)) > 0

@@ -42,7 +42,7 @@ def fit_run_prior(run: RunLike, variant: str, log: Callable[[str], None] | None 
 
 
 def choose_run_levels(run: RunLike, variant: str, log: Callable[[str], None] | None = None) -> LevelChoice | None:
-    """Choose, on the validation split over the run's own experts (pseudo-newcomers, as the
+    """Choose, on the train and validation splits over the run's own experts (pseudo-newcomers, as the
     unseen-experts experiment chooses, but scored over the pool they join, as a server's pool grows),
     whether the saved ``variant`` head's router calibrates experts that join later on their probe
     outcomes, and save the choice with its evidence (``models/<variant>/newcomer_levels.json``;

@@ -63,7 +63,8 @@ def register(subparsers: Any) -> None:
                    help="hold out exactly these experts (default: a cost-stratified draw)")
     u.add_argument("--newcomer-levels", choices=("on", "off"), default=None,
                    help="let the held-out experts be calibrated on their probe outcomes where the seen experts' "
-                        "validation answers choose it (on), or never (off); default: the run's training record (on)")
+                        "train and validation answers choose it (on), or never (off); default: the run's training "
+                        "record (on)")
     u.set_defaults(func=run_unseen_cmd)
 
     o = sub.add_parser("ood", parents=[common], help="train on some prompt categories, test on the rest",

@@ -107,7 +107,8 @@ def experiment_levels(result: TrainedLike, table: RoutingTable, emb: np.ndarray,
                       joining: bool = False) -> LevelChoice | None:
     """Whether routers of ``result`` (a head trained on ``table``'s experts) calibrate experts that join
     later on their probe outcomes (cscr/newcomer.py): pseudo-newcomers among ``table``'s experts, a head
-    trained without them each time, scored on the validation rows over the pseudo-newcomers alone (what
+    trained without them each time, scored on the train and validation rows (the pseudo-newcomers'
+    answers there are ones no head of the draw saw) over the pseudo-newcomers alone (what
     the unseen-experts experiment scores) or, ``joining``, over the pool they join (the other experts,
     uncalibrated, and them: what a server whose pool grows routes over; ``cscr train`` chooses so, via
     ``cscr.prior_run.choose_run_levels``). None when the TrainConfig asks for no levels or the head's
@@ -121,7 +122,9 @@ def experiment_levels(result: TrainedLike, table: RoutingTable, emb: np.ndarray,
 
     def gain_of(held: list[str]) -> float | None:
         scored = table if joining else table.subset(experts=held)
-        val = scored.split_index("val")
+        # train + val: the draw's head reads no pseudo-newcomer's answer, and the gain of a few hundred
+        # validation prompts alone is noisy (docs/routing-quality.md, "Latest stop")
+        val = np.concatenate([scored.split_index("train"), scored.split_index("val")])
         val = val[~np.isnan(scored.quality[val]).any(axis=1)]
         if len(val) < 2 or len(probe) < 2:  # nothing to score: no head is trained for it
             return None
@@ -146,7 +149,7 @@ def experiment_levels(result: TrainedLike, table: RoutingTable, emb: np.ndarray,
     choice.over = "the pool they join" if joining else "the pseudo-newcomers alone"
     if log is not None:
         gains = " ".join(f"{g:+.4f}" for g in choice.gains)
-        log(f"{result.variant}: newcomer levels {'on' if choice.use else 'off'} ({choice.why}; validation gains "
+        log(f"{result.variant}: newcomer levels {'on' if choice.use else 'off'} ({choice.why}; train + val gains "
             f"over {choice.over} {gains})")
     return choice
 

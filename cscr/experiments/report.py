@@ -123,7 +123,7 @@ def unseen_record(res: UnseenResult, run: str | os.PathLike[str], settings: Mapp
                       f"Best held-out expert: {ev.best_expert} (quality {ev.best_quality:.4f}, "
                       f"mean cost {ev.best_cost:.4g})." + "".join(
                           f" {v}: held-out experts {'calibrated on their probe outcomes' if c['use'] else 'not calibrated'} "
-                          f"(pseudo-newcomer validation gains {', '.join(f'{g:+.4f}' for g in c['gains'])})."
+                          f"(pseudo-newcomer gains, train + val prompts: {', '.join(f'{g:+.4f}' for g in c['gains'])})."
                           for v, c in res.levels.items()))}
     return {**_base("unseen-experts", ev, run, settings), "seen": res.seen, "unseen": res.unseen,
             "how": res.how, "excluded": res.excluded, "newcomer_levels": res.levels, "tables": [table],

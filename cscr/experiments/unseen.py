@@ -6,7 +6,7 @@ is drawn, seeded), so the held-out pool spans the cost range instead of landing 
 
 ``run_unseen`` trains the CSCR heads on the seen experts only (their answers, their
 descriptors) and routes over the held-out experts through their descriptors alone: the head is
-not retrained. Where chosen on the seen experts' validation answers (cscr/newcomer.py,
+not retrained. Where chosen on the seen experts' train and validation answers (cscr/newcomer.py,
 ``experiment_levels``), each held-out expert is calibrated on its probe outcomes, the answers its
 probe-outcome descriptor is made from. Every router is evaluated on the test prompts over the
 held-out pool. Baselines take part as far as their method allows without training on the held-out
