@@ -109,14 +109,14 @@ class LevelChoice:
 def choose_levels(gain_of: Callable[[list[str]], float | None], picks: Sequence[Sequence[str]]) -> LevelChoice:
     """The choice from pseudo-newcomer draws ``picks`` among the experts a head was trained on:
     ``gain_of(held_out)`` trains a head without ``held_out`` and returns the AUDC gain of their maps
-    (None: the draw cannot be scored: no answers to score or fit on, or no head trains without it)."""
+    (None: the draw cannot be scored: no prompts to score, no probe answers, or no head trains without it)."""
     if not picks:
         return LevelChoice(False, why="fewer than 2 trained experts: nobody to play a newcomer")
     held = [list(d) for d in picks]
     gains = [gain_of(d) for d in held]
     if any(g is None for g in gains):
-        return LevelChoice(False, [], held, "a draw could not be scored (no answers to score or probe answers, or no head "
-                                            "trains without it)")
+        return LevelChoice(False, [], held, "a draw could not be scored (no prompts to score, no probe answers, or "
+                                            "no head trains without it)")
     got = [float(g) for g in gains if g is not None]
     use = float(np.mean(got)) > 0
     return LevelChoice(use, got, held, "the draws gain on average" if use else "the draws do not gain on average")

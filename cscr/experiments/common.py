@@ -124,9 +124,9 @@ def experiment_levels(result: TrainedLike, table: RoutingTable, emb: np.ndarray,
         scored = table if joining else table.subset(experts=held)
         # train + val: the draw's head reads no pseudo-newcomer's answer, and the gain of a few hundred
         # validation prompts alone is noisy (docs/routing-quality.md, "Latest stop")
-        val = np.concatenate([scored.split_index("train"), scored.split_index("val")])
-        val = val[~np.isnan(scored.quality[val]).any(axis=1)]
-        if len(val) < 2 or len(probe) < 2:  # nothing to score: no head is trained for it
+        rows = np.concatenate([scored.split_index("train"), scored.split_index("val")])
+        rows = rows[~np.isnan(scored.quality[rows]).any(axis=1)]
+        if len(rows) < 2 or len(probe) < 2:  # nothing to score: no head is trained for it
             return None
         rest = [n for n in table.expert_names if n not in held]
         try:
@@ -136,7 +136,7 @@ def experiment_levels(result: TrainedLike, table: RoutingTable, emb: np.ndarray,
         router = cscr_router(result.variant, head, {n: descriptors[n] for n in scored.expert_names},
                              costs_of(scored, scored.split_index("train")))
         cols = [scored.expert_names.index(n) for n in router.expert_names]
-        q, c, e = scored.quality[val][:, cols], scored.cost[val][:, cols], emb[val]
+        q, c, e = scored.quality[rows][:, cols], scored.cost[rows][:, cols], emb[rows]
 
         def audc() -> float:
             return utility_audc(list(router.expert_names), router.costs, router.utilities(e), e, q, c)
