@@ -70,8 +70,9 @@ def after_training(run: RunLike, variant: str, log: Callable[[str], None] | None
     from cscr.operating_run import calibrate_after_training
     from cscr.runs.heads import refresh_kind_copy
 
+    run = Run.of(run)  # one Run: its table and prompt features are read once for every step
     fit_run_prior(run, variant, log)
     choose_run_levels(run, variant, log)
     table = calibrate_after_training(run, variant, log)
-    refresh_kind_copy(Run.of(run).paths, variant)  # the copy routes as models/<variant> does
+    refresh_kind_copy(run.paths, variant)  # the copy routes as models/<variant> does
     return table
