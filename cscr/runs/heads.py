@@ -81,10 +81,10 @@ def save_trained(run_dir: str | os.PathLike[str] | RunPaths | None, result: Head
         (tmp / "history.json").write_text(json.dumps(result.history, indent=2, default=str))
 
     atomic_dir(folder, write)
-    if out_dir is None and kind and "@" not in result.variant:
+    if out_dir is None:
         # models/<variant>@<kind> keeps this head beside heads trained with other descriptor
         # kinds, so that `cscr evaluate --routers cscr@perplexity,cscr@logit` compares them
-        atomic_dir(RunPaths.of(run_dir).model(f"{result.variant}@{kind}"), write)  # type: ignore[arg-type]
+        refresh_kind_copy(run_dir, result.variant)  # type: ignore[arg-type]
     return folder
 
 
@@ -93,13 +93,14 @@ def refresh_kind_copy(run_dir: str | os.PathLike[str] | RunPaths, variant: str) 
     and what ``cscr train`` wrote beside it after saving: category prior, newcomer-level choice,
     operating points), so that a router loaded from either folder routes alike. None (nothing
     written) for a ``<variant>@<kind>`` itself, a head without a descriptor kind, or no head."""
-    paths = RunPaths.of(run_dir)
-    folder = paths.model(variant)
-    if "@" in variant or not (folder / "config.json").exists():
-        return None
-    kind = json.loads((folder / "config.json").read_text()).get("descriptor_kind") or ""
+    from cscr.runs.settings import head_config
+
+    config = None if "@" in variant else head_config(run_dir, variant)
+    kind = (config or {}).get("descriptor_kind") or ""
     if not kind:
         return None
+    paths = RunPaths.of(run_dir)
+    folder = paths.model(variant)
     return atomic_dir(paths.model(f"{variant}@{kind}"),
                       lambda tmp: shutil.copytree(folder, tmp, dirs_exist_ok=True))
 
