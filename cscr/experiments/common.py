@@ -121,7 +121,8 @@ def experiment_levels(result: TrainedLike, table: RoutingTable, emb: np.ndarray,
     probe = table.split_index("probe")
 
     def gain_of(held: list[str]) -> float | None:
-        scored = table if joining else table.subset(experts=held)
+        newcomers = table.subset(experts=held)
+        scored = table if joining else newcomers
         # train + val: the draw's head reads no pseudo-newcomer's answer, and the gain of a few hundred
         # validation prompts alone is noisy (docs/routing-quality.md, "Latest stop")
         rows = np.concatenate([scored.split_index("train"), scored.split_index("val")])
@@ -142,7 +143,7 @@ def experiment_levels(result: TrainedLike, table: RoutingTable, emb: np.ndarray,
             return utility_audc(list(router.expert_names), router.costs, router.utilities(e), e, q, c)
 
         before = audc()
-        set_levels(router, table.subset(experts=held), emb)  # the pseudo-newcomers only
+        set_levels(router, newcomers, emb)  # the pseudo-newcomers only
         return audc() - before
 
     choice = choose_levels(gain_of, pseudo_newcomers(table, cfg.seed, cfg.newcomer_draws))
