@@ -7,7 +7,13 @@ experts as the head sees them (levels off), each calibrated on its probe outcome
 on), and as chosen on the seen experts' validation answers (the default, cscr/newcomer.py); UMR
 on the same held-out pool for reference.
 
-    python scripts/newcomer_cv.py --run runs/rb --unseen gpt-3.5-turbo-1106,claude-v2,... [--folds 5] [--out f.json]
+``--diagnostics`` adds three rows that ask where UMR's lead (LLMRouter) comes from; none is a router
+cscr ships: UMR fitted on the held-out experts' *probe* answers (the data cscr's newcomers bring)
+instead of their validation answers; and CSCR with the held-out experts' per-category prior means
+estimated from their answers (weighted by the prior's p(c | x)) on the probe prompts alone, and on
+the probe and validation prompts (UMR's data) -- both with the levels off.
+
+    python scripts/newcomer_cv.py --run runs/rb --unseen gpt-3.5-turbo-1106,claude-v2,... [--folds 5] [--seed 0] [--diagnostics] [--out f.json]
 
 One line per fold, then the means.
 """
@@ -22,19 +28,41 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def answered_means(router, pool, emb, rows):  # type: ignore[no-untyped-def]
+    """{expert: (C,)} per-category mean quality of ``router``'s experts over ``pool``'s ``rows``,
+    each answer weighted by the router's category prior's p(c | x) (a category nobody answered: the
+    prior's own entry)."""
+    import numpy as np
+
+    p = router.prior.proba(emb[rows])  # (R, C)
+    out = {}
+    for name in router.expert_names:
+        y = pool.quality[rows, pool.expert_index(name)]
+        ok = ~np.isnan(y)
+        mass = p[ok].sum(axis=0)
+        est = p[ok].T @ y[ok] / np.maximum(mass, 1e-12)
+        out[name] = np.where(mass > 0, est, router.prior.table[name])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    import numpy as np
     from foldcv import fold_table, make_folds, print_fold, print_results, scored_rows, without_test
 
     from cscr.config import TrainConfig
     from cscr.eval.utility import utility_audc
     from cscr.experiments.common import default_descriptors, train_cscr
     from cscr.experiments.unseen import fit_unseen_router, held_out_router, split_experts
+    from cscr.routers import get_router
+    from cscr.routers.base import RouterContext
     from cscr.runs.inputs import Run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
     p.add_argument("--unseen", default=None, help="comma-separated held-out experts (default: a cost-stratified third)")
     p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="the heads' training seed")
+    p.add_argument("--diagnostics", action="store_true", help="add the rows that ask where UMR's lead comes from")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
 
@@ -53,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         t = fold_table(table, pool_rows, folds, k, nested=True)
         seen_table, pool = t.subset(experts=seen), t.subset(experts=unseen)
         desc = default_descriptors(t)
-        result = train_cscr(seen_table, emb, desc, "cscr", TrainConfig())
+        result = train_cscr(seen_table, emb, desc, "cscr", TrainConfig(seed=a.seed))
         rows = scored_rows(pool, nested=True)
 
         def audc(router, rows=rows, pool=pool) -> float:
@@ -67,6 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         res.setdefault("levels chosen (default)", []).append(audc(chosen))
         res.setdefault("chosen: on", []).append(float(bool(record and record["use"])))
         res.setdefault("umr", []).append(audc(fit_unseen_router("umr", pool, emb)))
+        if a.diagnostics:
+            probe = pool.split_index("probe")
+            ctx = RouterContext(pool, emb, pool.split_index("train"), probe, seed=a.seed)
+            umr = get_router("umr").fit(ctx)
+            umr.costs = pool.expert_costs(pool.split_index("train"))
+            res.setdefault("umr on probe answers", []).append(audc(umr))
+            off = held_out_router(result, seen_table, pool, emb, desc, False)[0]
+            prior = off.prior  # None (no categories): the rows repeat "levels off"
+            for label, answered in (("probe", probe), ("probe + val", np.concatenate([probe, pool.split_index("val")]))):
+                if prior is not None:
+                    off.prior = prior.with_means(answered_means(off, pool, emb, answered))
+                res.setdefault(f"off, means from {label}", []).append(audc(off))
         print_fold(k, res, t0)
     print_results(res, run.root, a.folds, a.out, 26)
     return 0

@@ -282,8 +282,11 @@ def test_prior_cv_scores_the_nested_folds_with_w_chosen_on_the_next_fold(run_dir
 def test_newcomer_cv_scores_held_out_experts_off_on_and_as_chosen(run_dir, capsys, tmp_path):
     out, table = run_dir
     held = table.expert_names[-1]
-    assert newcomer_cv.main(["--run", str(out), "--folds", "3", "--unseen", held, "--out", str(tmp_path / "n.json")]) == 0
+    assert newcomer_cv.main(["--run", str(out), "--folds", "3", "--unseen", held, "--diagnostics",
+                             "--out", str(tmp_path / "n.json")]) == 0
     rows = _table(capsys.readouterr().out)
+    for row in ("umr on probe answers", "off, means from probe", "off, means from probe + val"):  # --diagnostics
+        assert len(rows[row]) == 4 and all(0.0 < v <= 1.0 for v in rows[row])
     for k, on in enumerate(rows["chosen: on"][1:]):  # the default is one of the two it chose between, per fold
         picked = rows["levels always on" if on else "levels off"][1 + k]
         assert rows["levels chosen (default)"][1 + k] == pytest.approx(picked, abs=1e-12)

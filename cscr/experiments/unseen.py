@@ -52,14 +52,15 @@ from cscr.routers.base import Router, RouterContext, get_router
 from cscr.routers.cscr import CSCRRouter
 from cscr.training import TrainResult
 
-HOW = {
+HOW = {  # {probe} / {val}: how many probe / validation prompts each held-out expert answered for it
     "cscr": "head trained on the seen experts; held-out experts enter by their descriptors (calibrated on "
-            "their probe outcomes where chosen)",
+            "their answers to the {probe} probe prompts where chosen)",
     "vanilla": "head trained on the seen experts; held-out experts enter by their descriptors (calibrated on "
-               "their probe outcomes where chosen)",
-    "umr": "train-prompt clusters; held-out experts' per-cluster errors from their validation answers",
-    "knn": "neighbour memory = validation prompts with the held-out experts' answers",
-    "pareto-random": "hull from the held-out experts' mean validation quality",
+               "their answers to the {probe} probe prompts where chosen)",
+    "umr": "train-prompt clusters; held-out experts' per-cluster errors from their answers to the {val} "
+           "validation prompts",
+    "knn": "neighbour memory = the {val} validation prompts with the held-out experts' answers",
+    "pareto-random": "hull from the held-out experts' mean quality on the {val} validation prompts",
     "thompson": "learns on the test stream from a uniform prior",
     "oracle": "hindsight ceiling",
     "random": "no data needed",
@@ -79,6 +80,11 @@ class UnseenResult:
     how: dict[str, str]  # router -> what it used for the held-out experts
     excluded: dict[str, str]  # router -> why it could not take part
     levels: dict[str, dict[str, Any]] = field(default_factory=dict)  # CSCR variant -> its newcomer-level choice
+
+
+def how(name: str, pool: RoutingTable) -> str:
+    """What router ``name`` uses for ``pool``'s held-out experts, with how many of their answers."""
+    return HOW[name].format(probe=len(pool.split_index("probe")), val=len(pool.split_index("val")))
 
 
 def fit_unseen_router(name: str, pool: RoutingTable, emb: np.ndarray, seed: int = 0) -> Router:
@@ -150,4 +156,4 @@ def run_unseen(table: RoutingTable, emb: np.ndarray, routers: Sequence[str], see
     if not fitted:
         raise ValueError(f"none of {list(routers)} can route over unseen experts")
     evaluation = evaluate_routers(fitted, pool, emb, pool.split_index("test"), eval_cfg or EvalConfig())
-    return UnseenResult(list(seen), list(unseen), evaluation, {n: HOW[n] for n in fitted}, excluded, levels)
+    return UnseenResult(list(seen), list(unseen), evaluation, {n: how(n, pool) for n in fitted}, excluded, levels)

@@ -104,6 +104,9 @@ def test_unseen_experts_never_use_their_train_answers(synth):
     assert res.evaluation.expert_names == unseen
     assert set(res.excluded) == {"parametric"} and res.excluded["parametric"] == EXCLUDED["parametric"]
     assert set(res.how) == set(names) - {"parametric"}
+    # the report says how many of the held-out experts' answers each router read
+    n_probe, n_val = len(table.split_index("probe")), len(table.split_index("val"))
+    assert f"the {n_probe} probe prompts" in res.how["cscr"] and f"the {n_val} validation prompts" in res.how["umr"]
     # blanking the held-out experts' train answers changes nothing: nobody read them
     blank = table.subset()
     cols = [blank.expert_index(n) for n in unseen]
