@@ -97,10 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         res.setdefault("umr", []).append(audc(fit_unseen_router("umr", pool, emb)))
         if a.diagnostics:
             probe = pool.split_index("probe")
-            ctx = RouterContext(pool, emb, pool.split_index("train"), probe, seed=a.seed)
-            umr = get_router("umr").fit(ctx)
-            umr.costs = pool.expert_costs(pool.split_index("train"))
-            res.setdefault("umr on probe answers", []).append(audc(umr))
+            ctx = RouterContext(pool, emb, pool.split_index("train"), probe)  # seeded as the umr row
+            res.setdefault("umr on probe answers", []).append(audc(get_router("umr").fit(ctx)))
             off = held_out_router(result, seen_table, pool, emb, desc, False)[0]
             prior = off.prior  # None (no categories): the rows repeat "levels off"
             for label, answered in (("probe", probe), ("probe + val", np.concatenate([probe, pool.split_index("val")]))):

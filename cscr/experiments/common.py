@@ -124,7 +124,7 @@ def experiment_levels(result: TrainedLike, table: RoutingTable, emb: np.ndarray,
         newcomers = table.subset(experts=held)
         scored = table if joining else newcomers
         # train + val: the draw's head reads no pseudo-newcomer's answer, and the gain of a few hundred
-        # validation prompts alone is noisy (docs/routing-quality.md, "Latest stop")
+        # validation prompts alone is noisy (docs/routing-quality.md, "Stop 36")
         rows = np.concatenate([scored.split_index("train"), scored.split_index("val")])
         rows = rows[~np.isnan(scored.quality[rows]).any(axis=1)]
         if len(rows) < 2 or len(probe) < 2:  # nothing to score: no head is trained for it
