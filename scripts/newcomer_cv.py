@@ -7,13 +7,14 @@ experts as the head sees them (levels off), each calibrated on its probe outcome
 on), and as chosen on the seen experts' validation answers (the default, cscr/newcomer.py); UMR
 on the same held-out pool for reference.
 
-``--diagnostics`` adds three rows that ask where UMR's lead (LLMRouter) comes from; none is a router
-cscr ships: UMR fitted on the held-out experts' *probe* answers (the data cscr's newcomers bring)
-instead of their validation answers; and CSCR with the held-out experts' per-category prior means
-estimated from their answers (weighted by the prior's p(c | x)) on the probe prompts alone, and on
-the probe and validation prompts (UMR's data) -- both with the levels off.
+``--diagnostics`` adds rows that ask where UMR's lead (LLMRouter) comes from; none is a router cscr
+ships: UMR fitted on the held-out experts' *probe* answers (the data cscr's newcomers bring) instead
+of their validation answers; and CSCR with the held-out experts' per-category prior means estimated
+from their answers (weighted by the prior's p(c | x)) on the probe prompts (levels off, and on), and
+on the probe and validation prompts (UMR's data; levels off). ``--more-probes N`` first moves N train
+prompts into the probe split, so every expert answers more probes (a larger ``cscr prepare --probe-size``).
 
-    python scripts/newcomer_cv.py --run runs/rb --unseen gpt-3.5-turbo-1106,claude-v2,... [--folds 5] [--seed 0] [--diagnostics] [--out f.json]
+    python scripts/newcomer_cv.py --run runs/rb --unseen gpt-3.5-turbo-1106,claude-v2,... [--folds 5] [--seed 0] [--diagnostics] [--more-probes N] [--out f.json]
 
 One line per fold, then the means.
 """
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0, help="the heads' training seed")
     p.add_argument("--diagnostics", action="store_true", help="add the rows that ask where UMR's lead comes from")
+    p.add_argument("--more-probes", type=int, default=0,
+                   help="first move this many train prompts (drawn with seed 0) into the probe split: every "
+                        "expert answers more probes")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
 
@@ -73,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or len(unseen) >= len(table.expert_names):
         print(f"newcomer_cv: --unseen: unknown expert(s) {unknown} or nobody left to train on", file=sys.stderr)
         return 2
+    train = table.split_index("train")
+    if not 0 <= a.more_probes < len(train):
+        print(f"newcomer_cv: --more-probes must be in [0, {len(train)}), got {a.more_probes}", file=sys.stderr)
+        return 2
+    if a.more_probes:
+        table.splits[np.random.default_rng(0).choice(train, a.more_probes, replace=False)] = "probe"
+        print(f"probe split: {len(table.split_index('probe'))} prompts ({a.more_probes} moved from train)")
     seen = [n for n in table.expert_names if n not in unseen]
     pool_rows, folds = make_folds(table, a.folds)
     res: dict[str, list[float]] = {}
@@ -99,12 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             probe = pool.split_index("probe")
             ctx = RouterContext(pool, emb, pool.split_index("train"), probe)  # seeded as the umr row
             res.setdefault("umr on probe answers", []).append(audc(get_router("umr").fit(ctx)))
-            off = held_out_router(result, seen_table, pool, emb, desc, False)[0]
-            prior = off.prior  # None (no categories): the rows repeat "levels off"
-            for label, answered in (("probe", probe), ("probe + val", np.concatenate([probe, pool.split_index("val")]))):
-                if prior is not None:
-                    off.prior = prior.with_means(answered_means(off, pool, emb, answered))
-                res.setdefault(f"off, means from {label}", []).append(audc(off))
+            both = np.concatenate([probe, pool.split_index("val")])
+            for on, label, answered in ((False, "probe", probe), (False, "probe + val", both), (True, "probe", probe)):
+                router = held_out_router(result, seen_table, pool, emb, desc, on)[0]
+                if router.prior is not None:  # None (no categories): the row repeats levels off / on
+                    router.prior = router.prior.with_means(answered_means(router, pool, emb, answered))
+                res.setdefault(f"{'on' if on else 'off'}, means from {label}", []).append(audc(router))
         print_fold(k, res, t0)
     print_results(res, run.root, a.folds, a.out, 26)
     return 0

@@ -283,9 +283,12 @@ def test_newcomer_cv_scores_held_out_experts_off_on_and_as_chosen(run_dir, capsy
     out, table = run_dir
     held = table.expert_names[-1]
     assert newcomer_cv.main(["--run", str(out), "--folds", "3", "--unseen", held, "--diagnostics",
-                             "--out", str(tmp_path / "n.json")]) == 0
-    rows = _table(capsys.readouterr().out)
-    for row in ("umr on probe answers", "off, means from probe", "off, means from probe + val"):  # --diagnostics
+                             "--more-probes", "16", "--out", str(tmp_path / "n.json")]) == 0
+    printed = capsys.readouterr().out
+    assert f"probe split: {len(table.split_index('probe')) + 16} prompts (16 moved from train)" in printed
+    rows = _table(printed)
+    for row in ("umr on probe answers", "off, means from probe", "off, means from probe + val",
+                "on, means from probe"):  # --diagnostics
         assert len(rows[row]) == 4 and all(0.0 < v <= 1.0 for v in rows[row])
     for k, on in enumerate(rows["chosen: on"][1:]):  # the default is one of the two it chose between, per fold
         picked = rows["levels always on" if on else "levels off"][1 + k]
@@ -294,6 +297,8 @@ def test_newcomer_cv_scores_held_out_experts_off_on_and_as_chosen(run_dir, capsy
     assert json.loads((tmp_path / "n.json").read_text())["folds"] == 3
     assert newcomer_cv.main(["--run", str(out), "--unseen", "gpt-9"]) == 2
     assert "unknown expert(s) ['gpt-9']" in capsys.readouterr().err
+    assert newcomer_cv.main(["--run", str(out), "--unseen", held, "--more-probes", "-1"]) == 2
+    assert "--more-probes must be in" in capsys.readouterr().err
 
 
 def test_ceiling_cv_scores_the_prior_and_its_references_on_the_prior_cv_folds(run_dir, capsys):
