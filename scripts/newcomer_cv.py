@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                                 pool.quality[rows][:, cols], pool.cost[rows][:, cols])
 
         chosen, record = held_out_router(result, seen_table, pool, emb, desc)
-        res.setdefault("levels off", []).append(audc(held_out_router(result, seen_table, pool, emb, desc, False)[0]))
-        res.setdefault("levels always on", []).append(audc(held_out_router(result, seen_table, pool, emb, desc, True)[0]))
+        fixed = {on: held_out_router(result, seen_table, pool, emb, desc, on)[0] for on in (False, True)}
+        res.setdefault("levels off", []).append(audc(fixed[False]))
+        res.setdefault("levels always on", []).append(audc(fixed[True]))
         res.setdefault("levels chosen (default)", []).append(audc(chosen))
         res.setdefault("chosen: on", []).append(float(bool(record and record["use"])))
         res.setdefault("umr", []).append(audc(fit_unseen_router("umr", pool, emb)))
@@ -112,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             res.setdefault("umr on probe answers", []).append(audc(get_router("umr").fit(ctx)))
             both = np.concatenate([probe, pool.split_index("val")])
             for on, label, answered in ((False, "probe", probe), (False, "probe + val", both), (True, "probe", probe)):
-                router = held_out_router(result, seen_table, pool, emb, desc, on)[0]
-                if router.prior is not None:  # None (no categories): the row repeats levels off / on
-                    router.prior = router.prior.with_means(answered_means(router, pool, emb, answered))
+                router, prior = fixed[on], fixed[on].prior  # the rows above's routers, their prior put back after
+                if prior is not None:  # None (no categories): the row repeats levels off / on
+                    router.prior = prior.with_means(answered_means(router, pool, emb, answered))
                 res.setdefault(f"{'on' if on else 'off'}, means from {label}", []).append(audc(router))
+                router.prior = prior
         print_fold(k, res, t0)
     print_results(res, run.root, a.folds, a.out, 26)
     return 0
