@@ -19,10 +19,14 @@ each expert's mean quality, but only for such prompts:
 ``(w, gate)`` without looking at any held-out prompt of the run: nested
 leave-one-group-out over the prompt categories of the train, val and probe rows (the test split is
 never read). For each group a head is trained on the other groups (the run's training
-configuration), scored on the group's prompts for every pair of the grid, and the pair with the
-best mean AUDC over groups wins; w = 0 (no shrink) is in the grid, so a guard that does not help
-on held-out groups is not chosen. More than ``MAX_GROUPS`` categories are dealt into that many
-groups (largest first, round robin).
+configuration, with its category prior when that configuration fits one, as ``cscr train`` does),
+scored for every pair of the grid on the group's prompts (out of distribution) and on the
+split's validation rows (the other groups' prompts: in distribution, where a shrink can only cost),
+and the pair with the best ``far_share * held-out AUDC + (1 - far_share) * in-distribution AUDC``
+(means over groups) wins. ``far_share`` is the operator's expected share of far-off traffic
+(``FAR_SHARE``, 0.5, unless ``cscr guard --far-share`` says otherwise; 1 weighs the held-out groups
+alone). w = 0 (no shrink) is in the grid, so a guard that costs more than it gains is not chosen.
+More than ``MAX_GROUPS`` categories are dealt into that many groups (largest first, round robin).
 
 On disk (``cscr guard --run RUN``): ``RUN/models/<variant>/guard/`` holds ``guard.json`` (w, gate,
 tau, k, Qbar, the search) and ``reference.npy`` (the training prompt embeddings), written
@@ -219,6 +223,9 @@ def category_groups(categories: Sequence[str], max_groups: int = MAX_GROUPS) -> 
     return groups
 
 
+FAR_SHARE = 0.5  # the default weight of the held-out groups against the in-distribution rows in the choice
+
+
 @dataclass
 class GuardSearch:
     w: float
@@ -226,21 +233,48 @@ class GuardSearch:
     mean: np.ndarray  # (len(GATES), len(GRID)) mean held-out-group AUDC
     per_group: dict[str, list[list[float]]]
     groups: dict[str, list[str]]
+    # the category prior's w in each group's router (None: the run's config fits none), so the search
+    # scores the utilities the served router shrinks
+    prior_w: dict[str, float | None] = field(default_factory=dict)
+    # (len(GATES), len(GRID)) mean AUDC on each split's in-distribution validation rows (the other groups'
+    # prompts): what the shrink costs the prompts the head was trained for
+    mean_in: np.ndarray | None = None
+    per_group_in: dict[str, list[list[float]]] = field(default_factory=dict)
+    far_share: float = 1.0  # the choice maximises far_share * mean + (1 - far_share) * mean_in
+
+    @staticmethod
+    def choose(mean: np.ndarray, mean_in: np.ndarray | None, far_share: float) -> tuple[float, float]:
+        """(w, gate) maximising ``far_share * mean + (1 - far_share) * mean_in`` (ties: the first, i.e. the
+        smaller gate and w; w = 0 is in the grid, so a shrink that costs more than it gains is not chosen)."""
+        score = mean if mean_in is None else far_share * mean + (1.0 - far_share) * mean_in
+        a, b = np.unravel_index(int(np.argmax(score)), score.shape)
+        return GRID[int(b)], GATES[int(a)]
 
     def record(self) -> dict[str, Any]:
         return {"w": self.w, "gate": self.gate, "grid": list(GRID), "gates": list(GATES),
                 "mean_audc": self.mean.tolist(), "per_group": self.per_group, "groups": self.groups,
-                "how": "nested leave-one-group-out over the train, val and probe rows' categories"}
+                "prior_w": self.prior_w, "far_share": self.far_share,
+                "mean_audc_in": None if self.mean_in is None else self.mean_in.tolist(),
+                "per_group_in": self.per_group_in,
+                "how": "nested leave-one-group-out over the train, val and probe rows' categories; each "
+                       "group's head with its category prior when the run's config fits one; (w, gate) "
+                       "maximises far_share * held-out AUDC + (1 - far_share) * in-distribution validation AUDC"}
 
     def table(self) -> str:
-        """The mean AUDC grid as text (gates down, w across), the chosen pair marked."""
-        lines = ["gate \\ w  " + " ".join(f"{w:>7}" for w in GRID)]
-        for i, g in enumerate(GATES):
-            cells = []
-            for j, w in enumerate(GRID):
-                mark = "*" if (g, w) == (self.gate, self.w) else " "
-                cells.append(f"{self.mean[i, j]:.4f}{mark}")
-            lines.append(f"{g:>8}  " + " ".join(cells))
+        """The mean AUDC grids as text (gates down, w across), the chosen pair marked: the held-out
+        groups', then the in-distribution rows' (when scored)."""
+        grids = [("held-out groups", self.mean)]
+        if self.mean_in is not None:
+            grids.append(("in distribution (validation rows)", self.mean_in))
+        lines: list[str] = []
+        for title, grid in grids:
+            lines.append(f"{title}:\ngate \\ w  " + " ".join(f"{w:>7}" for w in GRID))
+            for i, g in enumerate(GATES):
+                cells = []
+                for j, w in enumerate(GRID):
+                    mark = "*" if (g, w) == (self.gate, self.w) else " "
+                    cells.append(f"{grid[i, j]:.4f}{mark}")
+                lines.append(f"{g:>8}  " + " ".join(cells))
         return "\n".join(lines)
 
 

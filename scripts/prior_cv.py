@@ -5,7 +5,13 @@ k + 1), the category prior (cscr/prior.py) is fitted on the same training folds 
 chosen on fold k + 1, as ``cscr train`` chooses it on the validation split, and the router is
 scored on fold k with and without it (and at every w of the grid, for the record).
 
-    python scripts/prior_cv.py --run runs/llmr [--folds 5] [--out prior.json]
+    python scripts/prior_cv.py --run runs/llmr [--folds 5] [--guard] [--out prior.json]
+
+``--guard`` adds the out-of-distribution guard (cscr/guard.py) on top of the head and its prior, as
+``cscr guard`` would choose it on the training folds (fold k hidden as the test split, fold k + 1 the
+validation split): its in-distribution cost, for the choice that weighs the held-out groups alone
+(far share 1, the rule before stop 38) and for the default (far share 0.5: held-out groups and
+in-distribution validation rows weighed alike), from one search per fold.
 
 One line per fold, then the means.
 """
@@ -25,15 +31,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main(argv: list[str] | None = None) -> int:
     from foldcv import fold_table, head_router, make_folds, print_results, scored_rows, without_test
 
+    from cscr.config import TrainConfig
     from cscr.eval.utility import utility_audc
+    from cscr.experiments.ood import search_guard
+    from cscr.guard import FAR_SHARE, Guard, GuardSearch
     from cscr.prior import GRID, fit_prior
     from cscr.routers.base import RouterContext, get_router
+    from cscr.runs.descriptors import DEFAULT_KIND
     from cscr.runs.inputs import Run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--out", default=None)
+    p.add_argument("--guard", action="store_true", help="add head + prior + guard rows (a guard search per fold)")
     a = p.parse_args(argv)
 
     run = Run.of(a.run)
@@ -67,6 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         res.setdefault("chosen w", []).append(prior.w)
         for w in GRID:
             res.setdefault(f"w={w}", []).append(audc(prior.apply(u, router.expert_names, emb[rows], w)))
+        if a.guard:  # searched on the training folds (fold k is t's test split: never read by the search)
+            router.set_prior(prior)
+            u_prior = router.utilities(emb[rows])
+            router.set_prior(None)
+            search = search_guard(t, emb, TrainConfig(), "cscr", None if kind == DEFAULT_KIND else desc)
+            for share in (1.0, FAR_SHARE):
+                w, gate = GuardSearch.choose(search.mean, search.mean_in, share)
+                g = Guard.fit(t, emb, w, gate)  # reference and means: the training folds, as cscr guard fits it
+                tag = f"+ guard (far share {share:g})"
+                res.setdefault(tag, []).append(audc(g.apply(u_prior, router.expert_names, emb[rows])))
+                res.setdefault(f"{tag}: w", []).append(w)
+                res.setdefault(f"{tag}: gate", []).append(gate)
         cols = [per_cat.expert_names.index(n) for n in router.expert_names]
         res.setdefault("per-category (given the label)", []).append(audc(per_cat.utilities(emb[rows], rows)[:, cols]))
         print(f"fold {k}: head {res['head'][-1]:.4f}  with the prior {res['head + prior (w chosen)'][-1]:.4f} "

@@ -260,12 +260,14 @@ def test_the_length_probe_reads_length_within_a_category_and_falls_back_to_the_t
 
 
 def test_prior_cv_scores_the_nested_folds_with_w_chosen_on_the_next_fold(run_dir, capsys, tmp_path):
+    from cscr.guard import GATES
+    from cscr.guard import GRID as GUARD_GRID
     from cscr.prior import GRID
 
     out, _ = run_dir
     assert category_probe.main(["--run", str(out), "--folds", "3", "--nested"]) == 0
     probe = _table(capsys.readouterr().out)
-    assert prior_cv.main(["--run", str(out), "--folds", "3", "--out", str(tmp_path / "p.json")]) == 0
+    assert prior_cv.main(["--run", str(out), "--folds", "3", "--guard", "--out", str(tmp_path / "p.json")]) == 0
     rows = _table(capsys.readouterr().out)
     # the same nested head and baseline on the same folds as the probe
     np.testing.assert_allclose(rows["head"], probe["head"], atol=1e-9)
@@ -275,6 +277,14 @@ def test_prior_cv_scores_the_nested_folds_with_w_chosen_on_the_next_fold(run_dir
         assert w in GRID
         assert rows["head + prior (w chosen)"][1 + k] == pytest.approx(rows[f"w={w}"][1 + k], abs=1e-9)
     np.testing.assert_allclose(rows["w=0.0"], rows["head"], atol=1e-12)
+    # --guard: the guard each fold's search chose, on top of the head and its prior; no shrink leaves it as it was
+    for share in ("1", "0.5"):
+        tag = f"+ guard (far share {share})"
+        for k, (w, gate) in enumerate(zip(rows[f"{tag}: w"][1:], rows[f"{tag}: gate"][1:], strict=True)):
+            assert w in GUARD_GRID and gate in GATES
+            if w == 0:
+                assert rows[tag][1 + k] == pytest.approx(rows["head + prior (w chosen)"][1 + k], abs=1e-12)
+        assert all(0.0 < v <= 1.0 for v in rows[tag])
     saved = json.loads((tmp_path / "p.json").read_text())
     assert saved["folds"] == 3 and len(saved["results"]["head"]) == 3
 

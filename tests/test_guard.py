@@ -3,6 +3,7 @@ the test split, saving and loading with the run's router, serving through it, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 
@@ -18,6 +19,7 @@ from cscr.guard import (
     GRID,
     Guard,
     GuardError,
+    GuardSearch,
     Nearness,
     category_groups,
     load_guard,
@@ -108,6 +110,29 @@ def test_search_never_reads_the_test_split(trained):
     emb2[test] = rng.normal(size=emb2[test].shape)
     again = search_guard(spoiled, emb2, FAST)
     assert np.allclose(again.mean, first.mean) and (again.w, again.gate) == (first.w, first.gate)
+    # each group's router is the served one: the head with its category prior (w chosen on that split's val rows)
+    assert set(first.prior_w) == set(first.per_group) and all(w is not None for w in first.prior_w.values())
+    assert first.record()["prior_w"] == first.prior_w
+    bare = search_guard(table, emb, dataclasses.replace(FAST, category_prior=False))
+    assert set(bare.prior_w.values()) == {None}
+    blended = {g for g, w in first.prior_w.items() if w}
+    assert blended and blended != set(first.per_group)  # this table: some groups' priors blend, some do not
+    for g in set(first.per_group) - blended:  # w = 0 leaves the head as it was
+        assert np.array_equal(first.per_group[g], bare.per_group[g]), g
+    assert not all(np.array_equal(first.per_group[g], bare.per_group[g]) for g in blended)  # a blend scores otherwise
+    # the choice weighs the held-out groups against the in-distribution validation rows (0.5 each by default)
+    assert first.far_share == 0.5 and first.mean_in is not None and first.mean_in.shape == first.mean.shape
+    assert set(first.per_group_in) == set(first.per_group)
+    mix = 0.5 * first.mean + 0.5 * first.mean_in
+    assert mix[GATES.index(first.gate), GRID.index(first.w)] == mix.max()
+    assert first.record()["far_share"] == 0.5 and first.record()["mean_audc_in"] == first.mean_in.tolist()
+    for share, grid in ((1.0, first.mean), (0.0, first.mean_in)):  # one side alone
+        w, gate = GuardSearch.choose(first.mean, first.mean_in, share)
+        assert grid[GATES.index(gate), GRID.index(w)] == grid.max()
+    # a shrink of every prompt costs in distribution: the validation rows score it below no shrink
+    assert first.mean_in[GATES.index(1.0), GRID.index(1.0)] < first.mean_in[0, 0]
+    with pytest.raises(GuardError, match="far_share"):
+        search_guard(table, emb, FAST, far_share=1.5)
     one = table.subset()
     one.categories = np.full(one.n, "only")
     with pytest.raises(GuardError, match="at least 2 groups"):
@@ -150,7 +175,7 @@ def test_cli_search_show_off_and_bad_input(trained, capsys, tmp_path):
     folder, table, emb, _ = trained
     assert main(["guard", "--run", str(folder), "--seed", "0"]) == 0
     out = capsys.readouterr().out
-    assert "mean AUDC on held-out groups (4" in out and "*" in out
+    assert "held-out groups (4" in out and "in distribution (validation rows):" in out and "*" in out
     written = load_guard(folder / "models" / "cscr")
     if written is None:
         assert "no guard written" in out
@@ -167,6 +192,9 @@ def test_cli_search_show_off_and_bad_input(trained, capsys, tmp_path):
     capsys.readouterr()
     assert main(["guard", "--run", str(folder), "--max-groups", "1"]) == 2
     assert "--max-groups" in capsys.readouterr().err
+    for bad in ("1.5", "-0.1", "nan"):
+        assert main(["guard", "--run", str(folder), "--far-share", bad]) == 2
+        assert "--far-share must be in [0, 1]" in capsys.readouterr().err
     t2, e2, _ = synthetic_table(n=300, n_experts=4, dim=16, seed=2, probe_size=30)
     bare = write_synthetic_run(tmp_path / "bare", t2, e2)
     assert main(["guard", "--run", str(bare)]) == 2  # no trained head

@@ -7,8 +7,10 @@
 The guard (cscr/guard.py; beyond the write-up, labelled so) shrinks the head's expected quality
 towards each expert's mean train quality on prompts far from the training prompts. Its weight w and
 gate are chosen by nested leave-one-group-out over the prompt categories of the train, val and
-probe rows (heads retrained with the run's training configuration; the test split is never read);
-w = 0 wins when no shrink helps on held-out groups, and then no guard is written. LLMRouter task
+probe rows (heads retrained with the run's training configuration, category prior included; the test
+split is never read), weighing the held-out groups' AUDC against the in-distribution validation
+rows' (--far-share, default 0.5: the share of far-off traffic the operator expects); w = 0 wins when
+no shrink pays for itself, and then no guard is written. LLMRouter task
 names are grouped as the ood experiment groups them; more than --max-groups categories are dealt
 into that many groups. Once written, every consumer of the run's router (``cscr evaluate``,
 ``cscr route``, ``cscr serve``) routes through it, and the operating-point table that turns budgets
@@ -33,6 +35,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--variant", default="cscr", help="trained head: cscr or vanilla (default cscr)")
     p.add_argument("--seed", type=int, default=None, help="training seed of the search's heads (default: the head's)")
     p.add_argument("--max-groups", type=int, default=8, help="most held-out groups in the search (default 8)")
+    p.add_argument("--far-share", type=float, default=None,
+                   help="weight of the held-out groups against the in-distribution validation rows in the "
+                        "choice, in [0, 1]: the share of far-off traffic expected (default 0.5; 1: held-out "
+                        "groups alone)")
     p.add_argument("--show", action="store_true", help="print the run's guard and exit")
     p.add_argument("--off", action="store_true", help="remove the run's guard")
     p.set_defaults(func=run)
@@ -45,13 +51,16 @@ def say(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from cscr.errors import InputError
     from cscr.experiments.ood import search_guard
-    from cscr.guard import Guard, load_guard, remove_guard, save_guard
+    from cscr.guard import FAR_SHARE, Guard, load_guard, remove_guard, save_guard
     from cscr.runs.descriptors import DEFAULT_KIND, read_descriptors
     from cscr.runs.heads import load_trained
     from cscr.runs.inputs import Run
 
     if args.max_groups < 2:
         raise InputError(f"--max-groups must be at least 2, got {args.max_groups}")
+    far_share = FAR_SHARE if args.far_share is None else args.far_share
+    if not 0.0 <= far_share <= 1.0:  # NaN fails too
+        raise InputError(f"--far-share must be in [0, 1], got {args.far_share}")
     run_ = Run.of(args.run)
     folder = run_.paths.model(args.variant)
     if args.show or args.off:
@@ -79,12 +88,13 @@ def run(args: argparse.Namespace) -> int:
         desc, kind, _ = read_descriptors(run_.paths, table.expert_names, kind)
     say(f"guard search on {run_.paths.root} ({args.variant}, {kind} descriptors, seed {cfg.seed}): each group "
         f"of categories held out in turn; the test split is not read")
-    search = search_guard(table, emb, cfg, args.variant, desc, max_groups=args.max_groups, log=say)
-    print(f"mean AUDC on held-out groups ({len(search.per_group)}: {', '.join(search.per_group)}); "
-          f"* = chosen\n{search.table()}")
+    search = search_guard(table, emb, cfg, args.variant, desc, max_groups=args.max_groups, log=say,
+                          far_share=far_share)
+    print(f"mean AUDC, held-out groups ({len(search.per_group)}: {', '.join(search.per_group)}) and in "
+          f"distribution; * = chosen (weights {far_share:g} and {1 - far_share:g})\n{search.table()}")
     if search.w <= 0.0:
         removed = remove_guard(folder)
-        print(f"no shrink helped on held-out groups (w = 0 chosen): no guard written"
+        print(f"no shrink paid for itself (w = 0 chosen): no guard written"
               f"{'; the previous guard was removed' if removed else ''}")
         if removed:
             _recalibrate(run_, args.variant)

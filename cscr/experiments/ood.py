@@ -42,8 +42,7 @@ from cscr.experiments.common import (
     train_cscr,
 )
 from cscr.guard import (
-    GATES,
-    GRID,
+    FAR_SHARE,
     MAX_GROUPS,
     Guard,
     GuardError,
@@ -220,13 +219,16 @@ def task_groups(table: RoutingTable) -> dict[str, list[str]] | None:
 def search_guard(table: RoutingTable, emb: np.ndarray, cfg: TrainConfig | None = None, variant: str = "cscr",
                  descriptors: Mapping[str, np.ndarray] | None = None,
                  groups: Mapping[str, Sequence[str]] | None = None, max_groups: int = MAX_GROUPS,
-                 log: Callable[[str], None] | None = None) -> GuardSearch:
+                 log: Callable[[str], None] | None = None, far_share: float = FAR_SHARE) -> GuardSearch:
     """Choose (w, gate) by nested leave-one-group-out on ``table``'s non-test rows (see cscr/guard.py).
 
     ``descriptors``: the experts' descriptors (None: probe-outcome descriptors from each inner
     split's probe rows); ``groups``: name -> categories (None: ``task_groups`` for LLMRouter task
-    names, else ``category_groups``; groups with no non-test rows are left out).
+    names, else ``category_groups``; groups with no non-test rows are left out); ``far_share``: the
+    held-out groups' weight against the in-distribution validation rows in the choice, in [0, 1].
     """
+    if not 0.0 <= far_share <= 1.0:
+        raise GuardError(f"far_share must be in [0, 1], got {far_share}")
     keep = np.flatnonzero(table.splits != "test")
     t0, e0 = table.subset(keep), np.asarray(emb)[keep]
     cats = [str(c) for c in t0.categories if str(c).strip()]
@@ -241,6 +243,8 @@ def search_guard(table: RoutingTable, emb: np.ndarray, cfg: TrainConfig | None =
     except TableError as exc:
         raise GuardError(f"the guard's search cannot hold out these groups: {exc}") from exc
     per_group: dict[str, list[list[float]]] = {}
+    prior_w: dict[str, float | None] = {}  # the category prior's w per held-out group (None: no prior)
+    per_group_in: dict[str, list[list[float]]] = {}  # the grid on each split's in-distribution val rows
     for i, s in enumerate(splits, 1):
         es = e0[s.emb_rows]
         desc = dict(descriptors) if descriptors is not None else default_descriptors(s.table)
@@ -253,13 +257,26 @@ def search_guard(table: RoutingTable, emb: np.ndarray, cfg: TrainConfig | None =
         rows = s.ood_rows[~np.isnan(s.table.quality[s.ood_rows]).any(axis=1)]
         if len(rows) == 0:
             continue
+        # the guard shrinks what the served router routes by: the head with its category prior when the
+        # run's config asks for one (fitted on this split's train rows, its w chosen on its val rows)
+        prior = experiment_prior(res, router, s.table, es)
+        router.set_prior(prior)
         out = grid_audc(router, s.table, es, train, rows)
         per_group[s.test_group] = out.tolist()
+        prior_w[s.test_group] = None if prior is None else prior.w
+        val = s.table.split_index("val")  # the other groups' held-back prompts: in distribution for this head
+        val = val[~np.isnan(s.table.quality[val]).any(axis=1)]
+        if len(val):
+            per_group_in[s.test_group] = grid_audc(router, s.table, es, train, val).tolist()
         if log is not None:
-            log(f"guard search {i}/{len(splits)}: held out {s.test_group} ({len(rows)} prompts): no shrink "
-                f"{out[0, 0]:.4f}, best {out.max():.4f}")
+            blend = "" if prior is None else f" (category prior w = {prior.w:g})"
+            inside = (f"; in distribution ({len(val)} validation prompts) no shrink "
+                      f"{per_group_in[s.test_group][0][0]:.4f}" if len(val) else "")
+            log(f"guard search {i}/{len(splits)}: held out {s.test_group} ({len(rows)} prompts){blend}: no shrink "
+                f"{out[0, 0]:.4f}, best {out.max():.4f}{inside}")
     if not per_group:
         raise GuardError("the guard's search found no held-out prompt with every quality cell")
     mean = np.mean([np.asarray(v) for v in per_group.values()], axis=0)
-    a, b = np.unravel_index(int(np.argmax(mean)), mean.shape)
-    return GuardSearch(GRID[b], GATES[a], mean, per_group, present)
+    mean_in = np.mean([np.asarray(v) for v in per_group_in.values()], axis=0) if per_group_in else None
+    w, gate = GuardSearch.choose(mean, mean_in, far_share)
+    return GuardSearch(w, gate, mean, per_group, present, prior_w, mean_in, per_group_in, far_share)
