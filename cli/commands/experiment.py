@@ -79,6 +79,9 @@ def register(subparsers: Any) -> None:
     o.add_argument("--guard", action="store_true",
                    help="also evaluate cscr+guard: the cscr head with the out-of-distribution guard (cscr guard) "
                         "searched inside the training groups only")
+    o.add_argument("--far-share", type=float, default=None,
+                   help="with --guard: the held-out groups' weight against the in-distribution validation rows "
+                        "in the guard's search, in [0, 1] (default 0.5, as cscr guard)")
     o.set_defaults(func=run_ood_cmd)
 
 
@@ -230,11 +233,17 @@ def ood_splits(table: Any, split: str, group: str | None = None) -> list[Any]:
 def run_ood_cmd(args: argparse.Namespace) -> int:
     from cscr.experiments.ood import run_ood
     from cscr.experiments.report import slug, write_ood
+    from cscr.guard import FAR_SHARE
     from cscr.runs.descriptors import DEFAULT_KIND, read_descriptors
 
     routers = _routers(args.routers)
     if args.guard and "cscr" not in routers:
         raise InputError("--guard evaluates the cscr head with its guard: put cscr in --routers")
+    if args.far_share is not None and not args.guard:
+        raise InputError("--far-share weighs the guard's search: add --guard")
+    far_share = FAR_SHARE if args.far_share is None else args.far_share
+    if not 0.0 <= far_share <= 1.0:  # NaN fails too
+        raise InputError(f"--far-share must be in [0, 1], got {args.far_share}")
     paths, table, emb = _load(args, lexical=False)  # the run's lexical view, if any, is refitted per split
     train, ev, kind = _configs(args)
     split = resolve_split(args.split, {str(c) for c in table.categories if str(c).strip()})
@@ -251,11 +260,11 @@ def run_ood_cmd(args: argparse.Namespace) -> int:
         say(f"ood[{split}] {i}/{len(splits)}: train on {s.train_group}, test on {s.test_group} ({s.counts})")
         # the run's lexical view saw every train prompt's text: refit it on this split's training rows
         e = refit_features(emb, table.texts, view, s.emb_rows[s.table.split_index("train")])
-        res = run_ood(s, e, routers, train, ev, desc, args.seed, say, guard=args.guard)
+        res = run_ood(s, e, routers, train, ev, desc, args.seed, say, guard=args.guard, far_share=far_share)
         _compare_cscr(res.out_of_distribution)
         results.append(res)
     name = f"ood-{split}" if args.group is None else f"ood-{split}-{slug(args.group)}"
     out = Path(args.out).expanduser() if args.out else paths.experiment(name)
     settings = _settings(args, routers, train, ev, kind, basis_id=basis, split=split, group=args.group,
-                         guard=args.guard)
+                         guard=args.guard, **({"far_share": far_share} if args.guard else {}))
     return _finish(write_ood(results, out, split, paths.root, settings))

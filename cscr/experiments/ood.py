@@ -165,13 +165,14 @@ class OODResult:
 
 def run_ood(split: OODSplit, emb: np.ndarray, routers: Sequence[str], train_cfg: TrainConfig | None = None,
             eval_cfg: EvalConfig | None = None, descriptors: Mapping[str, np.ndarray] | None = None,
-            seed: int = 0, log: Log | None = None, guard: bool = False) -> OODResult:
+            seed: int = 0, log: Log | None = None, guard: bool = False, far_share: float = FAR_SHARE) -> OODResult:
     """Train on the split's in-distribution rows, evaluate on both sets.
 
     ``emb``: embeddings of the *original* table (sliced with ``split.emb_rows``). ``descriptors``:
     default probe-outcome descriptors from the in-distribution probe rows. ``guard``: add
     ``cscr+guard`` (needs ``cscr`` among the routers; its search holds out the in-distribution
-    groups ``search_guard`` forms: LLMRouter task groups, else categories).
+    groups ``search_guard`` forms: LLMRouter task groups, else categories; ``far_share`` weighs them
+    against its in-distribution validation rows, as ``cscr guard --far-share``).
     """
     table = split.table
     e = np.asarray(emb)[split.emb_rows]
@@ -180,7 +181,7 @@ def run_ood(split: OODSplit, emb: np.ndarray, routers: Sequence[str], train_cfg:
     ctx = RouterContext.from_table(table, e, seed=seed)
     fitted = fit_routers(routers, ctx, heads, desc, log)
     if guard:
-        fitted[GUARDED] = _guarded(table, e, heads, desc, descriptors, train_cfg, log)
+        fitted[GUARDED] = _guarded(table, e, heads, desc, descriptors, train_cfg, log, far_share)
     cfg = eval_cfg or EvalConfig()
     return OODResult(split, evaluate_routers(fitted, table, e, split.id_rows, cfg),
                      evaluate_routers(fitted, table, e, split.ood_rows, cfg), list(fitted))
@@ -190,13 +191,14 @@ GUARDED = "cscr+guard"
 
 
 def _guarded(table: RoutingTable, e: np.ndarray, heads: Mapping[str, TrainResult], desc: Mapping[str, np.ndarray],
-             store: Mapping[str, np.ndarray] | None, train_cfg: TrainConfig | None, log: Log | None) -> CSCRRouter:
+             store: Mapping[str, np.ndarray] | None, train_cfg: TrainConfig | None, log: Log | None,
+             far_share: float = FAR_SHARE) -> CSCRRouter:
     """The cscr head's router (over ``desc``) with a guard searched and fitted on the in-distribution
     rows only; ``store``: descriptors from the store for the search's heads (None: each inner
     split's probe-outcome descriptors)."""
     if "cscr" not in heads:
         raise ValueError(f"{GUARDED!r} needs 'cscr' among the routers")
-    search = search_guard(table, e, train_cfg, "cscr", store, log=log)
+    search = search_guard(table, e, train_cfg, "cscr", store, log=log, far_share=far_share)
     router = cscr_router("cscr", heads["cscr"], {n: desc[n] for n in table.expert_names},
                          costs_of(table, table.split_index("train")))
     router.set_prior(experiment_prior(heads["cscr"], router, table, e))  # as the cscr router has it

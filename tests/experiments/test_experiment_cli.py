@@ -76,9 +76,9 @@ def test_ood_holds_out_a_task_group(tasks_run):
 def test_ood_with_the_guard_searches_inside_the_training_groups(tasks_run):
     run, _, _ = tasks_run
     assert main(["experiment", "ood", "--run", str(run), "--split", "tasks", "--group", "code", "--guard",
-                 "--routers", "cscr,knn", *FAST, "--out", str(run / "ood-guard")]) == 0
+                 "--far-share", "0.25", "--routers", "cscr,knn", *FAST, "--out", str(run / "ood-guard")]) == 0
     rec = json.loads((run / "ood-guard" / "metrics.json").read_text())
-    assert rec["settings"]["guard"] is True
+    assert rec["settings"]["guard"] is True and rec["settings"]["far_share"] == 0.25
     for t in rec["tables"]:
         assert {r[0] for r in t["rows"]} == {"cscr", "cscr+guard", "knn"}
     assert {(s["a"], s["b"]) for s in rec["significance"]} == {("cscr", "knn"), ("cscr+guard", "knn")}
@@ -103,6 +103,8 @@ def test_split_resolution_and_stem_grouping(tmp_path):
     (["experiment", "ood", "--routers", "single"], "single experts are always evaluated"),
     (["experiment", "ood", "--split", "tasks", "--group", "poetry"], "--group 'poetry'"),
     (["experiment", "ood", "--routers", "knn", "--guard"], "put cscr in --routers"),
+    (["experiment", "ood", "--far-share", "0.5"], "--far-share weighs the guard's search: add --guard"),
+    (["experiment", "ood", "--guard", "--far-share", "2"], "--far-share must be in [0, 1]"),
     (["experiment", "unseen-experts", "--unseen", "expert-0,gpt-9"], "unknown expert(s) ['gpt-9']"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(tasks_run, capsys, argv, message):
