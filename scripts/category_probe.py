@@ -24,7 +24,9 @@ figure runs a little high) and the baselines on the other folds, then scores on 
 - ``head+guard`` (``--guard``): the head with the out-of-distribution guard (cscr/guard.py) as
   ``cscr guard`` would choose it from the other folds (the held-out fold is hidden from the search
   as if it were the test split; the next fold is the inner validation split): what the guard costs
-  or gains in distribution, without the test split.
+  or gains in distribution, without the test split. The head here is the head alone, so the search
+  scores it without the category prior too; ``scripts/prior_cv.py --guard`` measures the guard on
+  the head with its prior, as ``cscr guard`` searches and serves it.
 
 With ``--nested`` each fold is scored with every router's choices made on the next fold instead
 (the head's best epoch, the MLPs' early stopping), so no figure runs high; the routers then train
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         spl = sp.copy()
         spl[rows], spl[inner_val] = "test", "val"
         hidden.splits = spl
-        search = search_guard(hidden, emb, TrainConfig(), "cscr", None if kind == DEFAULT_KIND else desc)
+        search = search_guard(hidden, emb, TrainConfig(category_prior=False), "cscr",  # as the rows: no prior
+                              None if kind == DEFAULT_KIND else desc)
         guard = Guard.fit(t, emb, search.w, search.gate)  # reference and means: the training folds
         return guard.apply(router.utilities(emb[rows]), router.expert_names, emb[rows]), (search.w, search.gate)
 
