@@ -110,6 +110,7 @@ def test_search_never_reads_the_test_split(trained):
     emb2[test] = rng.normal(size=emb2[test].shape)
     again = search_guard(spoiled, emb2, FAST)
     assert np.allclose(again.mean, first.mean) and (again.w, again.gate) == (first.w, first.gate)
+    assert np.allclose(again.mean_in, first.mean_in)  # the in-distribution rows are validation rows, never test
     # each group's router is the served one: the head with its category prior (w chosen on that split's val rows)
     assert set(first.prior_w) == set(first.per_group) and all(w is not None for w in first.prior_w.values())
     assert first.record()["prior_w"] == first.prior_w
