@@ -226,6 +226,15 @@ def category_groups(categories: Sequence[str], max_groups: int = MAX_GROUPS) -> 
 FAR_SHARE = 0.5  # the default weight of the held-out groups against the in-distribution rows in the choice
 
 
+def far_share_of(value: float | None, name: str = "far_share") -> float:
+    """``value`` (None: ``FAR_SHARE``) as the guard search's far share; outside [0, 1] or NaN is a
+    GuardError naming ``name`` (the CLI's flag, or the argument)."""
+    share = FAR_SHARE if value is None else float(value)
+    if not 0.0 <= share <= 1.0:  # NaN fails too
+        raise GuardError(f"{name} must be in [0, 1], got {value}")
+    return share
+
+
 @dataclass
 class GuardSearch:
     w: float

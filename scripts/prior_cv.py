@@ -74,14 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 
         u = router.utilities(emb[rows])
         res.setdefault("head", []).append(audc(u))
-        res.setdefault("head + prior (w chosen)", []).append(audc(prior.apply(u, router.expert_names, emb[rows])))
+        u_prior = prior.apply(u, router.expert_names, emb[rows])  # the default router's utilities
+        res.setdefault("head + prior (w chosen)", []).append(audc(u_prior))
         res.setdefault("chosen w", []).append(prior.w)
         for w in GRID:
             res.setdefault(f"w={w}", []).append(audc(prior.apply(u, router.expert_names, emb[rows], w)))
         if a.guard:  # searched on the training folds (fold k is t's test split: never read by the search)
-            router.set_prior(prior)
-            u_prior = router.utilities(emb[rows])
-            router.set_prior(None)
             search = search_guard(t, emb, TrainConfig(), "cscr", None if kind == DEFAULT_KIND else desc)
             for share in (1.0, FAR_SHARE):
                 w, gate = GuardSearch.choose(search.mean, search.mean_in, share)

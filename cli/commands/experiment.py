@@ -233,7 +233,7 @@ def ood_splits(table: Any, split: str, group: str | None = None) -> list[Any]:
 def run_ood_cmd(args: argparse.Namespace) -> int:
     from cscr.experiments.ood import run_ood
     from cscr.experiments.report import slug, write_ood
-    from cscr.guard import FAR_SHARE
+    from cscr.guard import far_share_of
     from cscr.runs.descriptors import DEFAULT_KIND, read_descriptors
 
     routers = _routers(args.routers)
@@ -241,9 +241,7 @@ def run_ood_cmd(args: argparse.Namespace) -> int:
         raise InputError("--guard evaluates the cscr head with its guard: put cscr in --routers")
     if args.far_share is not None and not args.guard:
         raise InputError("--far-share weighs the guard's search: add --guard")
-    far_share = FAR_SHARE if args.far_share is None else args.far_share
-    if not 0.0 <= far_share <= 1.0:  # NaN fails too
-        raise InputError(f"--far-share must be in [0, 1], got {args.far_share}")
+    far_share = far_share_of(args.far_share, "--far-share")
     paths, table, emb = _load(args, lexical=False)  # the run's lexical view, if any, is refitted per split
     train, ev, kind = _configs(args)
     split = resolve_split(args.split, {str(c) for c in table.categories if str(c).strip()})

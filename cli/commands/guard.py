@@ -51,16 +51,14 @@ def say(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from cscr.errors import InputError
     from cscr.experiments.ood import search_guard
-    from cscr.guard import FAR_SHARE, Guard, load_guard, remove_guard, save_guard
+    from cscr.guard import Guard, far_share_of, load_guard, remove_guard, save_guard
     from cscr.runs.descriptors import DEFAULT_KIND, read_descriptors
     from cscr.runs.heads import load_trained
     from cscr.runs.inputs import Run
 
     if args.max_groups < 2:
         raise InputError(f"--max-groups must be at least 2, got {args.max_groups}")
-    far_share = FAR_SHARE if args.far_share is None else args.far_share
-    if not 0.0 <= far_share <= 1.0:  # NaN fails too
-        raise InputError(f"--far-share must be in [0, 1], got {args.far_share}")
+    far_share = far_share_of(args.far_share, "--far-share")
     run_ = Run.of(args.run)
     folder = run_.paths.model(args.variant)
     if args.show or args.off:

@@ -48,6 +48,7 @@ from cscr.guard import (
     GuardError,
     GuardSearch,
     category_groups,
+    far_share_of,
     grid_audc,
 )
 from cscr.routers.base import RouterContext
@@ -229,8 +230,7 @@ def search_guard(table: RoutingTable, emb: np.ndarray, cfg: TrainConfig | None =
     names, else ``category_groups``; groups with no non-test rows are left out); ``far_share``: the
     held-out groups' weight against the in-distribution validation rows in the choice, in [0, 1].
     """
-    if not 0.0 <= far_share <= 1.0:
-        raise GuardError(f"far_share must be in [0, 1], got {far_share}")
+    far_share = far_share_of(far_share)
     keep = np.flatnonzero(table.splits != "test")
     t0, e0 = table.subset(keep), np.asarray(emb)[keep]
     cats = [str(c) for c in t0.categories if str(c).strip()]
