@@ -22,8 +22,11 @@ logger shows warnings only, Ray Data progress bars are off and Train/Tune report
 (:func:`train_verbose`). ``-v``/``--log-level`` on ``cscr`` (or ``CSCR_LOG_LEVEL=INFO`` in the
 environment, which :func:`set_log_level` writes) shows everything again. Known harmless noise is
 removed where it starts: faiss is told which library it has (no ``swigfaiss_avx2``
-ModuleNotFoundError line) and torch's warning about read-only NumPy arrays is filtered in the
-driver and in every worker (``worker_process_setup_hook``).
+ModuleNotFoundError line), torch's warning about read-only NumPy arrays is filtered in the
+driver and in every worker (``worker_process_setup_hook``), and a Ray Train job's console keeps its
+epoch lines without Ray Train's own (a "Reporting training result" line per report and worker,
+:func:`quiet_train_worker`; the placement-group cleaner's failed state-API asks, a line a second
+on a cluster without a dashboard, in the setup hook).
 
 This module imports nothing heavy at import time (ray is imported inside the functions).
 """
@@ -47,6 +50,8 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # harmless warnings from third-party code that would otherwise reach the screen
 _TORCH_READONLY = r"The given NumPy array is not writable"
+_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_PG_CLEANER_NOISE = "Failed to query Ray Train Controller actor state"
 
 
 def add_logging_options(p: argparse.ArgumentParser) -> None:
@@ -125,6 +130,11 @@ def worker_setup() -> None:
     """Runs at the start of every Ray worker (``worker_process_setup_hook``)."""
     warnings.filterwarnings("ignore", message=_TORCH_READONLY, category=UserWarning)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    if not verbose():
+        # Ray Train's PlacementGroupCleaner asks the state API, which lives in the dashboard, once
+        # a second whether the controller is alive; connect() starts local clusters without a
+        # dashboard, so every ask fails and warns (one line a second through a whole training run)
+        logging.getLogger(_PG_CLEANER_LOGGER).addFilter(_DropMessages(_PG_CLEANER_NOISE))
     # Ray's own helpers in workers (e.g. Ray Train's PlacementGroupCleaner, through the state API)
     # look the cluster up with address "auto", which fails with "Found multiple active Ray
     # instances" whenever another Ray runs on the host: name this worker's own cluster.
@@ -171,6 +181,20 @@ def connect(address: str | None = None, num_cpus: float | None = None,
     ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False, **common)
     _quiet_ray_data()
     return True
+
+
+def quiet_train_worker() -> None:
+    """Call first in a Ray Train worker's loop. Ray Train logs each ``ray.train.report`` at INFO
+    ("Reporting training result ...", one line an epoch from every worker) through a logger named
+    after its file, outside ``ray.train``, so RunConfig's LoggingConfig does not reach it: keep it
+    off the console unless verbose (Ray's session log files still have it)."""
+    if verbose():
+        return
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 class _DropMessages(logging.Filter):

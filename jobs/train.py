@@ -47,7 +47,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cscr.jobs.cluster import add_logging_options, connect, disconnect, set_log_level
+from cscr.jobs.cluster import (
+    add_logging_options,
+    connect,
+    disconnect,
+    log_level,
+    quiet_train_worker,
+    set_log_level,
+)
 from cscr.jobs.train_options import TrainJobConfig, add_train_options, train_job_config
 
 from cscr.config import TrainConfig, asdict
@@ -82,6 +89,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_train_worker()
     arrays = ray.get(config["arrays_ref"])
     variant = config["variant"]
     cfg = variant_config(TrainConfig.from_nested(config["train"]), variant)
@@ -153,7 +161,7 @@ def run_training(run_dir: str | os.PathLike[str], variants: Sequence[str] = ("cs
                  log: Any = say) -> dict[str, TrainResult]:
     """Train each variant with a TorchTrainer on the connected Ray cluster; save the best heads."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from cscr.runs.descriptors import prepare_descriptors
@@ -194,7 +202,11 @@ def run_training(run_dir: str | os.PathLike[str], variants: Sequence[str] = ("cs
                                          resources_per_worker=None if gpu else {"CPU": cpus_per_worker}),
             run_config=RunConfig(name=variant, storage_path=str(storage),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 failure_config=FailureConfig(max_failures=2)),
+                                 failure_config=FailureConfig(max_failures=2),
+                                 # Ray Train's own lines ("Reporting training result ...", three per
+                                 # epoch and worker) at the job's level: -v shows them again, its
+                                 # log files under the session keep them all
+                                 logging_config=LoggingConfig(log_level=log_level())),
         )
         t0 = time.perf_counter()
         result = trainer.fit()
