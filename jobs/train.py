@@ -203,9 +203,9 @@ def run_training(run_dir: str | os.PathLike[str], variants: Sequence[str] = ("cs
             run_config=RunConfig(name=variant, storage_path=str(storage),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=2),
-                                 # Ray Train's own lines ("Reporting training result ...", three per
-                                 # epoch and worker) at the job's level: -v shows them again, its
-                                 # log files under the session keep them all
+                                 # Ray Train's own INFO lines ("Checkpoint successfully created ...",
+                                 # "Requesting resources ...") at the job's level: -v shows them
+                                 # again, Ray's session log files keep them all
                                  logging_config=LoggingConfig(log_level=log_level())),
         )
         t0 = time.perf_counter()
