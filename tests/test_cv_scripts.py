@@ -105,10 +105,19 @@ def test_the_scripts_score_the_same_folds(run_dir, capsys):
         assert len(probe[name]) == 4 and all(0.0 < v <= 1.0 for v in probe[name]), name  # the mean, 3 folds
 
     # the epoch the inner fold picks, scored on the held-out fold, against a fixed epoch count
-    assert epoch_choice_cv.main(["--run", str(out), "--folds", "3", "--config", '{"epochs": 4}']) == 0
+    # and with early stopping: patience 4 >= the epochs never stops, so it keeps the full run's choice
+    assert epoch_choice_cv.main(["--run", str(out), "--folds", "3", "--config", '{"epochs": 4}',
+                                 "--patience", "1,4"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and lines[-1].startswith("chosen epoch") and "fixed 4 epochs" in lines[-1]
+    assert len(lines) == 6 and lines[-1].startswith("chosen epoch") and "fixed 4 epochs" in lines[-1]
+    assert all("; P=1: stopped after " in line for line in lines[:3])
+    assert lines[4].startswith("patience 4: ") and "after 4.0 epochs" in lines[4]
+    assert "per fold +0.0000 +0.0000 +0.0000 against" in lines[4]
     assert epoch_choice_cv.main(["--run", str(out), "--config", "{"]) == 2
+    assert epoch_choice_cv.main(["--run", str(out), "--patience", "0"]) == 2
+    assert epoch_choice_cv.early_stop([0.5, 0.6, 0.55, 0.7], 1) == (1, 3)
+    assert epoch_choice_cv.early_stop([0.5, 0.6, 0.55, 0.7], 2) == (3, 4)
+    assert epoch_choice_cv.early_stop([0.5, 0.5, 0.5], 2) == (0, 3)  # a tie is no gain
 
 
 def test_the_finetune_probe_scores_fold_features_on_category_probes_nested_folds(run_dir, tmp_path, capsys):
