@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -40,12 +41,31 @@ def listening(procs: list[psutil.Process]) -> list[tuple[str, int]]:
                    if c.status == psutil.CONN_LISTEN and c.pid in pids})
 
 
-def connect_attempt(address: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
-    env.update(env_extra)
-    code = (f"import os, ray; ray.init(address={address!r}, log_to_driver=False); "
-            "print('CONNECTED', ray.get(ray.remote(lambda: sorted(os.environ)).remote())[:3])")
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+def connect_attempts(addresses: list[str], envs: list[dict[str, str]], tmp: Path) -> list[tuple[str, int]]:
+    """Every (address, credentials) pair tried at once, each by its own driver process; returns each
+    one's output (stdout and stderr) and exit code. They only wait on Ray's import and the answer, so
+    they need not wait on each other."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    started = []
+    for address in addresses:
+        code = (f"import os, ray; ray.init(address={address!r}, log_to_driver=False); "
+                "print('CONNECTED', ray.get(ray.remote(lambda: sorted(os.environ)).remote())[:3])")
+        for extra in envs:
+            log = tmp / f"attempt-{len(started)}.log"
+            with log.open("w") as out:
+                started.append((log, subprocess.Popen([sys.executable, "-c", code], env={**base, **extra},
+                                                      stdout=out, stderr=subprocess.STDOUT)))
+    results = []
+    try:
+        for log, proc in started:
+            code = proc.wait(timeout=120)
+            results.append((log.read_text(), code))
+    finally:
+        for _, proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
 
 
 def test_embedded_cluster_needs_a_token_and_its_death_stops_the_server(trained_run, tiny_lms, tmp_path):
@@ -81,11 +101,13 @@ def test_embedded_cluster_needs_a_token_and_its_death_stops_the_server(trained_r
         assert ports, "the GCS listens on no port"
         # no token, a wrong token: refused (the same credentials an attacker on the network has)
         said_token = False
-        for extra in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "x" * 43}):
-            for gcs_port in ports[:2]:
-                r = connect_attempt(f"127.0.0.1:{gcs_port}", extra)
-                assert r.returncode != 0 and "CONNECTED" not in r.stdout, r.stdout + r.stderr[-2000:]
-                said_token |= "token" in (r.stdout + r.stderr).lower()
+        attempts = connect_attempts([f"127.0.0.1:{p}" for p in ports[:2]],
+                                    [{"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "x" * 43}],
+                                    tmp_path)
+        assert len(attempts) == 2 * len(ports[:2])
+        for text, code in attempts:
+            assert code != 0 and "CONNECTED" not in text, text[-2000:]
+            said_token |= "token" in text.lower()
         assert said_token  # refused for want of the token (not merely a wrong port)
         # the cluster dies: the server says so and exits non-zero
         os.kill(gcs[0].pid, signal.SIGKILL)
