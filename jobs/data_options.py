@@ -6,14 +6,19 @@ jobs/X.py`` and ``cscr X`` build their parsers and frozen configs here.
     add_label_options(parser)        ->  args  ->  label_config(args)        ->  LabelJob
 
 ``run(cfg)`` in jobs/embed.py, jobs/fingerprint.py and jobs/label.py takes these configs (bad
-values raise ConfigError when the config is built). Nothing here imports numpy, torch or ray:
+values raise ConfigError when the config is built); :func:`data_job_parser` and :func:`data_job_main`
+are each job's parser and ``main``. Nothing here imports numpy, torch or ray:
 the CLI registers its subcommands from this module. (jobs/train_options.py: the train and sweep jobs.)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cscr.config import ENCODER_BACKENDS, ConfigError, EncoderConfig, FingerprintConfig
 from cscr.llm import SCORER_CONTEXTS
@@ -270,3 +275,38 @@ def label_config(args: argparse.Namespace) -> LabelJob:
                     cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                     batch_size=args.batch_size, encoder=args.encoder, no_embed=args.no_embed,
                     address=args.address, num_cpus=args.num_cpus, smoke_test=args.smoke_test)
+
+
+# ---------------------------------------------------------------- the jobs' main
+
+
+def data_job_parser(add_options: Callable[[argparse.ArgumentParser], None], doc: str | None) -> argparse.ArgumentParser:
+    """A data job's parser: its options (those of its ``cscr`` command) and the logging ones."""
+    from cscr.jobs.cluster import add_logging_options
+
+    p = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    add_options(p)
+    add_logging_options(p)
+    return p
+
+
+def data_job_main(name: str, parser: argparse.ArgumentParser, make_config: Callable[[argparse.Namespace], Any],
+                  run: Callable[[Any], Any], describe: Callable[[Any], str],
+                  argv: Sequence[str] | None = None) -> int:
+    """``python jobs/<name>.py``: the hub offline unless the environment says otherwise, then
+    ``describe(run(make_config(args)))`` printed. A user's mistake (a bad option value, a malformed
+    or missing file) is one line on stderr and exit 2."""
+    from cscr.jobs.cluster import set_log_level
+
+    from cscr.errors import USER_ERRORS
+
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        set_log_level(args.log_level, args.verbose)
+        result = run(make_config(args))
+    except USER_ERRORS as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    print(describe(result))
+    return 0

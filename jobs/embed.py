@@ -29,11 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cscr.jobs.cluster import add_logging_options, connect, disconnect, set_log_level
-from cscr.jobs.data_options import EmbedJob, add_embed_options, embed_config
+from cscr.jobs.cluster import connect, disconnect
+from cscr.jobs.data_options import (
+    EmbedJob,
+    add_embed_options,
+    data_job_main,
+    data_job_parser,
+    embed_config,
+)
 
-from cscr.config import ConfigError, EncoderConfig, asdict, from_dict
-from cscr.data.table import RoutingTable, TableError
+from cscr.config import EncoderConfig, asdict, from_dict
+from cscr.data.table import RoutingTable
 from cscr.encoder import EmbeddingCache, Encoder, encoder_id_for, text_hash, write_manifest
 from cscr.errors import InputError
 from cscr.runs.paths import RunPaths
@@ -178,24 +184,12 @@ def _smoke_table() -> RoutingTable:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_embed_options(p)
-    add_logging_options(p)
-    return p
+    return data_job_parser(add_embed_options, __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python jobs/embed.py``: the options of ``cscr prepare``'s embedding step with --ray."""
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        set_log_level(args.log_level, args.verbose)
-        res = run(embed_config(args))
-    except (InputError, ConfigError, TableError, FileNotFoundError) as exc:
-        print(f"embed: error: {exc}", file=sys.stderr)
-        return 2
-    print(describe(res))
-    return 0
+    return data_job_main("embed", build_parser(), embed_config, run, describe, argv)
 
 
 if __name__ == "__main__":

@@ -37,11 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cscr.jobs.cluster import add_logging_options, connect, disconnect, set_log_level
-from cscr.jobs.data_options import FingerprintJob, add_fingerprint_options, fingerprint_config
+from cscr.jobs.cluster import connect, disconnect
+from cscr.jobs.data_options import (
+    FingerprintJob,
+    add_fingerprint_options,
+    data_job_main,
+    data_job_parser,
+    fingerprint_config,
+)
 
-from cscr.config import ConfigError
-from cscr.data.table import RoutingTable, TableError
+from cscr.data.table import RoutingTable
 from cscr.errors import InputError
 from cscr.fingerprints.basis import TokenBasis, pre_tokenize
 from cscr.fingerprints.logit import LogitFootprintUDF, footprint_from_rows
@@ -52,7 +57,7 @@ from cscr.fingerprints.perplexity import (
     perplexity_basis_id,
     perplexity_descriptor,
 )
-from cscr.fingerprints.store import DescriptorError, DescriptorStore, FingerprintSettings
+from cscr.fingerprints.store import DescriptorStore, FingerprintSettings
 from cscr.label import udf_args
 from cscr.pool import ExpertSpec, Pool, load_pool, pool_from_dict
 from cscr.runs.paths import RunPaths
@@ -305,24 +310,12 @@ def smoke_pool(folder: Path) -> Pool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_fingerprint_options(p)
-    add_logging_options(p)
-    return p
+    return data_job_parser(add_fingerprint_options, __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python jobs/fingerprint.py``: the options of ``cscr fingerprint``."""
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        set_log_level(args.log_level, args.verbose)
-        out = run(fingerprint_config(args))
-    except (InputError, ConfigError, TableError, DescriptorError, FileNotFoundError) as exc:
-        print(f"fingerprint: error: {exc}", file=sys.stderr)
-        return 2
-    print(describe(out))
-    return 0
+    return data_job_main("fingerprint", build_parser(), fingerprint_config, run, describe, argv)
 
 
 if __name__ == "__main__":

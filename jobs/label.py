@@ -28,13 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from cscr.jobs.cluster import add_logging_options, connect, disconnect, set_log_level
-from cscr.jobs.data_options import LabelJob, add_label_options, label_config
+from cscr.jobs.cluster import connect, disconnect
+from cscr.jobs.data_options import (
+    LabelJob,
+    add_label_options,
+    data_job_main,
+    data_job_parser,
+    label_config,
+)
 from cscr.jobs.fingerprint import _pool, _resources, smoke_pool
 
 from cscr.atomic import atomic_write
-from cscr.config import ConfigError
-from cscr.data.table import RoutingTable, TableError
+from cscr.data.table import RoutingTable
 from cscr.errors import InputError
 from cscr.label import DEFAULT_MAX_NEW_TOKENS, LabelUDF, build_table, task_rows, udf_args
 from cscr.pool import Pool, load_pool
@@ -154,24 +159,12 @@ def smoke_test(job: LabelJob) -> LabelResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_label_options(p)
-    add_logging_options(p)
-    return p
+    return data_job_parser(add_label_options, __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python jobs/label.py``: the options of ``cscr label``."""
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        set_log_level(args.log_level, args.verbose)
-        res = run(label_config(args))
-    except (InputError, ConfigError, TableError, FileNotFoundError) as exc:
-        print(f"label: error: {exc}", file=sys.stderr)
-        return 2
-    print(describe(res))
-    return 0
+    return data_job_main("label", build_parser(), label_config, run, describe, argv)
 
 
 def describe(res: LabelResult) -> str:
