@@ -127,22 +127,38 @@ class CategoryPrior:
             raise PriorError(f"category prior: prompt embeddings must be (n, {self.weight.shape[0]}), got {emb.shape}")
         return softmax_rows((emb @ self.weight + self.bias).astype(np.float64))
 
-    def expected(self, names: Sequence[str], emb: np.ndarray) -> np.ndarray:
-        """(n, M) sum_c p(c | x) Qbar[c, m] over experts ``names``."""
+    def codes(self, categories: Sequence[str] | np.ndarray) -> np.ndarray:
+        """(n,) int: each category's index among the prior's, -1 for one it has no train prompt of."""
+        code = {c: i for i, c in enumerate(self.categories)}
+        return np.array([code.get(str(c), -1) for c in categories], dtype=np.int64)
+
+    def expected(self, names: Sequence[str], emb: np.ndarray, given: np.ndarray | None = None) -> np.ndarray:
+        """(n, M) sum_c p(c | x) Qbar[c, m] over experts ``names``; ``given`` (n,) category codes
+        (``codes``) put all of p on the given category where it is >= 0 (the prompt's category is known)."""
         missing = [n for n in names if n not in self.table]
         if missing:
             raise PriorError(f"category prior: no per-category quality for expert(s) {missing}")
         q = np.stack([self.table[n] for n in names], axis=1)  # (C, M)
-        return self.proba(emb) @ q  # type: ignore[no-any-return]
+        p = self.proba(emb)  # (n, C)
+        if given is not None:
+            given = np.asarray(given, dtype=np.int64)
+            if given.shape != (len(p),) or (given >= len(self.categories)).any():
+                raise PriorError(f"category prior: given categories must be ({len(p)},) codes below "
+                                 f"{len(self.categories)}, got shape {given.shape}")
+            known = given >= 0
+            p[known] = np.eye(len(self.categories))[given[known]]
+        return p @ q  # type: ignore[no-any-return]
 
-    def apply(self, u: np.ndarray, names: Sequence[str], emb: np.ndarray, w: float | None = None) -> np.ndarray:
-        """Utilities (n, M) over ``names`` with their finite entries blended (``w``: this weight instead)."""
+    def apply(self, u: np.ndarray, names: Sequence[str], emb: np.ndarray, w: float | None = None,
+              given: np.ndarray | None = None) -> np.ndarray:
+        """Utilities (n, M) over ``names`` with their finite entries blended (``w``: this weight
+        instead; ``given``: the prompts' known category codes, as in ``expected``)."""
         w = self.w if w is None else float(w)
         if w <= 0.0 or len(u) == 0:
             return u
         out = np.array(u, dtype=np.float64, copy=True)
         ok = np.isfinite(out)
-        out[ok] = (1.0 - w) * out[ok] + w * self.expected(names, emb)[ok]
+        out[ok] = (1.0 - w) * out[ok] + w * self.expected(names, emb, given)[ok]
         return out
 
     def category_means_of(self, u: np.ndarray) -> np.ndarray:
@@ -165,10 +181,12 @@ class CategoryPrior:
 
 
 def choose_w(prior: CategoryPrior, utilities: Callable[[np.ndarray], np.ndarray], names: Sequence[str],
-             costs: np.ndarray, table: RoutingTable, emb: np.ndarray, rows: np.ndarray | None = None) -> CategoryPrior:
+             costs: np.ndarray, table: RoutingTable, emb: np.ndarray, rows: np.ndarray | None = None,
+             given: bool = False) -> CategoryPrior:
     """``prior`` with the w of ``GRID`` whose blend of ``utilities(emb[rows])`` (the router's, over
     ``names`` with normalised ``costs``) scores the best AUDC on ``rows`` (default: the validation
-    prompts with every outcome known); ties go to the smaller w. The scores are recorded."""
+    prompts with every outcome known); ties go to the smaller w. The scores are recorded. ``given``:
+    the blend is handed each prompt's category from the table (``CategoryPrior.expected``'s ``given``)."""
     from cscr.eval.utility import utility_audc
 
     rows = table.split_index("val") if rows is None else np.asarray(rows)
@@ -181,7 +199,8 @@ def choose_w(prior: CategoryPrior, utilities: Callable[[np.ndarray], np.ndarray]
                                                          "why": "fewer than 2 validation prompts: no blend"})
     e = np.asarray(emb)[rows]
     u = utilities(e)
-    scores = [utility_audc(list(names), costs, prior.apply(u, names, e, w), e, q, c) for w in GRID]
+    codes = prior.codes(np.asarray(table.categories, dtype=str)[rows]) if given else None
+    scores = [utility_audc(list(names), costs, prior.apply(u, names, e, w, codes), e, q, c) for w in GRID]
     best = int(np.argmax(np.round(scores, 10)))  # first maximum: the smaller w
     return dataclasses.replace(prior, w=float(GRID[best]), search={"grid": list(GRID), "val_audc": scores,
                                                                    "n_val": int(len(rows))})

@@ -102,6 +102,54 @@ def test_the_weight_is_chosen_on_validation_and_never_reads_the_test_split(train
     assert choose_w(prior, router.utilities, router.expert_names, router.costs, none, emb).w == 0.0
 
 
+def test_a_given_category_takes_the_place_of_the_one_read_from_the_prompt():
+    prior = CategoryPrior(0.5, ["x", "y"], np.array([[4.0, -4.0], [-4.0, 4.0]], dtype=np.float32),
+                          np.zeros(2, np.float32), {"a": np.array([0.9, 0.1]), "b": np.array([0.2, 0.8])},
+                          np.eye(2, dtype=np.float32), np.array([0, 1]))
+    emb = np.array([[1.0, 0.0], [1.0, 0.0]], dtype=np.float32)  # both read as category x
+    assert prior.codes(["y", "x", "unknown"]).tolist() == [1, 0, -1]
+    read = prior.expected(["a", "b"], emb)
+    given = prior.expected(["a", "b"], emb, np.array([1, -1]))
+    assert given[0] == pytest.approx([0.1, 0.8])  # the table's row of the given category, exactly
+    assert given[1] == pytest.approx(read[1])  # -1: not given, read from the prompt
+    u = np.full((2, 2), 0.5)
+    assert prior.apply(u, ["a", "b"], emb, 1.0, np.array([1, 1])) == pytest.approx(np.array([[0.1, 0.8]] * 2))
+    with pytest.raises(PriorError, match="given categories"):
+        prior.expected(["a", "b"], emb, np.array([0, 2]))
+
+
+def test_cscr_handed_the_category_chooses_its_own_weight_on_validation(trained):
+    from cscr.routers import available_routers
+    from cscr.routers.base import RouterError
+
+    folder, table, emb, _, _ = trained
+    assert "cscr+category" in available_routers()
+    router = load_router(folder, "cscr+category")
+    inner = router.inner
+    assert inner is not None and inner.prior is not None and inner.guard is None
+    scores = router.search["val_audc"]
+    assert len(scores) == len(GRID) and router.w == GRID[int(np.argmax(np.round(scores, 10)))]
+    test = table.split_index("test")
+    truth = inner.prior.codes(table.categories[test])
+    u = router.utilities(emb[test], test)
+    np.testing.assert_allclose(u, inner.prior.apply(inner._raw_utilities(emb[test], None), router.expert_names,
+                                                    emb[test], router.w, truth))
+    if router.w > 0:  # handed the label, the blend is the table row of the prompt's category
+        plain = inner._raw_utilities(emb[test], None)
+        rows = inner.prior.expected(router.expert_names, emb[test], truth)
+        np.testing.assert_allclose(u, (1 - router.w) * plain + router.w * rows)
+    assert router.route_sweep(emb[test], [0.0, 1.0], rows=test).shape == (2, len(test))
+    with pytest.raises(RouterError, match="table row"):
+        router.utilities(emb[test])
+    # the test split's outcomes and costs do not move the choice
+    q, c = table.quality.copy(), table.cost.copy()
+    rng = np.random.default_rng(1)
+    q[test], c[test] = rng.random(q[test].shape) < 0.5, rng.random(c[test].shape)
+    again = choose_w(inner.prior, lambda e: inner._raw_utilities(e, None), router.expert_names, router.costs,
+                     dataclasses.replace(table, quality=q, cost=c), emb, given=True)
+    assert again.w == router.w and again.search["val_audc"] == scores
+
+
 def test_train_saves_it_and_the_loader_serves_it(trained, encoder):
     folder, table, emb, _, prior = trained
     model = folder / "models" / "cscr"
@@ -174,3 +222,7 @@ def test_a_table_without_categories_trains_without_a_prior(tmp_path):
     assert fit_run_prior(folder, "cscr", lines.append) is None
     assert any("fewer than 2 train categories" in s for s in lines)
     assert load_router(folder, "cscr").prior is None
+    from cscr.routers.base import RouterError
+
+    with pytest.raises(RouterError, match="needs a trained cscr head with a category prior"):
+        load_router(folder, "cscr+category")

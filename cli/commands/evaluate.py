@@ -6,7 +6,8 @@
 Router names: any registered router (``cscr evaluate --list``); ``single`` expands to one
 router per expert (each a single point), ``single:NAME`` is one expert; ``cscr@KIND`` (or
 ``vanilla@KIND``) is the head trained with descriptor kind KIND (``cscr train --descriptor-kind
-KIND`` keeps one per kind), so descriptor kinds are compared on the same run. Every router is
+KIND`` keeps one per kind), so descriptor kinds are compared on the same run; ``cscr+category`` is
+the ``cscr`` head handed each prompt's category from the table, as ``per-category`` is. Every router is
 loaded with ``cscr.runs.loader.load_router``, as ``cscr serve`` loads it. Prints AUDC / QNC /
 peak per router and writes report.md, metrics.json, metrics.csv and deferral.png into
 ``<run>/eval`` (or ``--out``). ``--compare NAME`` adds the paired bootstrap (delta AUDC, 95%
@@ -111,6 +112,7 @@ def head_lines(paths: Any, variants: list[str], log: Any = say) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from cscr.routers import available_routers
+    from cscr.routers.cscr import GivenCategoryRouter
     from cscr.runs.inputs import Run
     from cscr.runs.loader import load_router
 
@@ -144,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
         routers[display] = load_router(folder, variant, seed=cfg.seed, **kwargs)
         say(f"evaluate: fitted {display} ({time.perf_counter() - t0:.1f}s)")
     heads = head_lines(paths, [v for _, v, _ in specs])
+    heads += [f"{d}: the cscr head handed each prompt's category from the table, as per-category is "
+              f"(evaluation only); category prior w = {r.w:g}, chosen on the validation split"
+              for d, r in routers.items() if isinstance(r, GivenCategoryRouter)]
 
     from cscr.eval.evaluate import evaluate_routers
     from cscr.eval.report import format_header, format_table, write_report

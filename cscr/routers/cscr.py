@@ -319,3 +319,50 @@ class CSCRRouter(Router):
 @register("vanilla")
 class VanillaRouter(CSCRRouter):
     """CSCR trained with one band and no cost penalty (plain multi-positive InfoNCE)."""
+
+
+@register("cscr+category")
+class GivenCategoryRouter(Router):
+    """The ``cscr`` head handed each prompt's category, as the per-category router is (evaluation
+    only; beyond the write-up, labelled so): its category prior blends the per-category quality of
+    the prompt's true category (the table's label) instead of the category it reads from the prompt,
+    with its own weight w chosen on the validation split the same way. It answers "does the head
+    add anything to the label the per-category table is given?" on the same footing. Like
+    per-category it reads the label from the table row (``rows``), so it routes table rows only;
+    ``cscr.runs.loader.load_router`` builds it from the run's ``cscr`` head and prior."""
+
+    wraps = "cscr"  # the trained head (models/<wraps>) the loader hands to the constructor
+
+    def __init__(self, inner: CSCRRouter | None = None) -> None:
+        super().__init__()
+        self.inner = inner
+        self._codes = np.zeros(0, dtype=np.int64)
+        self.w = 0.0
+        self.search: dict[str, object] = {}
+
+    def fit(self, ctx: RouterContext) -> GivenCategoryRouter:
+        from cscr.prior import choose_w
+
+        inner = self.inner
+        if inner is None or inner.prior is None:
+            raise RouterError(f"{self.name}: needs a trained cscr head with a category prior (`cscr train` "
+                              "fits one when the table has 2 or more train categories)", code="not_fitted")
+        prior = inner.prior
+        chosen = choose_w(prior, lambda e: inner._raw_utilities(e, None), inner.expert_names,
+                          np.asarray(inner.costs), ctx.table, ctx.embeddings, ctx.val_rows, given=True)
+        self.w, self.search = chosen.w, chosen.search
+        self._codes = prior.codes(np.asarray(ctx.table.categories, dtype=str))  # every table row's category
+        self.expert_names, self.costs = list(inner.expert_names), np.asarray(inner.costs)
+        return self
+
+    def utilities(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        self.check_fitted()
+        assert self.inner is not None and self.inner.prior is not None  # fit checked both
+        n = emb.shape[0]
+        if rows is None:
+            raise RouterError(f"{self.name}: reads each prompt's category from its table row; route table rows")
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.shape != (n,) or (n and (rows.min() < 0 or rows.max() >= len(self._codes))):
+            raise RouterError(f"{self.name}: rows must be ({n},) indices of the fitted table (0..{len(self._codes) - 1})")
+        u = self.inner._raw_utilities(emb, None)
+        return self.inner.prior.apply(u, self.expert_names, emb, self.w, self._codes[rows])

@@ -3,8 +3,8 @@
 on the same prompts at the same knob value, with and without candidates.
 
 Routers come from one trained run folder through the one loader (cscr.runs.loader.load_router),
-as ``cscr serve`` and ``cscr evaluate`` load them: CSCR and vanilla from their trained heads,
-every other router fitted on the run's table.
+as ``cscr serve`` and ``cscr evaluate`` load them: CSCR (with its category prior) and vanilla from
+their trained heads, cscr+category from the CSCR head, every other router fitted on the run's table.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 from cscr.serve.protocol import ProtocolError
 from cscr.serve.service import RouterService
 
+from cscr.prior_run import fit_run_prior
 from cscr.routers import RouterError, available_routers
 from cscr.runs.loader import load_router
 from cscr.synthetic import synthetic_table, train_synthetic_head, write_synthetic_run
@@ -27,6 +28,7 @@ def run(tmp_path_factory):
     folder = write_synthetic_run(tmp_path_factory.mktemp("served") / "run", table, emb)
     for variant in ("cscr", "vanilla"):
         train_synthetic_head(folder, table, emb, variant)
+    assert fit_run_prior(folder, "cscr") is not None  # as `cscr train` leaves it (cscr+category needs it)
     return folder, table, emb
 
 
