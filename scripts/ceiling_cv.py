@@ -8,7 +8,8 @@ upper references:
 * the prior's classifier also reading a lexical view of the prompt (cscr/lexical.py, fitted on the
   fold's training texts): what a better category reader buys;
 * the prior handed the true category (one-hot p(c | x)) and blended with the head, w chosen on the
-  inner fold: the head's worth beyond the category;
+  inner fold: the head's worth beyond the category (the router ``cscr evaluate --routers
+  cscr+category`` evaluates, through the same ``CategoryPrior`` calls);
 * a within-category neighbour table handed the true category: the mean quality of the K nearest
   training prompts of the same category, shrunk towards the category mean (K and the shrinkage
   chosen on the inner fold): what the prompt says beyond its category, without the head.
@@ -92,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         except PriorError as exc:
             print(f"ceiling_cv: {exc}", file=sys.stderr)
             return 2
-        code = {c: i for i, c in enumerate(base.categories)}
-        codes = np.array([code.get(str(c), -1) for c in t.categories])
+        codes = base.codes(t.categories)  # -1: a category without a train prompt in this fold
         qbar = np.stack([base.table[n] for n in names], axis=1)  # (C, M)
 
         def audc(u: np.ndarray, rows: np.ndarray, t=t, own=own, names=names, costs=costs) -> float:
@@ -118,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         res.setdefault("accuracy: + lexical", []).append(float((lex.proba(feats[test]).argmax(1) == codes[test]).mean()))
         got, _ = chosen_blend(lex.proba(feats[val]), lex.proba(feats[test]))
         res.setdefault("head + prior reading lexical too", []).append(got)
-        onehot = np.eye(len(base.categories))
-        got, w = chosen_blend(onehot[np.maximum(codes[val], 0)], onehot[np.maximum(codes[test], 0)])
-        res.setdefault("head + true category", []).append(got)
-        res.setdefault("  its w", []).append(w)
+        given = choose_w(base, router.utilities, names, costs, t, emb, val, given=True)  # as cscr+category
+        res.setdefault("head + true category", []).append(
+            audc(given.apply(router.utilities(emb[test]), names, emb[test], given=codes[test]), test))
+        res.setdefault("  its w", []).append(given.w)
         grid = [(n, s) for n in NEIGHBOURS for s in SHRINK]
         q_own = t.quality[:, own]
         scores = [audc(neighbour_table(emb, q_own, codes, train, val, qbar, n, s), val) for n, s in grid]
