@@ -98,6 +98,7 @@ class CategoryPrior:
     reference: np.ndarray  # (R, d) float32: a sample of training prompt embeddings
     reference_codes: np.ndarray  # (R,) int: their categories
     search: dict[str, Any] = field(default_factory=dict)
+    w_given: float | None = None  # the blend weight when the caller gives the category (None: not chosen)
 
     @classmethod
     def fit(cls, table: RoutingTable, emb: np.ndarray, rows: np.ndarray | None = None) -> CategoryPrior:
@@ -161,6 +162,33 @@ class CategoryPrior:
         out[ok] = (1.0 - w) * out[ok] + w * self.expected(names, emb, given)[ok]
         return out
 
+    def hint_codes(self, categories: Sequence[str | None]) -> np.ndarray:
+        """(n,) codes of the categories callers gave (None: no hint, -1); an unknown category, or a
+        hint to a prior whose weight for given categories was never chosen, is a PriorError."""
+        given = [c for c in categories if c is not None]
+        if given and self.w_given is None:
+            raise PriorError("this run's category prior was fitted before category hints: retrain the head "
+                             "(`cscr train`) to choose their weight")
+        unknown = sorted({c for c in given if c not in self.categories})
+        if unknown:
+            shown = ", ".join(self.categories[:40]) + (" ..." if len(self.categories) > 40 else "")
+            raise PriorError(f"unknown category {unknown[0]!r}; the router knows: {shown}")
+        code = {c: i for i, c in enumerate(self.categories)}
+        return np.array([-1 if c is None else code[c] for c in categories], dtype=np.int64)
+
+    def apply_hinted(self, u: np.ndarray, names: Sequence[str], emb: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """``apply`` where ``codes`` < 0 (no hint); where a caller gave the category (``hint_codes``),
+        the blend with that category's row of the table, at ``w_given``."""
+        codes = np.asarray(codes, dtype=np.int64)
+        out = np.array(self.apply(u, names, emb), dtype=np.float64, copy=True)
+        hinted = codes >= 0
+        if hinted.any():
+            if self.w_given is None:
+                raise PriorError("no weight for given categories (fitted before category hints)")
+            out[hinted] = self.apply(np.asarray(u)[hinted], names, np.asarray(emb)[hinted], self.w_given,
+                                     codes[hinted])
+        return out
+
     def category_means_of(self, u: np.ndarray) -> np.ndarray:
         """(C,) per-category means of one expert's utilities ``u`` (R,) over the reference prompts (a
         category without a finite one: the overall mean)."""
@@ -175,9 +203,11 @@ class CategoryPrior:
         return dataclasses.replace(self, table={**self.table, **more})
 
     def record(self) -> dict[str, Any]:
-        return {"w": self.w, "categories": self.categories, "table": {k: v.tolist() for k, v in self.table.items()},
+        return {"w": self.w, "w_given": self.w_given, "categories": self.categories,
+                "table": {k: v.tolist() for k, v in self.table.items()},
                 "n_reference": int(len(self.reference)), "search": self.search,
-                "how": "u' = (1 - w) u + w * sum_c p(c|x) Qbar[c]; w chosen on the validation split"}
+                "how": "u' = (1 - w) u + w * sum_c p(c|x) Qbar[c]; w chosen on the validation split; a category "
+                       "the caller gives: p(c|x) one-hot on it, w_given chosen on the validation split with the labels"}
 
 
 def choose_w(prior: CategoryPrior, utilities: Callable[[np.ndarray], np.ndarray], names: Sequence[str],
@@ -220,7 +250,9 @@ def fit_prior(router: Any, table: RoutingTable, emb: np.ndarray, train_rows: np.
         prior = CategoryPrior.fit(table, emb, train_rows)
     except PriorError:
         return None
-    return choose_w(prior, router.utilities, router.expert_names, np.asarray(router.costs), table, emb, val_rows)
+    args = (router.utilities, router.expert_names, np.asarray(router.costs), table, emb, val_rows)
+    read, given = choose_w(prior, *args), choose_w(prior, *args, given=True)
+    return dataclasses.replace(read, w_given=given.w, search={**read.search, "val_audc_given": given.search["val_audc"]})
 
 
 def save_prior(model_dir: str | os.PathLike[str], prior: CategoryPrior) -> Path:
@@ -248,8 +280,10 @@ def load_prior(model_dir: str | os.PathLike[str]) -> CategoryPrior | None:
         table = {str(k): np.asarray(v, dtype=np.float64) for k, v in rec["table"].items()}
         if arrays["weight"].shape[1] != len(cats) or any(v.shape != (len(cats),) for v in table.values()):
             raise ValueError("its arrays do not match its categories")
+        w_given = rec.get("w_given")  # absent: fitted before category hints
         return CategoryPrior(float(rec["w"]), cats, arrays["weight"].astype(np.float32),
                              arrays["bias"].astype(np.float32), table, arrays["reference"].astype(np.float32),
-                             arrays["reference_codes"].astype(np.int64), dict(rec.get("search", {})))
+                             arrays["reference_codes"].astype(np.int64), dict(rec.get("search", {})),
+                             None if w_given is None else float(w_given))
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise PriorError(f"unreadable category prior in {folder}: {exc} (retrain the head, or remove the folder)") from exc

@@ -37,7 +37,7 @@ def fit_run_prior(run: RunLike, variant: str, log: Callable[[str], None] | None 
         scores = prior.search.get("val_audc") or []
         said = f"val AUDC {max(scores):.4f}, {scores[0]:.4f} without it" if scores else "no validation prompts"
         log(f"train[{variant}]: category prior w = {prior.w:g} over {len(prior.categories)} categories "
-            f"({said}); saved {path}")
+            f"({said}; w = {prior.w_given:g} when a request gives its category); saved {path}")
     return prior
 
 

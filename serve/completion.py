@@ -107,7 +107,7 @@ class RouterClient(Protocol):
     # lam None: the router picks it (budget / quality_target on its operating points, else its default)
     async def route(self, text: str, lam: float | None, max_cost: float | None = None,
                     candidates: list[str] | None = None, budget: float | None = None,
-                    quality_target: float | str | None = None) -> RouteDecision: ...
+                    quality_target: float | str | None = None, category: str | None = None) -> RouteDecision: ...
 
     async def experts(self) -> dict[str, float]: ...
 
@@ -256,7 +256,7 @@ class CompletionService:
             t0 = time.perf_counter()
             asked = None if req.model == ROUTER_MODEL and req.cost_weight is None else lam  # None: the router's pick
             decision = await self.router.route(text, asked, req.max_cost, req.candidates, req.budget,
-                                               req.quality_target)
+                                               req.quality_target, req.category)
             lam = decision.cost_weight
             ms = (time.perf_counter() - t0) * 1e3
             names = self.experts.names()
@@ -362,6 +362,7 @@ class CompletionService:
         return CscrInfo(expert=name, routed=routed, cost_weight=plan.cost_weight if routed else None,
                         routing_ms=plan.routing_ms, fallback=bool(failed), failed=failed,
                         pool_version=d.pool_version if d is not None else None,
+                        category=d.category if d is not None else None,
                         expected_cost=d.expected_cost if d is not None else None,
                         expected_quality=d.expected_quality if d is not None else None,
                         cost_unit=d.cost_unit if d is not None else None)
@@ -460,10 +461,11 @@ class CompletionService:
                                 param="model")
         t0 = time.perf_counter()
         asked = None if req.model == ROUTER_MODEL and req.cost_weight is None else lam  # None: the router's pick
-        decision = await self.router.route(text, asked, req.max_cost, req.candidates, req.budget, req.quality_target)
+        decision = await self.router.route(text, asked, req.max_cost, req.candidates, req.budget, req.quality_target,
+                                           req.category)
         ms = (time.perf_counter() - t0) * 1e3
         return decision, CscrInfo(expert=decision.chosen, routed=True, cost_weight=decision.cost_weight,
-                                  routing_ms=ms, pool_version=decision.pool_version,
+                                  routing_ms=ms, pool_version=decision.pool_version, category=decision.category,
                                   expected_cost=decision.expected_cost, expected_quality=decision.expected_quality,
                                   cost_unit=decision.cost_unit)
 

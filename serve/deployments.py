@@ -202,8 +202,8 @@ class RouterDeployment:
 
     async def route(self, text: str, lam: float | None, max_cost: float | None = None,
                     candidates: list[str] | None = None, budget: float | None = None,
-                    quality_target: float | str | None = None) -> RouteDecision:
-        return await self.core.route(text, lam, max_cost, candidates, budget, quality_target)
+                    quality_target: float | str | None = None, category: str | None = None) -> RouteDecision:
+        return await self.core.route(text, lam, max_cost, candidates, budget, quality_target, category)
 
     async def experts(self) -> dict[str, float]:
         return await self.core.experts()
@@ -305,9 +305,9 @@ class HandleRouter:
 
     async def route(self, text: str, lam: float | None, max_cost: float | None = None,
                     candidates: list[str] | None = None, budget: float | None = None,
-                    quality_target: float | str | None = None) -> RouteDecision:
+                    quality_target: float | str | None = None, category: str | None = None) -> RouteDecision:
         return await self._call("route", text, lam, max_cost, candidates, budget,  # type: ignore[no-any-return]
-                                quality_target)
+                                quality_target, category)
 
     async def experts(self) -> dict[str, float]:
         return await self._call("experts")  # type: ignore[no-any-return]

@@ -31,8 +31,9 @@ class LocalRouter:
 
     async def route(self, text: str, lam: float | None, max_cost: float | None = None,
                     candidates: list[str] | None = None, budget: float | None = None,
-                    quality_target: float | str | None = None) -> RouteDecision:
-        decisions = await self._run(self.service.route, [text], lam, max_cost, candidates, budget, quality_target)
+                    quality_target: float | str | None = None, category: str | None = None) -> RouteDecision:
+        decisions = await self._run(self.service.route, [text], lam, max_cost, candidates, budget, quality_target,
+                                    category)
         return decisions[0]  # type: ignore[no-any-return]
 
     async def experts(self) -> dict[str, float]:

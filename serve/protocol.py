@@ -10,7 +10,11 @@ sends some we do not use) and ignore them; cscr's own extensions are:
   expert (``"0.95x"``): the server routes at the cheapest operating point meeting it;
 - ``max_cost``: a hard cap per request: only experts whose cost (``c_m`` times the run's scale,
   in the run's unit, as ``cscr route --max-cost``) is at most this value;
-- ``candidates``: route among these expert names only.
+- ``candidates``: route among these expert names only;
+- ``category``: the prompt's category (task), when the caller knows it: a router with a category
+  prior blends that category's row of its per-category quality table instead of the category it
+  reads from the prompt (``cscr evaluate --routers cscr+category`` scores this); an unknown category,
+  or a router without a prior, is a 400.
 
 ``cost_weight`` excludes ``budget`` / ``quality_target``; an unreachable or conflicting request
 is a 400 whose message says what is reachable.
@@ -116,6 +120,8 @@ class RoutingFields(BaseModel):
         None, description="expected quality: absolute (0.7) or relative to the best expert ('0.95x')")
     max_cost: Number | None = Field(None, description="hard cap: only experts costing <= this (run's unit)")
     candidates: list[str] | None = Field(None, description="route among these experts only")
+    category: str | None = Field(None, min_length=1, max_length=200,
+                                 description="the prompt's category (task), when the caller knows it")
 
 
 class ChatMessage(BaseModel):
@@ -240,6 +246,7 @@ class RouteDecision(BaseModel):
     ranked: list[RankedExpert]  # best first; the fallback order
     routing_ms: float = 0.0
     pool_version: int | None = None  # version of the live pool the decision was made on
+    category: str | None = None  # the category the caller gave (None: read from the prompt, if at all)
     # the operating point of cost_weight (cscr.operating; None: the run has no table)
     expected_cost: float | None = None  # expected mean cost per request, cost_unit
     expected_quality: float | None = None  # expected mean quality
@@ -292,6 +299,7 @@ class CscrInfo(BaseModel):
     fallback: bool = False
     failed: list[str] = Field(default_factory=list)  # experts tried first that failed or timed out
     pool_version: int | None = None  # version of the live pool the request was routed under
+    category: str | None = None  # the category the caller gave
     expected_cost: float | None = None  # the operating point's expected mean cost per request
     expected_quality: float | None = None  # and its expected mean quality
     cost_unit: str | None = None

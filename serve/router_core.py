@@ -102,16 +102,17 @@ class RouterCore:
 
     async def route(self, text: str, lam: float | None, max_cost: float | None = None,
                     candidates: list[str] | None = None, budget: float | None = None,
-                    quality_target: float | str | None = None) -> RouteDecision:
+                    quality_target: float | str | None = None, category: str | None = None) -> RouteDecision:
         t0 = time.perf_counter()
         self.service.check_prompt(text, param="prompt")
         if lam is not None:  # None: the service picks it (operating point or its default)
             check_lambda(lam)
         self.service.candidate_names(candidates, max_cost)  # refuse bad filters before encoding
+        self.service.check_category(category)
         emb = await self.batcher.submit(text)
         version = self.version  # the index the decision is made on (apply runs on this loop)
         decision = self.service.decide(np.asarray(emb)[None, :], lam, max_cost, candidates, budget,
-                                       quality_target)[0]
+                                       quality_target, category)[0]
         decision.routing_ms = (time.perf_counter() - t0) * 1e3
         decision.pool_version = version
         return decision

@@ -357,33 +357,42 @@ class RouterService:
             raise ServiceError(f"encoder returned shape {emb.shape} for {len(texts)} texts")
         return emb
 
+    def check_category(self, category: str | None) -> None:
+        """A 400 unless the router takes ``category`` as a hint (None: no hint), before encoding."""
+        if category is not None:
+            with protocol_errors(param="category"):
+                self.router.check_categories([category])
+
     def decide(self, emb: np.ndarray, lam: float | None = None, max_cost: float | None = None,
                candidates: Sequence[str] | None = None, budget: float | None = None,
-               quality_target: float | str | None = None) -> list[RouteDecision]:
+               quality_target: float | str | None = None, category: str | None = None) -> list[RouteDecision]:
         """One decision per embedding row (n, d) at one knob value: ``Router.rank``. The knob is
         ``lam`` (the request's cost_weight), else the operating point ``budget`` /
-        ``quality_target`` choose, else the server default."""
+        ``quality_target`` choose, else the server default. ``category``: the prompts' category, as
+        their caller gave it (the operating points were computed without hints: their expected cost
+        and quality are the router's, not this category's)."""
         allowed = self.candidate_names(candidates, max_cost)
         cands = None if len(allowed) == len(self.expert_names) else allowed
         point = self.operating_point(allowed, lam, budget, quality_target)
         lam = float(lam) if lam is not None else (point.lam if point is not None else self.default_lambda)
         with protocol_errors():
-            ranked = self.router.rank(emb, lam, cands)
+            ranked = self.router.rank(emb, lam, cands, categories=None if category is None else [category] * len(emb))
         expected: dict[str, Any] = {} if point is None else {
             "expected_cost": point.cost, "expected_quality": point.quality, "cost_unit": point.cost_unit}
-        return [RouteDecision(chosen=r[0].expert, cost_weight=lam,
+        return [RouteDecision(chosen=r[0].expert, cost_weight=lam, category=category,
                               ranked=[RankedExpert(name=e.expert, score=e.score, similarity=e.utility, cost=e.cost)
                                       for e in r], **expected)
                 for r in ranked]
 
     def route(self, texts: Sequence[str], lam: float | None = None, max_cost: float | None = None,
               candidates: Sequence[str] | None = None, budget: float | None = None,
-              quality_target: float | str | None = None) -> list[RouteDecision]:
+              quality_target: float | str | None = None, category: str | None = None) -> list[RouteDecision]:
         """Encode then decide; ``routing_ms`` is the wall time of both, per request."""
         for t in texts:
             self.check_prompt(t, param="prompt")
+        self.check_category(category)
         t0 = time.perf_counter()
-        decisions = self.decide(self.embed(texts), lam, max_cost, candidates, budget, quality_target)
+        decisions = self.decide(self.embed(texts), lam, max_cost, candidates, budget, quality_target, category)
         ms = (time.perf_counter() - t0) * 1e3
         for d in decisions:
             d.routing_ms = ms

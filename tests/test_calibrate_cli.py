@@ -104,9 +104,32 @@ def test_route_max_cost_routes_among_the_cheap_experts_only(run, capsys):
     (["--quality-target", "1.5"], "quality_target must be a number in (0, 1]"),
     (["--quality-target", "0.999"], "reachable: quality <="),
     (["--max-cost", "0"], "no expert costs at most --max-cost 0.0"),
+    (["--category", "topic-0"], "router 'knn' takes no category hint"),
 ])
 def test_route_bad_requests_exit_2_with_one_clear_line(run, capsys, argv, message):
     root, _ = run
     assert main(["route", "--run", str(root), "--variant", "knn", *argv, PROMPT]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cscr: error: ") and message in err and err.count("\n") == 1
+
+
+def test_route_takes_the_prompts_category_when_the_head_has_a_prior(run, capsys):
+    from cscr.encoder import Encoder, load_run_embeddings
+    from cscr.prior_run import fit_run_prior
+    from cscr.synthetic import train_synthetic_head
+
+    root, table = run
+    train_synthetic_head(root, table, load_run_embeddings(root), "cscr")
+    prior = fit_run_prior(root, "cscr")
+    assert prior is not None and prior.w_given is not None
+    router = load_router(root, "cscr")
+    emb = Encoder.from_run(root).encode([PROMPT])
+    for cat in prior.categories:
+        assert main(["route", "--run", str(root), "--cost-weight", "0", "--category", cat, PROMPT]) == 0
+        out = capsys.readouterr().out
+        assert f"category {cat!r}, as given" in out
+        want = router.rank(np.asarray(emb, dtype=np.float32), 0.0, categories=[cat])[0][0].expert
+        assert out.strip().splitlines()[-1] == f"choice: {want}"
+    assert main(["route", "--run", str(root), "--category", "no-such-task", PROMPT]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cscr: error: unknown category 'no-such-task'; the router knows: ") and err.count("\n") == 1

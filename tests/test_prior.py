@@ -150,6 +150,69 @@ def test_cscr_handed_the_category_chooses_its_own_weight_on_validation(trained):
     assert again.w == router.w and again.search["val_audc"] == scores
 
 
+def test_a_category_a_caller_gives_is_routed_as_cscr_plus_category_evaluates_it(trained):
+    from cscr.routers.base import RouterError
+
+    folder, table, emb, _, prior = trained
+    assert prior is not None and prior.w_given is not None  # `cscr train` chose it beside w
+    assert len(prior.search["val_audc_given"]) == len(GRID)
+    served, evaluated = load_router(folder, "cscr"), load_router(folder, "cscr+category")
+    assert served.prior is not None and served.prior.w_given == evaluated.w == prior.w_given
+    test = table.split_index("test")
+    e, cats = emb[test], [str(c) for c in table.categories[test]]
+    for lam in (0.0, 0.3, 2.0):
+        got = [r[0].expert for r in served.rank(e, lam, categories=cats)]
+        want = np.array(evaluated.expert_names)[evaluated.route_sweep(e, [lam], rows=test)[0]]
+        assert got == list(want), lam
+    # the hint is what decides: each prompt handed the next category routes as that one's prompts do
+    cs = prior.categories
+    other = [cs[(cs.index(c) + 1) % len(cs)] for c in cats]
+    moved = [r[0].expert for r in served.rank(e, 0.0, categories=other)]
+    assert sum(a != b for a, b in zip(moved, [r[0].expert for r in served.rank(e, 0.0)], strict=True)) > len(e) // 10
+    # a batch where some callers gave a category: those rows as hinted, the others as read from the prompt
+    some = [c if i % 2 else None for i, c in enumerate(other)]
+    mixed, hinted, plain = (served.scored(e, None, None, c)[0] for c in (some, other, None))
+    np.testing.assert_allclose(mixed[1::2], hinted[1::2])
+    np.testing.assert_allclose(mixed[0::2], plain[0::2])
+    np.testing.assert_allclose(served.scored(e, None, None, [None] * len(e))[0], plain)
+    plain_ranked = served.rank(e, 0.3)
+    with pytest.raises(RouterError, match="unknown category 'no-such-task'") as err:
+        served.rank(e[:1], 0.0, categories=["no-such-task"])
+    assert err.value.param == "category" and err.value.code == "unknown_category"
+    with pytest.raises(RouterError, match="categories for"):
+        served.rank(e[:2], 0.0, categories=cats[:1])
+    with pytest.raises(RouterError, match="no category prior") as err:
+        load_router(folder, "cscr", prior=False).rank(e[:1], 0.0, categories=cats[:1])
+    assert err.value.code == "unsupported"
+    with pytest.raises(RouterError, match="takes no category hint"):
+        load_router(folder, "knn").rank(e[:1], 0.0, categories=cats[:1])
+    # a prior recorded before hints existed refuses them, and routes as before without
+    old = dataclasses.replace(prior, w_given=None)
+    served.set_prior(old)
+    with pytest.raises(RouterError, match="fitted before category hints"):
+        served.rank(e[:1], 0.0, categories=cats[:1])
+    assert [x.expert for x in served.rank(e, 0.3)[0]] == [x.expert for x in plain_ranked[0]]
+    assert "w_given" not in {k for k, v in old.record().items() if v is not None}
+
+
+def test_the_service_hands_a_callers_category_to_the_router(trained, encoder):
+    from cscr.serve.protocol import ProtocolError
+    from cscr.serve.service import RouterService
+
+    folder, table, emb, _, prior = trained
+    router = load_router(folder, "cscr")
+    service = RouterService(encoder, router)
+    rows = table.split_index("test")[:8]
+    cat = prior.categories[1]
+    got = service.decide(emb[rows], 0.0, category=cat)
+    want = router.rank(emb[rows], 0.0, categories=[cat] * len(rows))
+    assert [d.chosen for d in got] == [r[0].expert for r in want] and {d.category for d in got} == {cat}
+    assert {d.category for d in service.decide(emb[rows], 0.0)} == {None}
+    with pytest.raises(ProtocolError) as err:  # refused before the prompt is encoded
+        service.route(["a prompt"], 0.0, category="no-such-task")
+    assert err.value.status == 400 and err.value.param == "category"
+
+
 def test_train_saves_it_and_the_loader_serves_it(trained, encoder):
     folder, table, emb, _, prior = trained
     model = folder / "models" / "cscr"

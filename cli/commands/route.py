@@ -3,6 +3,7 @@
     cscr route --run runs/routerbench "Write a haiku about routers"
     cscr route --run runs/routerbench --budget 0.0005 "What is 17 * 23?"
     cscr route --run runs/routerbench --quality-target 0.95x --max-cost 0.001 "Prove that ..."
+    cscr route --run runs/llmrouter --category gsm8k "Tom has 3 apples ..."
 
 The prompt is embedded with the run's encoder (the model and long-prompt mode its embedding
 manifest records, as serving does) and ranked by the run's router (``--variant``). ``--budget``
@@ -11,7 +12,10 @@ the best single expert's quality) choose lambda from the run's operating-point t
 (``cscr calibrate``; computed and stored first when missing); ``--cost-weight`` sets lambda
 itself. ``--max-cost`` is a hard cap per request: experts whose mean cost per request (train
 split, run's unit) is above it are not considered, and the expected figures are recomputed for
-the experts that remain. Prints the ranked decision (expert, utility, score) and the chosen
+the experts that remain. ``--category`` gives the prompt's category (a category of the run's train
+split): the head's category prior blends that category's quality row instead of the category it
+reads from the prompt, at the weight ``cscr train`` chose for given categories (a router without a
+prior refuses it). Prints the ranked decision (expert, utility, score) and the chosen
 lambda with its expected cost and quality.
 """
 
@@ -36,6 +40,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--cost-weight", type=float, default=None, metavar="LAMBDA", help="the raw cost knob lambda")
     p.add_argument("--max-cost", type=float, default=None, metavar="COST",
                    help="hard cap: only experts whose mean cost per request is at most COST")
+    p.add_argument("--category", default=None, metavar="NAME",
+                   help="the prompt's category, when known (one of the run's train categories)")
     p.set_defaults(func=run)
 
 
@@ -52,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("the prompt is empty")
     folder = Run.of(args.run)
     router = load_router(folder, args.variant)
+    categories = None if args.category is None else [args.category]
+    router.check_categories(categories)  # before the operating points and the encoder
     t = folder.table
     train = t.split_index("train")
     mean_cost = dict(zip(t.expert_names, t.cost[train].mean(axis=0).tolist(), strict=True))
@@ -78,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from cscr.encoder import Encoder
 
     emb = np.asarray(Encoder.from_run(folder.root).encode([args.prompt]), dtype=np.float32)
-    ranked = router.rank(emb, point.lam, candidates)[0]
+    ranked = router.rank(emb, point.lam, candidates, categories=categories)[0]
     asked = ("budget" if args.budget is not None else "") + \
         (" quality-target" if args.quality_target is not None else "") + \
         ("cost-weight" if args.cost_weight is not None else "")
@@ -86,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
           f"request, expected quality {point.quality:.4f} (on {table.n_prompts} {table.split} prompts)")
     if candidates is not None:
         print(f"max-cost {args.max_cost}: routing among {', '.join(candidates)}")
+    if categories is not None:
+        print(f"category {args.category!r}, as given (the expected figures above are the router's, without hints)")
     print(f"\n{'rank':>4}  {'expert':<32} {'utility':>9} {'score':>9} {'mean cost':>11}")
     for k, r in enumerate(ranked, 1):
         u = "-" if r.utility is None else f"{r.utility:.4f}"

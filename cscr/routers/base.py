@@ -171,9 +171,18 @@ class Router(ABC):
             raise RouterError("empty candidate list", param="candidates")
         return np.isin(self.expert_names, list(candidates))
 
-    def scored(self, emb: np.ndarray, rows: np.ndarray | None = None,
-               candidates: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(utilities (n, M) with non-candidates at -inf, penalty broadcastable to (n, M))."""
+    def check_categories(self, categories: Sequence[str | None] | None) -> None:
+        """RouterError unless this router takes the categories callers gave (None: no hint); a router
+        takes none unless it says otherwise (the cscr router with a category prior)."""
+        if categories is not None and any(c is not None for c in categories):
+            raise RouterError(f"router {self.name!r} takes no category hint (the cscr router with a category "
+                              "prior does)", param="category", code="unsupported")
+
+    def scored(self, emb: np.ndarray, rows: np.ndarray | None = None, candidates: Sequence[str] | None = None,
+               categories: Sequence[str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(utilities (n, M) with non-candidates at -inf, penalty broadcastable to (n, M)). ``categories``:
+        per prompt, the category its caller gave (None: none); only routers that take hints accept any."""
+        self.check_categories(categories)
         u = np.array(self.utilities(emb, rows), dtype=np.float64)  # (n, M)
         mask = self.candidate_mask(candidates)
         u[:, ~mask] = -np.inf
@@ -185,15 +194,16 @@ class Router(ABC):
         return u, pen
 
     def rank(self, emb: np.ndarray, lam: float = 0.0, candidates: Sequence[str] | None = None,
-             rows: np.ndarray | None = None) -> list[list[Ranked]]:
+             rows: np.ndarray | None = None, categories: Sequence[str | None] | None = None) -> list[list[Ranked]]:
         """Per prompt, the decision at knob value ``lam`` and its fallbacks: the experts the router
         scores, by ``utility - lam * penalty`` best first, then the candidates it does not score
-        (e.g. outside CSCR's top-k), cheapest first. The first is ``route``'s choice."""
+        (e.g. outside CSCR's top-k), cheapest first. The first is ``route``'s choice. ``categories``:
+        the category each prompt's caller gave, if any (``scored``)."""
         lam_v = knob_values(lam)
         if lam_v.shape != (1,):
             raise RouterError(f"rank takes one knob value, got {lam_v.size}", param="lambda")
         mask = self.candidate_mask(candidates)
-        u, pen = self.scored(emb, rows, candidates)
+        u, pen = self.scored(emb, rows, candidates, categories)
         return ranked_lists(u, pen, float(lam_v[0]), mask, self.expert_names)
 
     def route_sweep(self, emb: np.ndarray, lambdas: np.ndarray | Sequence[float], rows: np.ndarray | None = None,

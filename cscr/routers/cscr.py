@@ -280,10 +280,33 @@ class CSCRRouter(Router):
                               f"got {emb.shape}")
         return self.head.encode(emb)  # type: ignore[union-attr]
 
-    def _utilities(self, emb: np.ndarray, candidates: Sequence[str] | None) -> np.ndarray:
+    def _hint_codes(self, categories: Sequence[str | None] | None, n: int | None = None) -> np.ndarray | None:
+        """(n,) codes of the categories callers gave (-1: none), or None when no prompt has one."""
+        if categories is None or all(c is None for c in categories):
+            return None
+        if self.prior is None:
+            raise RouterError(f"{self.name}: this head has no category prior, so it takes no category hint "
+                              "(`cscr train` fits one when the table has 2 or more train categories)",
+                              param="category", code="unsupported")
+        if n is not None and len(categories) != n:
+            raise RouterError(f"{self.name}: {len(categories)} categories for {n} prompts", param="category")
+        from cscr.prior import PriorError
+
+        try:
+            return self.prior.hint_codes(categories)
+        except PriorError as exc:
+            raise RouterError(str(exc), param="category", code="unknown_category") from exc
+
+    def check_categories(self, categories: Sequence[str | None] | None) -> None:
+        self._hint_codes(categories)
+
+    def _utilities(self, emb: np.ndarray, candidates: Sequence[str] | None,
+                   categories: Sequence[str | None] | None = None) -> np.ndarray:
         u = self._raw_utilities(emb, candidates)
+        codes = self._hint_codes(categories, len(u))
         if self.prior is not None:
-            u = self.prior.apply(u, self.expert_names, emb)
+            u = self.prior.apply(u, self.expert_names, emb) if codes is None else \
+                self.prior.apply_hinted(u, self.expert_names, emb, codes)
         return u if self.guard is None else self.guard.apply(u, self.expert_names, emb)
 
     def _raw_utilities(self, emb: np.ndarray, candidates: Sequence[str] | None) -> np.ndarray:
@@ -309,11 +332,12 @@ class CSCRRouter(Router):
     def utilities(self, emb: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         return self._utilities(emb, None)
 
-    def scored(self, emb: np.ndarray, rows: np.ndarray | None = None,
-               candidates: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k searched within the candidates (not top-k of the pool, then filtered)."""
+    def scored(self, emb: np.ndarray, rows: np.ndarray | None = None, candidates: Sequence[str] | None = None,
+               categories: Sequence[str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k searched within the candidates (not top-k of the pool, then filtered); a prompt whose
+        caller gave its category is blended with that category's row of the prior's table."""
         self.candidate_mask(candidates)  # validates the names
-        return self._utilities(emb, candidates), np.asarray(self.costs, dtype=np.float64)
+        return self._utilities(emb, candidates, categories), np.asarray(self.costs, dtype=np.float64)
 
 
 @register("vanilla")
@@ -350,7 +374,7 @@ class GivenCategoryRouter(Router):
         prior = inner.prior
         chosen = choose_w(prior, lambda e: inner._raw_utilities(e, None), inner.expert_names,
                           np.asarray(inner.costs), ctx.table, ctx.embeddings, ctx.val_rows, given=True)
-        self.w, self.search = chosen.w, chosen.search
+        self.w, self.search = chosen.w, chosen.search  # as `cscr train` records it (w_given), for older runs too
         self._codes = prior.codes(np.asarray(ctx.table.categories, dtype=str))  # every table row's category
         self.expert_names, self.costs = list(inner.expert_names), np.asarray(inner.costs)
         return self

@@ -136,10 +136,11 @@ class ParetoRandomRouter(Router):
         return self._choices(emb, lambdas, rows, candidates)[0]
 
     def rank(self, emb: np.ndarray, lam: float = 0.0, candidates: Sequence[str] | None = None,
-             rows: np.ndarray | None = None) -> list[list[Ranked]]:
+             rows: np.ndarray | None = None, categories: Sequence[str | None] | None = None) -> list[list[Ranked]]:
         """Per prompt: the choice at knob value ``lam``, then the other hull experts by how close
         their mean train cost is to the knob's target cost, then the other candidates cheapest
         first. Utility: mean train quality (hull experts); no score (the knob is no cost weight)."""
+        self.check_categories(categories)
         choices, h, target = self._choices(emb, [lam], rows, candidates)
         mask = self.candidate_mask(candidates)
         by_target = [int(j) for j in h[np.argsort(np.abs(self.train_cost[h] - target[0]), kind="stable")]]

@@ -125,9 +125,10 @@ class ThompsonRouter(Router):
         return self.stream(emb, lambdas, rows, candidates).choices
 
     def rank(self, emb: np.ndarray, lam: float = 0.0, candidates: Sequence[str] | None = None,
-             rows: np.ndarray | None = None) -> list[list[Ranked]]:
+             rows: np.ndarray | None = None, categories: Sequence[str | None] | None = None) -> list[list[Ranked]]:
         """Per prompt of the stream, the experts by ``draw - lam * c_m`` at that step (the draws the
         stream made at this knob value), best first; the first is the sweep's choice at ``lam``."""
+        self.check_categories(categories)
         st = self.stream(emb, [lam], rows, candidates, record_samples=True)
         assert st.samples is not None
         mask = self.candidate_mask(candidates)

@@ -169,6 +169,24 @@ def test_cost_weight_changes_the_choice(app):
     assert {r["name"] for r in ranked} == {n for n, c in pool_costs.items() if c * app.local.reference.scale <= cap}
 
 
+def test_a_category_reaches_the_router_and_one_it_cannot_take_is_a_400(app):
+    """This run's small slice trains on one category: no prior, so a hint is refused by the router
+    replica, a 400 naming the field (tests/test_prior.py routes hints on a run with a prior, and
+    RouterService passes them as the replicas do)."""
+    assert app.local.router.prior is None
+    for body in ({"prompt": PROMPTS[3], "category": "mbpp"}, {"model": "cscr", "messages": [
+            {"role": "user", "content": PROMPTS[3]}], "max_tokens": 4, "category": "mbpp"}):
+        path = "/v1/route" if "prompt" in body else "/v1/chat/completions"
+        r = app.http.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "category", r.text
+        assert "no category prior" in r.json()["error"]["message"]
+    for value in ("", "x" * 201, 7):
+        r = app.http.post("/v1/route", json={"prompt": PROMPTS[3], "category": value})
+        assert r.status_code == 400, (value, r.text)
+    r = app.http.post("/v1/route", json={"prompt": PROMPTS[3], "cost_weight": 0.0, "category": None})
+    assert r.status_code == 200 and r.json()["category"] is None
+
+
 def test_route_endpoint_returns_the_ranked_decision(app):
     for lam in (0.0, 0.05, 1.0):
         r = app.http.post("/v1/route", json={"prompt": PROMPTS[3], "cost_weight": lam})
