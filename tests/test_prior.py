@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from cscr.config import EvalConfig, TrainConfig
 from cscr.data.table import RoutingTable
 from cscr.experiments.common import cscr_router, default_descriptors, experiment_prior, train_cscr
 from cscr.experiments.unseen import run_unseen
+from cscr.guard import Guard, save_guard
 from cscr.prior import GRID, CategoryPrior, PriorError, choose_w, load_prior, save_prior
 from cscr.prior_run import fit_run_prior
 from cscr.runs.loader import load_router
@@ -156,14 +158,25 @@ def test_a_category_a_caller_gives_is_routed_as_cscr_plus_category_evaluates_it(
     folder, table, emb, _, prior = trained
     assert prior is not None and prior.w_given is not None  # `cscr train` chose it beside w
     assert len(prior.search["val_audc_given"]) == len(GRID)
-    served, evaluated = load_router(folder, "cscr"), load_router(folder, "cscr+category")
-    assert served.prior is not None and served.prior.w_given == evaluated.w == prior.w_given
     test = table.split_index("test")
     e, cats = emb[test], [str(c) for c in table.categories[test]]
+    model = folder / "models" / "cscr"
+    save_guard(model, Guard.fit(table, emb, w=0.5, gate=1.0))  # a guard on every prompt: both apply it
+    try:
+        served, evaluated = load_router(folder, "cscr"), load_router(folder, "cscr+category")
+        assert served.guard is not None and evaluated.inner is not None and evaluated.inner.guard is not None
+        assert served.prior is not None and served.prior.w_given == evaluated.w == prior.w_given
+        for lam in (0.0, 0.3, 2.0):
+            got = [r[0].expert for r in served.rank(e, lam, categories=cats)]
+            want = np.array(evaluated.expert_names)[evaluated.route_sweep(e, [lam], rows=test)[0]]
+            assert got == list(want), lam
+    finally:
+        shutil.rmtree(model / "guard")
+    served, evaluated = load_router(folder, "cscr"), load_router(folder, "cscr+category")
+    assert served.guard is None and evaluated.inner is not None and evaluated.inner.guard is None
     for lam in (0.0, 0.3, 2.0):
         got = [r[0].expert for r in served.rank(e, lam, categories=cats)]
-        want = np.array(evaluated.expert_names)[evaluated.route_sweep(e, [lam], rows=test)[0]]
-        assert got == list(want), lam
+        assert got == list(np.array(evaluated.expert_names)[evaluated.route_sweep(e, [lam], rows=test)[0]]), lam
     # the hint is what decides: each prompt handed the next category routes as that one's prompts do
     cs = prior.categories
     other = [cs[(cs.index(c) + 1) % len(cs)] for c in cats]

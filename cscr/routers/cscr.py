@@ -347,13 +347,15 @@ class VanillaRouter(CSCRRouter):
 
 @register("cscr+category")
 class GivenCategoryRouter(Router):
-    """The ``cscr`` head handed each prompt's category, as the per-category router is (evaluation
+    """The ``cscr`` router handed each prompt's category, as the per-category router is (evaluation
     only; beyond the write-up, labelled so): its category prior blends the per-category quality of
     the prompt's true category (the table's label) instead of the category it reads from the prompt,
-    with its own weight w chosen on the validation split the same way. It answers "does the head
-    add anything to the label the per-category table is given?" on the same footing. Like
+    with its own weight w chosen on the validation split the same way (``cscr train`` records the
+    same choice as the prior's ``w_given``, which a served request's category hint uses); the guard
+    after it, when ``cscr guard`` wrote one, as ``cscr`` evaluates and serves. It answers "does the
+    head add anything to the label the per-category table is given?" on the same footing. Like
     per-category it reads the label from the table row (``rows``), so it routes table rows only;
-    ``cscr.runs.loader.load_router`` builds it from the run's ``cscr`` head and prior."""
+    ``cscr.runs.loader.load_router`` builds it from the run's ``cscr`` router."""
 
     wraps = "cscr"  # the trained head (models/<wraps>) the loader hands to the constructor
 
@@ -374,7 +376,7 @@ class GivenCategoryRouter(Router):
         prior = inner.prior
         chosen = choose_w(prior, lambda e: inner._raw_utilities(e, None), inner.expert_names,
                           np.asarray(inner.costs), ctx.table, ctx.embeddings, ctx.val_rows, given=True)
-        self.w, self.search = chosen.w, chosen.search  # as `cscr train` records it (w_given), for older runs too
+        self.w, self.search = chosen.w, chosen.search  # as `cscr train` chooses w_given (older runs have none)
         self._codes = prior.codes(np.asarray(ctx.table.categories, dtype=str))  # every table row's category
         self.expert_names, self.costs = list(inner.expert_names), np.asarray(inner.costs)
         return self
@@ -388,5 +390,6 @@ class GivenCategoryRouter(Router):
         rows = np.asarray(rows, dtype=np.int64)
         if rows.shape != (n,) or (n and (rows.min() < 0 or rows.max() >= len(self._codes))):
             raise RouterError(f"{self.name}: rows must be ({n},) indices of the fitted table (0..{len(self._codes) - 1})")
-        u = self.inner._raw_utilities(emb, None)
-        return self.inner.prior.apply(u, self.expert_names, emb, self.w, self._codes[rows])
+        u = self.inner.prior.apply(self.inner._raw_utilities(emb, None), self.expert_names, emb, self.w,
+                                   self._codes[rows])
+        return u if self.inner.guard is None else self.inner.guard.apply(u, self.expert_names, emb)

@@ -10,8 +10,8 @@ Serving, ``cscr evaluate`` and the experiment commands all load routers here:
   attached when ``cscr guard`` wrote one (``guard=False``: without it), and the category prior of
   ``models/<variant>/prior/`` when ``cscr train`` fitted one (``prior=False``: without it). The prompt
   embeddings are not read.
-* ``cscr+category`` (evaluation only): the ``cscr`` head as above (no guard) handed each table
-  row's category (``GivenCategoryRouter``), fitted on the run's table.
+* ``cscr+category`` (evaluation only): the ``cscr`` router as above handed each table row's
+  category (``GivenCategoryRouter``), fitted on the run's table.
 * any other registered router (``kwargs`` go to its constructor): fitted on the run's table and
   prompt embeddings with the given seed.
 """
@@ -87,7 +87,7 @@ def load_router(run: Run | str | os.PathLike[str] | RunPaths, variant: str = "cs
             built.set_guard(saved)
         return built
     if issubclass(cls, GivenCategoryRouter) and not at:  # built around the run's trained cscr head
-        inner = load_router(run, cls.wraps, seed=seed, top_k=top_k, use_gpu=use_gpu, guard=False, prior=True)
+        inner = load_router(run, cls.wraps, seed=seed, top_k=top_k, use_gpu=use_gpu, guard=guard, prior=True)
         assert isinstance(inner, CSCRRouter)
         return cls(inner, **kwargs).fit(RouterContext.from_table(run.table, run.embeddings, seed=seed))
     if at:
