@@ -157,37 +157,47 @@ class CategoryPrior:
         w = self.w if w is None else float(w)
         if w <= 0.0 or len(u) == 0:
             return u
+        return self._blend(u, names, emb, np.full(len(u), w), given)
+
+    def _blend(self, u: np.ndarray, names: Sequence[str], emb: np.ndarray, w: np.ndarray,
+               given: np.ndarray | None) -> np.ndarray:
+        """``u`` (n, M) with each row's finite entries blended at its own weight ``w`` (n,); rows at
+        weight 0 are left as they are (their p(c | x) is not computed)."""
         out = np.array(u, dtype=np.float64, copy=True)
-        ok = np.isfinite(out)
-        out[ok] = (1.0 - w) * out[ok] + w * self.expected(names, emb, given)[ok]
+        on = w > 0.0
+        if not on.any():
+            return out
+        sub, wr = out[on], w[on][:, None]
+        rows = self.expected(names, np.asarray(emb)[on], None if given is None else np.asarray(given)[on])
+        out[on] = np.where(np.isfinite(sub), (1.0 - wr) * sub + wr * rows, sub)
         return out
 
     def hint_codes(self, categories: Sequence[str | None]) -> np.ndarray:
         """(n,) codes of the categories callers gave (None: no hint, -1); an unknown category, or a
         hint to a prior whose weight for given categories was never chosen, is a PriorError."""
-        given = [c for c in categories if c is not None]
-        if given and self.w_given is None:
+        hinted = [i for i, c in enumerate(categories) if c is not None]
+        if hinted and self.w_given is None:
             raise PriorError("this run's category prior was fitted before category hints: retrain the head "
                              "(`cscr train`) to choose their weight")
-        unknown = sorted({c for c in given if c not in self.categories})
-        if unknown:
+        out = np.full(len(categories), -1, dtype=np.int64)
+        out[hinted] = self.codes([str(categories[i]) for i in hinted])
+        if (out[hinted] < 0).any():
+            unknown = sorted({str(categories[i]) for i in hinted if out[i] < 0})
             shown = ", ".join(self.categories[:40]) + (" ..." if len(self.categories) > 40 else "")
             raise PriorError(f"unknown category {unknown[0]!r}; the router knows: {shown}")
-        code = {c: i for i, c in enumerate(self.categories)}
-        return np.array([-1 if c is None else code[c] for c in categories], dtype=np.int64)
+        return out
 
     def apply_hinted(self, u: np.ndarray, names: Sequence[str], emb: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """``apply`` where ``codes`` < 0 (no hint); where a caller gave the category (``hint_codes``),
-        the blend with that category's row of the table, at ``w_given``."""
+        the blend with that category's row of the table, at ``w_given``: one pass over the rows."""
         codes = np.asarray(codes, dtype=np.int64)
-        out = np.array(self.apply(u, names, emb), dtype=np.float64, copy=True)
         hinted = codes >= 0
-        if hinted.any():
-            if self.w_given is None:
-                raise PriorError("no weight for given categories (fitted before category hints)")
-            out[hinted] = self.apply(np.asarray(u)[hinted], names, np.asarray(emb)[hinted], self.w_given,
-                                     codes[hinted])
-        return out
+        if hinted.any() and self.w_given is None:
+            raise PriorError("no weight for given categories (fitted before category hints)")
+        if len(u) == 0:
+            return u
+        w = np.where(hinted, self.w_given if self.w_given is not None else 0.0, self.w)
+        return self._blend(u, names, emb, w, codes)
 
     def category_means_of(self, u: np.ndarray) -> np.ndarray:
         """(C,) per-category means of one expert's utilities ``u`` (R,) over the reference prompts (a
