@@ -1,6 +1,7 @@
 """The cross-validation scripts (scripts/cv_grid.py, category_probe.py, lexical_cv.py, prior_cv.py, newcomer_cv.py, ceiling_cv.py,
 finetune_probe.py with finetune_export.py) share their folds (scripts/foldcv.py): run end to end on a
-small synthetic run, they score the same rows, and the test split is never read."""
+small synthetic run, they score the same rows, and the test split is never read. The validation-split
+probe scripts/prompt_cost_probe.py runs on the same run."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import foldcv  # noqa: E402
 import lexical_cv  # noqa: E402
 import newcomer_cv  # noqa: E402
 import prior_cv  # noqa: E402
+import prompt_cost_probe  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -345,3 +347,30 @@ def test_the_neighbour_table_stays_within_a_category_and_shrinks_to_its_mean():
     assert got[:, 0] == pytest.approx([1.0, 0.0])  # each prompt's own category's neighbours only
     got = ceiling_cv.neighbour_table(feats, quality, codes, train, rows, qbar, 2, 2.0)
     assert got[:, 0] == pytest.approx([(2 * 1.0 + 2 * 0.6) / 4, (2 * 0.0 + 2 * 0.2) / 4])
+
+
+def test_the_prompt_cost_probe_scores_each_router_as_it_routes_then_priced_per_prompt(run_dir, tmp_path):
+    from cscr.eval.utility import utility_audc
+    from cscr.runs.inputs import Run
+    from cscr.runs.loader import load_router
+
+    tokens = np.array([10.0, 20.0, 30.0, 40.0])  # the cost line: least squares per expert, train rows only
+    cost = np.stack([2 + 3 * tokens, 5 * tokens, np.r_[1.0, 1.0, 1.0, 99.0]], axis=1)
+    np.testing.assert_allclose(prompt_cost_probe.token_cost_model(tokens, cost, np.arange(3)), [[2, 0, 1], [3, 5, 0]],
+                               atol=1e-9)
+    out, table = run_dir
+    assert prompt_cost_probe.main(["--run", str(out), "--routers", "cscr,per-category",
+                                   "--out", str(tmp_path / "c.json")]) == 0
+    (saved,) = json.loads((tmp_path / "c.json").read_text())
+    val = table.split_index("val")
+    rows = val[~np.isnan(table.quality[val]).any(axis=1)]
+    assert saved["split"] == "val" and saved["n"] == len(rows)
+    emb = Run.of(out).embeddings[rows]
+    for name in ("cscr", "per-category"):
+        r = load_router(out, name)
+        cols = [table.expert_names.index(n) for n in r.expert_names]
+        u, pen = r.scored(emb, rows)
+        as_routed = utility_audc(list(r.expert_names), np.broadcast_to(pen, u.shape), u, emb,
+                                 table.quality[rows][:, cols], table.cost[rows][:, cols])
+        assert saved["routers"][name]["c_m"] == pytest.approx(as_routed, abs=1e-12)
+        assert all(0.0 < v <= 1.0 for v in saved["routers"][name].values())
