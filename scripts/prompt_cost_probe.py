@@ -10,9 +10,10 @@ each trained router's own utilities on the validation split three ways and score
   on the routers' scale (divided by the largest mean train cost);
 * ``true``: the validation prompts' actual costs (a ceiling: no router knows them in advance).
 
-No choice is made here (every router is scored on the same prompts, with nothing fitted on them),
-so the validation split is enough; a lever that lifts the baselines as much as the router is a
-platform feature, not a reason the router wins.
+No choice is made here, so the validation split is enough; but each router made its own choices
+there (cscr's best epoch and prior weight; UMR reads its per-cluster errors on it), so compare a
+router's gain from pricing per prompt, not the routers' levels. A lever that lifts the baselines as
+much as the router is a platform feature, not a reason the router wins.
 
     python scripts/prompt_cost_probe.py --run runs/llmr [--run runs/rb ...] [--out cost.json]
 """
