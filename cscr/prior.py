@@ -167,9 +167,12 @@ class CategoryPrior:
         on = w > 0.0
         if not on.any():
             return out
-        sub, wr = out[on], w[on][:, None]
+        sub = out[on]
         rows = self.expected(names, np.asarray(emb)[on], None if given is None else np.asarray(given)[on])
-        out[on] = np.where(np.isfinite(sub), (1.0 - wr) * sub + wr * rows, sub)
+        ok = np.isfinite(sub)  # an excluded expert (-inf) stays excluded
+        wr = np.broadcast_to(w[on][:, None], sub.shape)[ok]
+        sub[ok] = (1.0 - wr) * sub[ok] + wr * rows[ok]
+        out[on] = sub
         return out
 
     def hint_codes(self, categories: Sequence[str | None]) -> np.ndarray:

@@ -51,6 +51,11 @@ def test_apply_blends_finite_entries_and_w_zero_changes_nothing():
     assert out[0] == pytest.approx([0.5 * 0.5 + 0.5 * 0.9, 0.5 * 0.5 + 0.5 * 0.2], abs=1e-3)
     assert out[1, 1] == -np.inf  # an expert the index did not return stays out
     assert prior.apply(u, ["a", "b"], emb, w=0.0) is u
+    with np.errstate(invalid="raise"):  # a full blend never multiplies an excluded expert's -inf by 0
+        full = prior.apply(u, ["a", "b"], emb, w=1.0)
+        mixed = dataclasses.replace(prior, w_given=1.0).apply_hinted(u, ["a", "b"], emb, np.array([-1, 0]))
+    assert full[0] == pytest.approx([0.9, 0.2], abs=1e-3) and full[1, 1] == -np.inf
+    assert mixed[0] == pytest.approx(out[0]) and mixed[1, 0] == pytest.approx(0.9) and mixed[1, 1] == -np.inf
     with pytest.raises(PriorError, match="no per-category quality"):
         prior.apply(u, ["a", "c"], emb)
     with pytest.raises(PriorError, match="must be"):
