@@ -165,23 +165,26 @@ def test_a_category_a_caller_gives_is_routed_as_cscr_plus_category_evaluates_it(
     assert len(prior.search["val_audc_given"]) == len(GRID)
     test = table.split_index("test")
     e, cats = emb[test], [str(c) for c in table.categories[test]]
-    model = folder / "models" / "cscr"
-    save_guard(model, Guard.fit(table, emb, w=0.5, gate=1.0))  # a guard on every prompt: both apply it
-    try:
+
+    def hinted_as_evaluated(guarded: bool):
+        """The run's cscr router handed the test prompts' categories picks what cscr+category picks."""
         served, evaluated = load_router(folder, "cscr"), load_router(folder, "cscr+category")
-        assert served.guard is not None and evaluated.inner is not None and evaluated.inner.guard is not None
+        assert evaluated.inner is not None
+        assert (served.guard is not None) == (evaluated.inner.guard is not None) == guarded
         assert served.prior is not None and served.prior.w_given == evaluated.w == prior.w_given
         for lam in (0.0, 0.3, 2.0):
             got = [r[0].expert for r in served.rank(e, lam, categories=cats)]
             want = np.array(evaluated.expert_names)[evaluated.route_sweep(e, [lam], rows=test)[0]]
             assert got == list(want), lam
+        return served
+
+    model = folder / "models" / "cscr"
+    save_guard(model, Guard.fit(table, emb, w=0.5, gate=1.0))  # a guard on every prompt: both apply it
+    try:
+        hinted_as_evaluated(guarded=True)
     finally:
         shutil.rmtree(model / "guard")
-    served, evaluated = load_router(folder, "cscr"), load_router(folder, "cscr+category")
-    assert served.guard is None and evaluated.inner is not None and evaluated.inner.guard is None
-    for lam in (0.0, 0.3, 2.0):
-        got = [r[0].expert for r in served.rank(e, lam, categories=cats)]
-        assert got == list(np.array(evaluated.expert_names)[evaluated.route_sweep(e, [lam], rows=test)[0]]), lam
+    served = hinted_as_evaluated(guarded=False)
     # the hint is what decides: each prompt handed the next category routes as that one's prompts do
     cs = prior.categories
     other = [cs[(cs.index(c) + 1) % len(cs)] for c in cats]
