@@ -52,7 +52,7 @@ def probe(run_dir: str, routers: list[str], split: str = "val") -> dict[str, obj
     tokens = estimate_tokens([str(s) for s in t.texts])
     line = token_cost_model(tokens, t.cost, train)
     predicted = np.maximum(line[0] + line[1] * tokens[rows, None], 0.0)
-    scale = float(np.nanmean(t.cost[train], axis=0).max())
+    scale = t.cost_scale(train)
     r2 = 1.0 - ((predicted - c) ** 2).sum(axis=0) / np.maximum(((c - c.mean(axis=0)) ** 2).sum(axis=0), 1e-30)
     out: dict[str, object] = {"run": run_dir, "split": split, "n": int(len(rows)),
                               "cost_r2": dict(zip(t.expert_names, np.round(r2, 3).tolist(), strict=True)),

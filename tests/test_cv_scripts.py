@@ -359,6 +359,10 @@ def test_the_prompt_cost_probe_scores_each_router_as_it_routes_then_priced_per_p
     np.testing.assert_allclose(prompt_cost_probe.token_cost_model(tokens, cost, np.arange(3)), [[2, 0, 1], [3, 5, 0]],
                                atol=1e-9)
     out, table = run_dir
+    # the per-prompt costs go on the routers' scale: a train row's cost over cost_scale averages to c_m
+    train = table.split_index("train")
+    np.testing.assert_allclose(table.cost[train].mean(axis=0) / table.cost_scale(), table.expert_costs(), rtol=1e-12)
+    assert table.expert_costs().max() == 1.0
     assert prompt_cost_probe.main(["--run", str(out), "--routers", "cscr,per-category",
                                    "--out", str(tmp_path / "c.json")]) == 0
     (saved,) = json.loads((tmp_path / "c.json").read_text())

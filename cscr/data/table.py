@@ -139,11 +139,20 @@ class RoutingTable:
         return np.flatnonzero(np.isin(self.splits, list(splits)))
 
     def expert_costs(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """c_m (M,): mean cost over ``rows`` (default: train) divided by the largest such mean."""
-        rows = self.split_index("train") if rows is None else rows
-        mean = self.cost[rows].mean(axis=0)
+        """c_m (M,): mean cost over ``rows`` (default: train) divided by the largest such mean
+        (``cost_scale``: the routers' cost unit)."""
+        mean = self._mean_costs(rows)
         top = mean.max()
         return mean / top if top > 0 else np.zeros_like(mean)
+
+    def cost_scale(self, rows: np.ndarray | None = None) -> float:
+        """The largest mean cost over ``rows`` (default: train): ``expert_costs`` divides by it, and
+        so must any other cost put on the routers' scale (e.g. a prompt's own cost)."""
+        return float(self._mean_costs(rows).max())
+
+    def _mean_costs(self, rows: np.ndarray | None) -> np.ndarray:
+        rows = self.split_index("train") if rows is None else rows
+        return self.cost[rows].mean(axis=0)
 
     def subset(self, rows: np.ndarray | None = None, experts: Sequence[str] | None = None) -> RoutingTable:
         """A new table with the given rows and/or experts (by name, in the given order)."""
