@@ -4,7 +4,12 @@ Ray binds its GCS, raylet and worker ports on every interface (a node cannot be 
 loopback: ray.init turns 127.0.0.1 into the host's address), so `cscr serve` starts its embedded
 cluster with Ray's token auth and a fresh random token: a driver that connects with no token,
 or with a wrong one, is refused. Its HTTP port listens on loopback only. When the cluster dies,
-`cscr serve` logs one line and exits with code 3 (not a live process with a dead port)."""
+`cscr serve` logs one line and exits with code 3 (not a live process with a dead port).
+
+Before the attack it is checked as a user runs it (defaults but for the flags below): it lists the
+pool's models, answers a chat completion through the router with the pool's version in a header,
+and keeps the pool's durable record in its state folder. Its graceful stop (SIGTERM, exit 0) is
+checked in test_faults.py, whose restart event stops `cscr serve` that way."""
 
 from __future__ import annotations
 
@@ -71,8 +76,8 @@ def connect_attempts(addresses: list[str], envs: list[dict[str, str]], tmp: Path
 def test_embedded_cluster_needs_a_token_and_its_death_stops_the_server(trained_run, tiny_lms, tmp_path):
     pool = tmp_path / "pool.yaml"
     pool.write_text(yaml.safe_dump({"name": "sec", "experts": [
-        {"name": n, "kind": "open-weights", "source": {"model": str(tiny_lms["a"])}, "cost": {"n_params": c},
-         "num_cpus": 0.1} for n, c in zip(RB_EXPERTS, (7.0, 46.7, 1000.0), strict=True)]}))
+        {"name": n, "kind": "open-weights", "source": {"model": str(tiny_lms["ab"[i % 2]])}, "cost": {"n_params": c}}
+        for i, (n, c) in enumerate(zip(RB_EXPERTS, (7.0, 46.7, 1000.0), strict=True))]}))
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -81,7 +86,7 @@ def test_embedded_cluster_needs_a_token_and_its_death_stops_the_server(trained_r
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cscr.cli", "serve", "--run", str(trained_run),
                                  "--pool", str(pool), "--port", str(port), "--num-cpus", "2",
-                                 "--state-dir", str(tmp_path / "state"), "--api-key", "k"],
+                                 "--expert-cpus", "0.1", "--state-dir", str(tmp_path / "state"), "--api-key", "k"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.time() + 400
@@ -89,6 +94,15 @@ def test_embedded_cluster_needs_a_token_and_its_death_stops_the_server(trained_r
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(1)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json() == {"status": "ok"}
+        # as a user runs it: the pool's models, one routed answer, the pool's durable record
+        h = {"Authorization": "Bearer k"}
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=h, timeout=30).json()
+        assert {m["id"] for m in models["data"]} == {"cscr", *RB_EXPERTS}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers=h, timeout=120, json={
+            "model": "cscr:1000", "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["model"] == RB_EXPERTS[0], r.text  # the cheapest, at a high cost weight
+        assert r.headers["x-cscr-pool-version"] == "1" and (tmp_path / "state" / "pool.json").is_file()
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).status_code == 401  # no key, no answer
         # the HTTP port: loopback only
         http_socks = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
                       if c.status == psutil.CONN_LISTEN and c.laddr.port == port}

@@ -61,5 +61,6 @@ def test_faults_lose_no_request_and_no_pool_change(trained_run, tiny_lms, tmp_pa
     assert by["remove and re-add an expert"].pool_after["version"] == by["remove and re-add an expert"].pool_before["version"] + 2
     restart = by["restart cscr serve"]
     assert restart.pool_after == restart.pool_before  # the durable record, restored (version included)
+    assert "cscr: stopping" in (tmp_path / "serve-1.log").read_text()  # the first process stopped gracefully (exit 0)
     for r in rows[:4]:
         assert r.pool_after["version"] == r.pool_before["version"]  # faults change no pool
