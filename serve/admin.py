@@ -3,7 +3,7 @@
     GET    /v1/experts          the pool (names, costs, backends)
     POST   /v1/experts          add an expert (a descriptor, or fingerprint=true), no restart
     DELETE /v1/experts/{name}   remove one
-    GET    /healthz             "ok" to anyone; the pool, costs and traffic counts with the admin key
+    GET    /healthz             "ok" to anyone; the pool, costs, traffic counts and circuits with the admin key
 
 Admin endpoints need the admin key (``Authorization: Bearer <admin key>``); with none configured
 they are disabled (403), never opened to the API key. ``AdminService`` is plain async code over
@@ -217,13 +217,15 @@ class AdminService:
         async with self._lock:
             remaining = await self.router.remove_expert(name)
             await self.pool.stop(name)
+            self.completion.health.keep(self.pool.names())
         return {"deleted": name, "experts": remaining}
 
     async def health(self) -> dict[str, Any]:
         costs = await self.router.experts()
         ref = await self.completion.reference()
         out = {"status": "ok", "experts": costs, "best_expert": ref.best_expert,
-               "metrics": self.completion.metrics.as_dict()}
+               "metrics": self.completion.metrics.as_dict(),
+               "circuits": self.completion.health.snapshot()}  # this replica's: experts that failed
         if self.state is not None:
             record = await self.state.get()
             out["experts"] = {e.name: e.cost for e in record.experts}

@@ -57,6 +57,8 @@ class ServeArgs(BaseModel):
     max_messages: int = Field(256, ge=1)  # chat messages per request
     max_stop: int = Field(4, ge=0)  # stop strings per request
     max_stop_chars: int = Field(64, ge=1)  # characters per stop string
+    breaker_failures: int = Field(3, ge=1)  # failures in a row that open an expert's circuit
+    breaker_cooldown_s: float = Field(10.0, ge=0)  # how long an open circuit skips the expert
     router_num_cpus: float = Field(0.25, ge=0)
     ingress_num_cpus: float = Field(0.1, ge=0)
     expert_num_cpus: float | None = Field(None, ge=0)  # overrides every expert's num_cpus
@@ -177,7 +179,8 @@ def plan_app(args: dict[str, Any] | ServeArgs) -> tuple[Any, PoolRecord, ServeAr
         expert_timeout_s=a.expert_timeout_s, max_attempts=a.max_attempts,
         default_max_tokens=a.default_max_tokens, default_lambda=a.default_lambda,
         max_prompt_chars=a.max_prompt_chars, max_messages=a.max_messages, max_stop=a.max_stop,
-        max_stop_chars=a.max_stop_chars)
+        max_stop_chars=a.max_stop_chars, breaker_failures=a.breaker_failures,
+        breaker_cooldown_s=a.breaker_cooldown_s)
     key_budgets = None
     if a.keys is not None:
         from cscr.serve.budgets import KeyBudgets

@@ -16,7 +16,7 @@ failure. The breaker is a plain object, no Ray and no I/O; ``CompletionService``
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
@@ -101,6 +101,12 @@ class CircuitBreaker:
         if s is not None:
             s.trial = False
 
+    def keep(self, names: Collection[str]) -> None:
+        """Forget the experts not in ``names`` (they left the pool: one added again later under
+        the same name starts closed)."""
+        for name in [n for n in self._states if n not in names]:
+            del self._states[name]
+
     def retry_after(self, name: str) -> float:
         """Seconds until an open circuit allows a trial (0 when it does now)."""
         s = self._states.get(name)
@@ -109,6 +115,8 @@ class CircuitBreaker:
         return max(0.0, self.cooldown_s - (self.clock() - s.opened_at))
 
     def snapshot(self) -> dict[str, dict[str, object]]:
-        """Every expert that ever failed: its state, failures in a row and how often it opened."""
-        return {n: {"state": self.state(n), "failures": s.failures, "opened": s.opened}
+        """Every expert that ever failed: its state, failures in a row, how often it opened and the
+        seconds until an open circuit lets a trial through."""
+        return {n: {"state": self.state(n), "failures": s.failures, "opened": s.opened,
+                    "retry_after_s": round(self.retry_after(n), 3)}
                 for n, s in sorted(self._states.items()) if s.failures or s.opened}

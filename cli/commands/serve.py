@@ -60,6 +60,12 @@ def register(subparsers: Any) -> None:
                         "run's unit): spend is tallied per key and a key over its budget gets a 429")
     p.add_argument("--expert-timeout", type=float, default=120.0,
                    help="seconds before an expert call falls back to the next candidate")
+    p.add_argument("--breaker-failures", type=int, default=3,
+                   help="failures in a row (errors or timeouts) that take an expert out of rotation; one "
+                        "dead-replica error always does (default: 3)")
+    p.add_argument("--breaker-cooldown", type=float, default=10.0,
+                   help="seconds an expert out of rotation is skipped without a call before one trial "
+                        "request decides whether it is back (default: 10)")
     p.add_argument("--expert-cpus", type=float, default=None, help="Ray CPUs per expert replica")
     p.add_argument("--expert-gpus", type=float, default=None,
                    help="GPUs per open-weights expert replica (1 for vLLM on GPU clusters)")
@@ -118,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if not 0 <= args.batch_wait_ms <= 1000:
         raise ValueError(f"--batch-wait-ms must be in 0..1000, got {args.batch_wait_ms}")
+    if args.breaker_failures < 1:
+        raise ValueError(f"--breaker-failures must be >= 1, got {args.breaker_failures}")
+    if not 0 <= args.breaker_cooldown <= 86_400:
+        raise ValueError(f"--breaker-cooldown must be in 0..86400 seconds, got {args.breaker_cooldown}")
     if not args.target_ongoing_requests > 0:
         raise ValueError(f"--target-ongoing-requests must be > 0, got {args.target_ongoing_requests}")
     from cscr.serve.app import ServeArgs, run_local
@@ -132,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         enable_docs=args.enable_docs,
         default_lambda=args.cost_weight, default_budget=args.default_budget,
         default_quality_target=quality_target(args.default_quality_target), keys=args.keys, expert_timeout_s=args.expert_timeout,
+        breaker_failures=args.breaker_failures, breaker_cooldown_s=args.breaker_cooldown,
         expert_num_cpus=args.expert_cpus, expert_num_gpus=args.expert_gpus,
         state_dir=args.state_dir or os.path.join(args.run, "serve-state"),
         router_replicas=args.router_replicas, ingress_replicas=args.ingress_replicas,

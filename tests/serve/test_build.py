@@ -86,7 +86,9 @@ def test_replica_and_autoscaling_options(trained_run, tmp_path, capsys):
     base = ["serve", "--run", str(trained_run), "--pool", str(ok)]
     for extra, words in ((["--router-replicas", "0"], "--router-replicas must be >= 1, got 0"),
                          (["--min-replicas", "2"], "--min-replicas needs --max-replicas (autoscaling)"),
-                         (["--max-replicas", "0"], "--max-replicas must be >= 1, got 0")):
+                         (["--max-replicas", "0"], "--max-replicas must be >= 1, got 0"),
+                         (["--breaker-failures", "0"], "--breaker-failures must be >= 1, got 0"),
+                         (["--breaker-cooldown", "nan"], "--breaker-cooldown must be in 0..86400 seconds, got nan")):
         assert main(base + extra) == 2
         assert capsys.readouterr().err.strip() == f"cscr: error: {words}"
 

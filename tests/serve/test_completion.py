@@ -269,8 +269,11 @@ def test_the_breaker_opens_cools_down_and_lets_one_trial_through():
     assert b.state("a") == "closed" and b.acquire("a")
     b.failure("dead", dead=True)  # dead replicas: open at once
     assert b.state("dead") == "open"
-    assert b.snapshot() == {"dead": {"state": "open", "failures": 1, "opened": 1},
-                            "a": {"state": "closed", "failures": 0, "opened": 2}}
+    now[0] = 22.5
+    assert b.snapshot() == {"dead": {"state": "open", "failures": 1, "opened": 1, "retry_after_s": 7.5},
+                            "a": {"state": "closed", "failures": 0, "opened": 2, "retry_after_s": 0.0}}
+    b.keep({"a"})  # "dead" left the pool: added again later, it starts closed
+    assert list(b.snapshot()) == ["a"] and b.state("dead") == "closed"
     with pytest.raises(ValueError, match="bad breaker settings"):
         CircuitBreaker(failures=0)
 
@@ -302,17 +305,11 @@ def test_a_dead_expert_is_skipped_at_once_and_returns_after_its_cooldown(parts):
     service, _ = make(parts, extra={"broken": dead})
     clock = with_clock(service, cooldown_s=10.0)
     req = chat(candidates=["broken", "tiny-b"])
-    alone = chat(candidates=["tiny-b"])  # the same routed request without the dead expert
-    asyncio.run(service.complete(alone))  # warm
-    own = min(timed(service.complete(alone))[1] for _ in range(3))  # routing + tiny-b's own latency
-    first, first_s = timed(service.complete(req))
+    first = asyncio.run(service.complete(req))
     assert first.info.expert == "tiny-b" and first.info.failed == ["broken"] and dead.calls == 1
     assert service.health.state("broken") == "open"  # one dead-replica error is enough
-    second, second_s = timed(service.complete(req))
+    second = asyncio.run(service.complete(req))
     assert second.info.expert == "tiny-b" and second.info.failed == [] and dead.calls == 1  # not even called
-    print(f"\nfallback past a dead expert (in-process): first request {first_s * 1e3:.1f} ms, later ones "
-          f"{second_s * 1e3:.1f} ms; routed to the next expert alone {own * 1e3:.1f} ms")
-    assert first_s < 1.0 + own and second_s < 1.0 + own
     clock.now += 9.9
     asyncio.run(service.complete(req))
     assert dead.calls == 1  # still cooling down
@@ -357,7 +354,8 @@ def test_a_failing_expert_leaves_rotation_and_returns_when_healthy(parts):
     flaky.mode = "ok"
     info, _ = events(service, req)
     assert info.expert == "broken" and flaky.calls == 5 and service.health.state("broken") == "closed"
-    assert service.health.snapshot()["broken"] == {"state": "closed", "failures": 0, "opened": 2}
+    assert service.health.snapshot()["broken"] == {"state": "closed", "failures": 0, "opened": 2,
+                                                   "retry_after_s": 0.0}
 
 
 def test_a_prompt_longer_than_the_experts_context_is_a_400_not_a_failure(parts):
