@@ -37,7 +37,8 @@ def token_cost_model(tokens: np.ndarray, cost: np.ndarray, train: np.ndarray) ->
     return np.stack([np.linalg.lstsq(a, cost[train, m], rcond=None)[0] for m in range(cost.shape[1])], axis=1)
 
 
-def probe(run_dir: str, routers: list[str], split: str = "val") -> dict[str, object]:
+def probe(run_dir: str, routers: list[str]) -> dict[str, object]:
+    """The three scores of each router on the validation split (never the test split)."""
     from cscr.data.io import estimate_tokens
     from cscr.eval.utility import utility_audc
     from cscr.runs.inputs import Run
@@ -45,7 +46,7 @@ def probe(run_dir: str, routers: list[str], split: str = "val") -> dict[str, obj
 
     run = Run.of(run_dir)
     t, emb = run.table, run.embeddings
-    train, rows = t.split_index("train"), t.split_index(split)
+    train, rows = t.split_index("train"), t.split_index("val")
     q, c = t.quality[rows], t.cost[rows]
     full = ~np.isnan(q).any(axis=1)
     rows, q, c = rows[full], q[full], c[full]
@@ -54,7 +55,7 @@ def probe(run_dir: str, routers: list[str], split: str = "val") -> dict[str, obj
     predicted = np.maximum(line[0] + line[1] * tokens[rows, None], 0.0)
     scale = t.cost_scale(train)
     r2 = 1.0 - ((predicted - c) ** 2).sum(axis=0) / np.maximum(((c - c.mean(axis=0)) ** 2).sum(axis=0), 1e-30)
-    out: dict[str, object] = {"run": run_dir, "split": split, "n": int(len(rows)),
+    out: dict[str, object] = {"run": run_dir, "split": "val", "n": int(len(rows)),
                               "cost_r2": dict(zip(t.expert_names, np.round(r2, 3).tolist(), strict=True)),
                               "routers": {}}
     e = emb[rows]
