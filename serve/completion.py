@@ -342,7 +342,8 @@ class CompletionService:
                     "timed out" if isinstance(exc, TimeoutError) else repr(exc))
         failed.append(name)
         self.metrics.failure(name)
-        self.health.failure(name, dead=dead)
+        if name in self.experts.names():  # one removed during the call stays forgotten (health.keep)
+            self.health.failure(name, dead=dead)
 
     async def _open_stream(self, name: str, greq: GenerationRequest) -> tuple[AsyncIterator[str] | None, str | None]:
         """(the stream, its first piece); (None, None) for a stream that ended at once."""

@@ -332,6 +332,26 @@ def test_a_hung_expert_costs_the_timeout_only_until_its_circuit_opens(parts):
     assert experts["hung"].started == 2
 
 
+def test_an_expert_removed_during_a_failing_call_leaves_no_circuit_behind(parts):
+    """Removal forgets an expert's circuit, and a call to it still in flight that then fails does
+    not bring it back: re-added under the same name, it starts closed."""
+    service, experts = make(parts, expert_timeout_s=0.5)
+    with_clock(service, failures=1)
+    req = chat(candidates=["hung", "tiny-b"])
+
+    async def remove_during_the_call():
+        call = asyncio.create_task(service.complete(req))
+        while experts["hung"].started == 0:
+            await asyncio.sleep(0.01)
+        await service.experts.stop("hung")  # what the admin's removal does (serve.admin)
+        service.health.keep(service.experts.names())
+        return await call
+
+    answer = asyncio.run(remove_during_the_call())
+    assert answer.info.expert == "tiny-b" and answer.info.failed == ["hung"] and experts["hung"].cancelled == 1
+    assert service.health.snapshot() == {} and service.health.state("hung") == "closed"
+
+
 def test_a_failing_expert_leaves_rotation_and_returns_when_healthy(parts):
     """Streamed requests; failures in a row open the circuit, a trial after the cooldown decides."""
     flaky = FlakyExpert(parts[1]["tiny-a"], mode="fail")
