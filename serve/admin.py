@@ -217,7 +217,7 @@ class AdminService:
         async with self._lock:
             remaining = await self.router.remove_expert(name)
             await self.pool.stop(name)
-            self.completion.health.keep(self.pool.names())
+            self.completion.forget_removed()
         return {"deleted": name, "experts": remaining}
 
     async def health(self) -> dict[str, Any]:

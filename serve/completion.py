@@ -336,13 +336,18 @@ class CompletionService:
         raise ProtocolError(f"every expert tried failed or timed out: {failed}", status=502,
                             code="experts_failed", type_="server_error")
 
+    def forget_removed(self) -> None:
+        """Drop the circuits of experts this service no longer serves (after a pool change): one
+        added again later under the same name starts closed. ``_failed`` records nothing for them."""
+        self.health.keep(self.experts.names())
+
     def _failed(self, name: str, exc: BaseException, failed: list[str]) -> None:
         dead = isinstance(exc, ExpertUnavailable) and exc.dead
         log.warning("expert %r failed (%s): trying the next one", name,
                     "timed out" if isinstance(exc, TimeoutError) else repr(exc))
         failed.append(name)
         self.metrics.failure(name)
-        if name in self.experts.names():  # one removed during the call stays forgotten (health.keep)
+        if name in self.experts.names():  # one removed during the call stays forgotten (forget_removed)
             self.health.failure(name, dead=dead)
 
     async def _open_stream(self, name: str, greq: GenerationRequest) -> tuple[AsyncIterator[str] | None, str | None]:

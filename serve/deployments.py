@@ -539,7 +539,7 @@ class Ingress:
         """Serve ``record``: its expert handles, and its index when this replica routes (both
         change before the loop runs anything else: the core's first await comes after its index)."""
         self.experts.apply(record)
-        self.completion.health.keep(set(record.names()))  # an expert that left starts afresh if re-added
+        self.completion.forget_removed()
         if self.core is not None:
             await self.core.apply(record)
 

@@ -344,7 +344,7 @@ def test_an_expert_removed_during_a_failing_call_leaves_no_circuit_behind(parts)
         while experts["hung"].started == 0:
             await asyncio.sleep(0.01)
         await service.experts.stop("hung")  # what the admin's removal does (serve.admin)
-        service.health.keep(service.experts.names())
+        service.forget_removed()
         return await call
 
     answer = asyncio.run(remove_during_the_call())
