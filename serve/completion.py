@@ -50,7 +50,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, TypeVar
 
-from cscr.serve.health import CircuitBreaker, ExpertUnavailable
+from cscr.serve.health import CLOSED, CircuitBreaker, ExpertUnavailable
 from cscr.serve.metrics import Tally
 from cscr.serve.protocol import (
     ROUTER_MODEL,
@@ -126,8 +126,11 @@ class ExpertClient(Protocol):
 
 class Metrics(Protocol):
     unit: str
+    open_circuits: set[str]
 
     def failure(self, expert: str) -> None: ...
+
+    def circuit(self, expert: str, is_open: bool) -> None: ...
 
     def answered(self, expert: str, routed: bool, fallback: bool, best_cost: float, chosen_cost: float,
                  routing_ms: float) -> None: ...
@@ -315,14 +318,14 @@ class CompletionService:
             try:
                 result = await asyncio.wait_for(start(name), self.settings.expert_timeout_s)
                 verdict = True
-                self.health.success(name)
+                self._succeeded(name)
                 return name, result, failed
             except ProtocolError as exc:
                 verdict = True
                 if exc.status >= 500:
                     self._failed(name, exc, failed)
                     continue
-                self.health.success(name)  # it answered: the request does not fit it
+                self._succeeded(name)  # it answered: the request does not fit it
                 refused.append(exc)
                 failed.append(name)
             except Exception as exc:
@@ -338,17 +341,30 @@ class CompletionService:
 
     def forget_removed(self) -> None:
         """Drop the circuits of experts this service no longer serves (after a pool change): one
-        added again later under the same name starts closed. ``_failed`` records nothing for them."""
-        self.health.keep(self.experts.names())
+        added again later under the same name starts closed. ``_record_failure`` records nothing
+        for them."""
+        names = self.experts.names()
+        self.health.keep(names)
+        for name in [n for n in self.metrics.open_circuits if n not in names]:
+            self.metrics.circuit(name, False)
 
     def _failed(self, name: str, exc: BaseException, failed: list[str]) -> None:
-        dead = isinstance(exc, ExpertUnavailable) and exc.dead
         log.warning("expert %r failed (%s): trying the next one", name,
                     "timed out" if isinstance(exc, TimeoutError) else repr(exc))
         failed.append(name)
+        self._record_failure(name, exc)
+
+    def _record_failure(self, name: str, exc: BaseException) -> None:
+        """A failed call (before the answer began or mid-stream): counted by the metrics; the
+        breaker's circuit moves unless the expert left the pool during the call (forget_removed)."""
         self.metrics.failure(name)
-        if name in self.experts.names():  # one removed during the call stays forgotten (forget_removed)
-            self.health.failure(name, dead=dead)
+        if name in self.experts.names():
+            self.health.failure(name, dead=isinstance(exc, ExpertUnavailable) and exc.dead)
+            self.metrics.circuit(name, self.health.state(name) != CLOSED)
+
+    def _succeeded(self, name: str) -> None:
+        self.health.success(name)
+        self.metrics.circuit(name, False)
 
     async def _open_stream(self, name: str, greq: GenerationRequest) -> tuple[AsyncIterator[str] | None, str | None]:
         """(the stream, its first piece); (None, None) for a stream that ended at once."""
@@ -440,8 +456,7 @@ class CompletionService:
                     finished = True
                     break
                 except Exception as exc:  # mid-stream: too late to fall back
-                    self.metrics.failure(info.expert)
-                    self.health.failure(info.expert, dead=isinstance(exc, ExpertUnavailable) and exc.dead)
+                    self._record_failure(info.expert, exc)
                     yield sse_event({"error": {"message": f"expert {info.expert!r} failed mid-stream: {exc!r}",
                                                "type": "server_error", "param": None, "code": "expert_failed"}})
                     return

@@ -6,6 +6,9 @@ Exported (Prometheus names get Ray's ``ray_`` prefix; counters also a ``_total``
   (the router chose) or ``direct`` (the client named the expert);
 - ``cscr_fallbacks{expert}``: answers that came from a fallback expert;
 - ``cscr_expert_failures{expert}``: expert calls that failed or timed out;
+- ``cscr_expert_circuit_open{expert}`` (gauge): 1 while the breaker skips the expert (its circuit
+  open, or half-open with one trial request), 0 once it answers again or leaves the pool; absent
+  for an expert whose circuit never opened;
 - ``cscr_cost_best_expert{unit}`` / ``cscr_cost_chosen{unit}``: estimated cost of the routed
   answers if the best expert had answered each of them, and of the experts that did answer;
 - ``cscr_estimated_cost_saved{unit}`` (gauge): their difference, the estimated saving against
@@ -36,6 +39,7 @@ class Tally:
     direct: _Tally[str] = field(default_factory=_Tally)
     fallbacks: int = 0
     failures: _Tally[str] = field(default_factory=_Tally)
+    open_circuits: set[str] = field(default_factory=set)  # experts whose circuit is open or half-open
     cost_best: float = 0.0
     cost_chosen: float = 0.0
 
@@ -47,6 +51,13 @@ class Tally:
 
     def failure(self, expert: str) -> None:
         self.failures[expert] += 1
+
+    def circuit(self, expert: str, is_open: bool) -> None:
+        """The expert's circuit is (still) open, or (again) closed."""
+        if is_open:
+            self.open_circuits.add(expert)
+        else:
+            self.open_circuits.discard(expert)
 
     def answered(self, expert: str, routed: bool, fallback: bool, best_cost: float, chosen_cost: float,
                  routing_ms: float) -> None:
@@ -70,6 +81,9 @@ class ServeMetrics(Tally):
                                                 tag_keys=("expert",))
         self.failure_counter = metrics.Counter("cscr_expert_failures",
                                                "expert calls that failed or timed out", tag_keys=("expert",))
+        self.circuit_gauge = metrics.Gauge("cscr_expert_circuit_open",
+                                           "1 while the breaker skips the expert (open or half-open)",
+                                           tag_keys=("expert",))
         self.cost_best_counter = metrics.Counter("cscr_cost_best_expert",
                                                  "estimated cost had the best expert answered",
                                                  tag_keys=("unit",))
@@ -84,6 +98,11 @@ class ServeMetrics(Tally):
     def failure(self, expert: str) -> None:
         super().failure(expert)
         self.failure_counter.inc(tags={"expert": expert})
+
+    def circuit(self, expert: str, is_open: bool) -> None:
+        if is_open != (expert in self.open_circuits):  # the gauge moves on a change only
+            self.circuit_gauge.set(int(is_open), tags={"expert": expert})
+        super().circuit(expert, is_open)
 
     def answered(self, expert: str, routed: bool, fallback: bool, best_cost: float, chosen_cost: float,
                  routing_ms: float) -> None:

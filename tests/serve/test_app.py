@@ -323,6 +323,17 @@ def test_fallback_when_an_expert_times_out(app):
     assert "hung" not in app.admin.get("/healthz").json()["circuits"]  # it left the pool: forgotten
 
 
+def scrape(app, ready, within_s: float = 60.0) -> str:
+    """The Prometheus text, once ``ready(text)`` holds (Ray exports metrics every few seconds)."""
+    deadline, text = time.time() + within_s, ""
+    while time.time() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=10).text
+        if ready(text):
+            break
+        time.sleep(2)
+    return text
+
+
 def test_metrics_count_routing_and_savings(app):
     for lam in (0.0, 1000.0):
         chat(app, PROMPTS[5], model=f"cscr:{lam}")
@@ -331,12 +342,7 @@ def test_metrics_count_routing_and_savings(app):
     assert tally["estimated_cost_saved"] == pytest.approx(
         tally["estimated_cost_best_expert"] - tally["estimated_cost_chosen"])
     assert tally["estimated_cost_saved"] > 0  # most answers came from experts cheaper than gpt-4
-    deadline, text = time.time() + 60, ""
-    while time.time() < deadline:  # Ray exports metrics every few seconds
-        text = httpx.get(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=10).text
-        if "cscr_estimated_cost_saved" in text and "cscr_routed_requests" in text:
-            break
-        time.sleep(2)
+    text = scrape(app, lambda t: "cscr_estimated_cost_saved" in t and "cscr_routed_requests" in t)
     routed = re.findall(r'^ray_cscr_routed_requests_total\{[^}]*expert="([^"]+)"[^}]*\} ([0-9.e+]+)$', text, re.M)
     assert routed, text[-2000:]
     assert {name for name, _ in routed} <= {MISTRAL, MIXTRAL, GPT4, "newcomer"}
@@ -380,5 +386,8 @@ def test_fallback_when_an_experts_replica_is_killed(app, tiny_lms):
             assert r.status_code == 200 and r.headers["x-cscr-expert"] == MIXTRAL, r.text
             assert "x-cscr-failed" not in r.headers and r.json()["cscr"]["failed"] == []
         assert circuit() == ({"state": "open", "failures": 1, "opened": 1}, 1)
+        gauge = re.compile(rf'^ray_cscr_expert_circuit_open{{[^}}]*expert="{re.escape(MISTRAL)}"[^}}]*}} ([0-9.]+)$', re.M)
+        text = scrape(app, gauge.search)
+        assert [float(v) for v in gauge.findall(text)] == [1.0], text[-2000:]  # what an alert reads
     finally:
         moved.rename(weights)

@@ -183,6 +183,7 @@ def test_a_failure_mid_stream_ends_with_an_error_event(parts):
     assert items[-1]["error"]["code"] == "expert_failed" and "connection reset" in items[-1]["error"]["message"]
     assert set(items[-1]["error"]) == {"message", "type", "param", "code"} and "[DONE]" not in items
     assert service.metrics.failures == {"flaky": 1}
+    assert service.health.snapshot()["flaky"]["failures"] == 1  # the breaker counts it too
 
 
 def test_cost_accounting(parts):
@@ -308,6 +309,7 @@ def test_a_dead_expert_is_skipped_at_once_and_returns_after_its_cooldown(parts):
     first = asyncio.run(service.complete(req))
     assert first.info.expert == "tiny-b" and first.info.failed == ["broken"] and dead.calls == 1
     assert service.health.state("broken") == "open"  # one dead-replica error is enough
+    assert service.metrics.open_circuits == {"broken"}  # what the Prometheus gauge shows
     second = asyncio.run(service.complete(req))
     assert second.info.expert == "tiny-b" and second.info.failed == [] and dead.calls == 1  # not even called
     clock.now += 9.9
@@ -317,6 +319,7 @@ def test_a_dead_expert_is_skipped_at_once_and_returns_after_its_cooldown(parts):
     dead.mode = "ok"  # its replicas are back: the trial request after the cooldown finds it
     back = asyncio.run(service.complete(req))
     assert back.info.expert == "broken" and dead.calls == 2 and service.health.state("broken") == "closed"
+    assert service.metrics.open_circuits == set()
 
 
 def test_a_hung_expert_costs_the_timeout_only_until_its_circuit_opens(parts):
@@ -350,6 +353,17 @@ def test_an_expert_removed_during_a_failing_call_leaves_no_circuit_behind(parts)
     answer = asyncio.run(remove_during_the_call())
     assert answer.info.expert == "tiny-b" and answer.info.failed == ["hung"] and experts["hung"].cancelled == 1
     assert service.health.snapshot() == {} and service.health.state("hung") == "closed"
+    assert service.metrics.open_circuits == set()
+
+
+def test_an_open_circuit_of_an_expert_that_leaves_the_pool_is_published_closed(parts):
+    service, experts = make(parts, expert_timeout_s=0.5)
+    with_clock(service, failures=1)
+    answer = asyncio.run(service.complete(chat(candidates=["hung", "tiny-b"])))
+    assert answer.info.failed == ["hung"] and service.metrics.open_circuits == {"hung"}
+    asyncio.run(service.experts.stop("hung"))
+    service.forget_removed()
+    assert service.metrics.open_circuits == set() and service.health.snapshot() == {}
 
 
 def test_a_failing_expert_leaves_rotation_and_returns_when_healthy(parts):
@@ -361,6 +375,7 @@ def test_a_failing_expert_leaves_rotation_and_returns_when_healthy(parts):
     for n, state in ((1, "closed"), (2, "open")):
         info, _ = events(service, req)
         assert info.failed == ["broken"] and flaky.calls == n and service.health.state("broken") == state
+        assert service.metrics.open_circuits == ({"broken"} if state == "open" else set())
     info, raw = events(service, req)
     assert info.expert == "tiny-b" and info.failed == [] and flaky.calls == 2 and parse_sse(raw)[-1] == "[DONE]"
     # named directly, with no other expert to use: tried anyway (a last resort, never a refusal)
@@ -370,10 +385,12 @@ def test_a_failing_expert_leaves_rotation_and_returns_when_healthy(parts):
     clock.now += 0.5
     info, _ = events(service, req)  # the trial: still failing, out for another cooldown
     assert info.failed == ["broken"] and flaky.calls == 4 and service.health.state("broken") == "open"
+    assert service.metrics.open_circuits == {"broken"}
     clock.now += 0.5
     flaky.mode = "ok"
     info, _ = events(service, req)
     assert info.expert == "broken" and flaky.calls == 5 and service.health.state("broken") == "closed"
+    assert service.metrics.open_circuits == set()
     assert service.health.snapshot()["broken"] == {"state": "closed", "failures": 0, "opened": 2,
                                                    "retry_after_s": 0.0}
 
