@@ -48,12 +48,18 @@ def routed(http: httpx.Client, candidates: list[str]) -> tuple[httpx.Response, f
 def measure(work: Path, data_dir: Path, requests: int, log=print) -> dict[str, float | int | str]:
     import ray
     import yaml
-    from ray import serve as ray_serve
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
     from cscr.serve.app import build_app
     from cscr.serve.deployments import deployment_name
-    from serve_helpers import RB_EXPERTS, free_port, make_tiny_lm, make_trained_run
+    from serve_helpers import (
+        RB_EXPERTS,
+        app_clients,
+        free_port,
+        make_tiny_lm,
+        make_trained_run,
+        serving,
+    )
 
     dead, nxt = RB_EXPERTS[0], RB_EXPERTS[1]  # the cheapest, then the next one up
     log("training a run on a RouterBench slice and saving two tiny LMs ...")
@@ -67,16 +73,10 @@ def measure(work: Path, data_dir: Path, requests: int, log=print) -> dict[str, f
     port = free_port()
     application = build_app({"run": str(run), "pool": str(pool), "api_key": KEY, "admin_key": ADMIN,
                              "expert_num_cpus": 0.1, "expert_timeout_s": 60, "default_max_tokens": 4})
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        log("starting the Serve app ...")
-        ray_serve.run(application, name="cscr", route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=300)
-        admin = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=300)
+    log("starting the Serve app ...")
+    with serving(application, port) as base:
+        cl = app_clients(base, KEY, ADMIN)
+        http, admin = cl.http, cl.admin
         for _ in range(2):  # warm both experts
             routed(http, [dead])
             routed(http, [nxt])
@@ -97,9 +97,6 @@ def measure(work: Path, data_dir: Path, requests: int, log=print) -> dict[str, f
                 raise RuntimeError(f"a later request was not answered by {nxt}: {dict(r.headers)}")
             later.append(seconds)
         health = admin.get("/healthz").json()
-    finally:
-        ray_serve.shutdown()
-        ray.shutdown()
     return {"alone": statistics.median(alone), "first": first_s, "later": statistics.median(later),
             "later_max": max(later), "calls_after_first": health["metrics"]["failures"].get(dead, 0)
             - failures_after_first, "circuit": str(health["circuits"].get(dead))}

@@ -3,8 +3,10 @@ dot-product router on the Router interface, and the real MiniLM encoder."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -70,6 +72,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(application: Any, port: int, metrics_port: int | None = None) -> Iterator[str]:
+    """``application`` served as "cscr" on "/" at loopback ``port``, on a fresh local Ray cluster
+    of 2 CPUs (never a teammate's; Prometheus on ``metrics_port`` when given); yields the base URL.
+    Serve and the cluster are shut down on the way out."""
+    import ray
+    from ray import serve as ray_serve
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             **({"_metrics_export_port": metrics_port} if metrics_port else {}))
+    try:
+        ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        ray_serve.run(application, name="cscr", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
 
 
 class HangingServer:

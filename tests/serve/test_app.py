@@ -22,7 +22,7 @@ import pytest
 import yaml
 from cscr.serve.app import build_app
 from cscr.serve.service import RouterService
-from serve_helpers import HangingServer, free_port
+from serve_helpers import HangingServer, free_port, serving
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +43,6 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def app(trained_run, tiny_lms, tmp_path_factory, encoder):
-    import ray
-    from ray import serve as ray_serve
-
     port, metrics_port = free_port(), free_port()
     pool = tmp_path_factory.mktemp("pool") / "pool.yaml"
     pool.write_text(yaml.safe_dump({"name": "serve-test", "experts": [
@@ -64,22 +61,14 @@ def app(trained_run, tiny_lms, tmp_path_factory, encoder):
                              "expert_num_cpus": 0.1, "expert_timeout_s": 15, "max_prompt_chars": 4000,
                              "default_max_tokens": 8, "allow_upstreams": [f"http://127.0.0.1:{hang.port}/v1"],
                              "breaker_cooldown_s": 120})
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=metrics_port)  # a fresh cluster, never a teammate's
     try:
-        ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        ray_serve.run(application, name="cscr", route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        yield SimpleNamespace(
-            base=base, port=port, metrics_port=metrics_port, local=local, hang=hang,
-            client=openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120),
-            http=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=300),
-            admin=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=300))
+        with serving(application, port, metrics_port) as base:
+            yield SimpleNamespace(
+                base=base, port=port, metrics_port=metrics_port, local=local, hang=hang,
+                client=openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120),
+                http=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=300),
+                admin=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=300))
     finally:
-        ray_serve.shutdown()
-        ray.shutdown()
         hang.close()
 
 

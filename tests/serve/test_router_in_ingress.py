@@ -18,7 +18,7 @@ import yaml
 from cscr.cli import main
 from cscr.serve.app import ServeArgs, plan_app
 from cscr.serve.service import RouterService
-from serve_helpers import RB_EXPERTS, app_clients, free_port
+from serve_helpers import RB_EXPERTS, app_clients, free_port, serving
 
 KEY, ADMIN = "k-in-ingress", "admin-in-ingress"
 MISTRAL = RB_EXPERTS[0]
@@ -44,24 +44,12 @@ def serve_args(run, pool, **extra) -> ServeArgs:
 @pytest.fixture(scope="module")
 def served(trained_run, tiny_lms, tmp_path_factory, encoder):
     """The app routing in its two Ingress replicas, as application "cscr" on "/"."""
-    import ray
-    from ray import serve as ray_serve
-
     port = free_port()
     pool = write_pool(tmp_path_factory.mktemp("in-ingress") / "pool.yaml", tiny_lms, port)
     app, _, _ = plan_app(serve_args(trained_run, pool, router_in_ingress=True, ingress_replicas=2))
     os.environ["CSCR_TEST_UPSTREAM_KEY"] = KEY  # inherited by the Ray workers started below
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        ray_serve.run(app, name="cscr", route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
+    with serving(app, port) as base:
         yield app_clients(base, KEY, ADMIN, pool=pool, local=RouterService.from_run(trained_run, encoder=encoder))
-    finally:
-        ray_serve.shutdown()
-        ray.shutdown()
 
 
 def routes(http: httpx.Client, prompt: str, lam: float, n: int = 12, path: str = "/v1/route") -> list[dict]:
