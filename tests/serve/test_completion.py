@@ -330,9 +330,9 @@ def test_a_hung_expert_costs_the_timeout_only_until_its_circuit_opens(parts):
         answer, seconds = timed(service.complete(req))
         assert answer.info.failed == ["hung"] and seconds >= 2.0 and experts["hung"].cancelled == n
     assert service.health.state("hung") == "open"
-    answer, seconds = timed(service.complete(req))
-    assert answer.info.expert == "tiny-b" and answer.info.failed == [] and seconds < 2.0
-    assert experts["hung"].started == 2
+    answer = asyncio.run(service.complete(req))  # skipped without a call (its speed: bench/fallback_latency.py)
+    assert answer.info.expert == "tiny-b" and answer.info.failed == []
+    assert experts["hung"].started == 2 and experts["hung"].cancelled == 2
 
 
 def test_an_expert_removed_during_a_failing_call_leaves_no_circuit_behind(parts):
