@@ -151,6 +151,8 @@ class PoolFollower:
 
     def __init__(self, controller: Any, role: str, apply: Callable[[PoolRecord], Awaitable[None] | None],
                  inflight: Callable[[], int] | None = None) -> None:
+        from ray.serve import metrics
+
         self.controller = controller
         self.role = role
         self.apply = apply
@@ -159,12 +161,15 @@ class PoolFollower:
         self.version = 0
         self.draining = False
         self._task: asyncio.Task[None] | None = None
+        # Serve tags it with the deployment and the replica: a lagging replica shows as a lower value
+        self._version_gauge = metrics.Gauge("cscr_pool_version", "the pool record version this replica serves")
 
     async def _apply(self, record: PoolRecord) -> None:
         out = self.apply(record)
         if out is not None:
             await out
         self.version = record.version
+        self._version_gauge.set(record.version)
 
     async def start(self) -> None:
         """Serve the current record before taking requests, then follow it in the background."""

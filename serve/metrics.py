@@ -13,7 +13,9 @@ Exported (Prometheus names get Ray's ``ray_`` prefix; counters also a ``_total``
   answers if the best expert had answered each of them, and of the experts that did answer;
 - ``cscr_estimated_cost_saved{unit}`` (gauge): their difference, the estimated saving against
   always using the best expert (the pool's best by mean train quality);
-- ``cscr_routing_ms`` (histogram): routing-decision time.
+- ``cscr_routing_ms`` (histogram): routing-decision time;
+- ``cscr_pool_version`` (gauge, set by ``serve.deployments.PoolFollower``): the pool record
+  version each Router and Ingress replica serves (a replica behind the others shows lower).
 
 Costs are per-request estimates: the chosen expert's mean train cost per prompt in the run's
 unit (USD or parameters), not the bill of the actual call.

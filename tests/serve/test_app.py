@@ -337,6 +337,10 @@ def test_metrics_count_routing_and_savings(app):
     assert {name for name, _ in routed} <= {MISTRAL, MIXTRAL, GPT4, "newcomer"}
     saved = re.findall(r'^ray_cscr_estimated_cost_saved\{[^}]*\} ([0-9.e+-]+)$', text, re.M)
     assert saved and float(saved[-1]) > 0
+    version = app.admin.get("/healthz").json()["pool_version"]
+    served = re.compile(r'^ray_cscr_pool_version\{[^}]*deployment="(\w+)"[^}]*\} ([0-9.]+)$', re.M)
+    text = scrape(app, lambda t: {d for d, v in served.findall(t) if float(v) == version} >= {"Router", "Ingress"})
+    assert {d: float(v) for d, v in served.findall(text)} == {"Router": version, "Ingress": version}, text[-2000:]
 
 
 def test_fallback_when_an_experts_replica_is_killed(app, tiny_lms):
