@@ -50,7 +50,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, TypeVar
 
-from cscr.serve.health import CLOSED, CircuitBreaker, ExpertUnavailable
+from cscr.serve.health import CircuitBreaker, ExpertUnavailable
 from cscr.serve.metrics import Tally
 from cscr.serve.protocol import (
     ROUTER_MODEL,
@@ -126,7 +126,6 @@ class ExpertClient(Protocol):
 
 class Metrics(Protocol):
     unit: str
-    open_circuits: set[str]
 
     def failure(self, expert: str) -> None: ...
 
@@ -199,7 +198,8 @@ class CompletionService:
         self.settings = settings or CompletionSettings()
         self.metrics: Metrics = metrics if metrics is not None else Tally()
         self._reference: CostReference | None = None
-        self.health = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s)
+        self.health = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s,
+                                     on_change=self.metrics.circuit)  # each opening and closing, published
 
     async def reference(self) -> CostReference:
         if self._reference is None:
@@ -318,14 +318,14 @@ class CompletionService:
             try:
                 result = await asyncio.wait_for(start(name), self.settings.expert_timeout_s)
                 verdict = True
-                self._succeeded(name)
+                self.health.success(name)
                 return name, result, failed
             except ProtocolError as exc:
                 verdict = True
                 if exc.status >= 500:
                     self._failed(name, exc, failed)
                     continue
-                self._succeeded(name)  # it answered: the request does not fit it
+                self.health.success(name)  # it answered: the request does not fit it
                 refused.append(exc)
                 failed.append(name)
             except Exception as exc:
@@ -343,10 +343,7 @@ class CompletionService:
         """Drop the circuits of experts this service no longer serves (after a pool change): one
         added again later under the same name starts closed. ``_record_failure`` records nothing
         for them."""
-        names = self.experts.names()
-        self.health.keep(names)
-        for name in [n for n in self.metrics.open_circuits if n not in names]:
-            self.metrics.circuit(name, False)
+        self.health.keep(self.experts.names())
 
     def _failed(self, name: str, exc: BaseException, failed: list[str]) -> None:
         log.warning("expert %r failed (%s): trying the next one", name,
@@ -360,11 +357,6 @@ class CompletionService:
         self.metrics.failure(name)
         if name in self.experts.names():
             self.health.failure(name, dead=isinstance(exc, ExpertUnavailable) and exc.dead)
-            self.metrics.circuit(name, self.health.state(name) != CLOSED)
-
-    def _succeeded(self, name: str) -> None:
-        self.health.success(name)
-        self.metrics.circuit(name, False)
 
     async def _open_stream(self, name: str, greq: GenerationRequest) -> tuple[AsyncIterator[str] | None, str | None]:
         """(the stream, its first piece); (None, None) for a stream that ended at once."""

@@ -49,6 +49,8 @@ class CircuitBreaker:
     failures: int = 3  # failures in a row that open the circuit
     cooldown_s: float = 10.0  # how long an open circuit skips the expert
     clock: Callable[[], float] = time.monotonic
+    # told (name, True) when a circuit opens and (name, False) when an open one closes or is forgotten
+    on_change: Callable[[str, bool], None] = lambda name, is_open: None
     _states: dict[str, _State] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -84,16 +86,22 @@ class CircuitBreaker:
 
     def success(self, name: str) -> None:
         s = self._get(name)
+        was_open = s.opened_at is not None
         s.failures, s.opened_at, s.trial = 0, None, False
+        if was_open:
+            self.on_change(name, False)
 
     def failure(self, name: str, dead: bool = False) -> None:
         """One failed call; ``dead`` (the replicas are gone) opens the circuit at once."""
         s = self._get(name)
         s.failures += 1
         if dead or s.trial or s.failures >= self.failures:
-            if s.opened_at is None or s.trial:
+            was_closed = s.opened_at is None
+            if was_closed or s.trial:
                 s.opened += 1
             s.opened_at, s.trial = self.clock(), False
+            if was_closed:
+                self.on_change(name, True)
 
     def release(self, name: str) -> None:
         """A call that ended without a verdict (the client left): a trial may be taken again."""
@@ -105,7 +113,8 @@ class CircuitBreaker:
         """Forget the experts not in ``names`` (they left the pool: one added again later under
         the same name starts closed)."""
         for name in [n for n in self._states if n not in names]:
-            del self._states[name]
+            if self._states.pop(name).opened_at is not None:
+                self.on_change(name, False)
 
     def retry_after(self, name: str) -> float:
         """Seconds until an open circuit allows a trial (0 when it does now)."""

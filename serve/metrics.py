@@ -55,7 +55,7 @@ class Tally:
         self.failures[expert] += 1
 
     def circuit(self, expert: str, is_open: bool) -> None:
-        """The expert's circuit is (still) open, or (again) closed."""
+        """The expert's circuit opened, or closed again (the breaker's ``on_change``)."""
         if is_open:
             self.open_circuits.add(expert)
         else:
@@ -102,9 +102,8 @@ class ServeMetrics(Tally):
         self.failure_counter.inc(tags={"expert": expert})
 
     def circuit(self, expert: str, is_open: bool) -> None:
-        if is_open != (expert in self.open_circuits):  # the gauge moves on a change only
-            self.circuit_gauge.set(int(is_open), tags={"expert": expert})
         super().circuit(expert, is_open)
+        self.circuit_gauge.set(int(is_open), tags={"expert": expert})
 
     def answered(self, expert: str, routed: bool, fallback: bool, best_cost: float, chosen_cost: float,
                  routing_ms: float) -> None:

@@ -291,7 +291,7 @@ class Clock:
 
 def with_clock(service, failures: int = 3, cooldown_s: float = 10.0) -> Clock:
     clock = Clock()
-    service.health = CircuitBreaker(failures, cooldown_s, clock=clock)
+    service.health = CircuitBreaker(failures, cooldown_s, clock=clock, on_change=service.metrics.circuit)
     return clock
 
 
