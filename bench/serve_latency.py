@@ -59,7 +59,6 @@ PROMPTS = [
     "Explain why the sky is blue in one sentence.",
     "Sarah gave Maria a gift because _ was celebrating her birthday.",
 ]
-EXPERTS = ["mistralai/mistral-7b-chat", "mistralai/mixtral-8x7b-chat", "gpt-4-1106-preview"]
 
 
 def log(msg: str) -> None:
@@ -68,42 +67,6 @@ def log(msg: str) -> None:
 
 def pct(ms: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(ms), q))
-
-
-# ---- setup ----
-def train_slice_run(out: Path, data_dir: str, epochs: int) -> Path:
-    from cscr.config import DataConfig, IndexConfig, TrainConfig
-    from cscr.data import load_dataset
-    from cscr.encoder import Encoder, embed_table
-    from cscr.runs.paths import RunPaths
-    from cscr.training.plain import train_run
-
-    table = load_dataset("routerbench", DataConfig(data_dir=data_dir, probe_size=16))
-    length = np.array([len(str(t)) for t in table.texts])
-    sizes = {"train": 120, "val": 30, "probe": 16, "test": 16}
-    rows = np.concatenate([idx[np.argsort(length[idx], kind="stable")[:k]]
-                           for s, k in sizes.items() for idx in [table.split_index(s)]])
-    sub = table.subset(np.sort(rows), EXPERTS)
-    paths = RunPaths.of(out)
-    sub.save(paths.table)
-    embed_table(sub, Encoder(), paths.embeddings, progress=None)
-    train_run(str(paths.root), "cscr", TrainConfig(epochs=epochs, batch_size=64, index=IndexConfig(top_k=3)),
-              log=None)
-    return paths.root
-
-
-def tiny_lm(out: Path, seed: int) -> Path:
-    from cscr.models import tiny_random_lm
-
-    return tiny_random_lm(out, seed, tokenizer="smollm2")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- measurements ----
@@ -237,7 +200,7 @@ async def load_run(base: str, concurrency: int, seconds: float, victim: str, rea
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=None, help="trained run whose experts are the three RouterBench ones below")
+    p.add_argument("--run", default=None, help="a trained run (default: one trained here in seconds on a RouterBench slice of three experts)")
     p.add_argument("--data-dir", default=os.environ.get("CSCR_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data")))
     p.add_argument("--requests", type=int, default=200, help="sequential /v1/route requests (latency)")
     p.add_argument("--concurrency", type=int, default=16)
@@ -255,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         args.requests, args.concurrency, args.throughput_requests, args.load_seconds = 20, 4, 40, 12.0
         args.long_requests = 8
 
-    import ray
     import torch
     import yaml
     from cscr.serve.app import build_app
     from ray import serve as ray_serve
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
+    from serve_helpers import RB_EXPERTS, free_port, make_tiny_lm, make_trained_run, serving
 
     from cscr.encoder import Encoder
     from cscr.fingerprints.store import DescriptorStore
@@ -271,19 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run) if args.run else None
     if run is None:
         log("training a run on a RouterBench slice ...")
-        run = train_slice_run(tmp / "run", args.data_dir, epochs=2)
+        run = make_trained_run(tmp / "run", Path(args.data_dir), RB_EXPERTS, epochs=2)
     router = load_router(run)
     names = list(router.expert_names)
     assert router.descriptor_basis is not None
     descriptors = DescriptorStore(RunPaths.of(run).descriptors).read(router.descriptor_basis.kind, experts=names)
     costs = dict(zip(names, router.costs.tolist(), strict=True))
-    lms = {n: tiny_lm(tmp / f"lm{i}", i + 1) for i, n in enumerate(names)}
+    lms = {n: make_tiny_lm(tmp / f"lm{i}", i + 1) for i, n in enumerate(names)}
     pool = tmp / "pool.yaml"
     pool.write_text(yaml.safe_dump({"name": "bench", "experts": [
         {"name": n, "kind": "open-weights", "source": {"model": str(lms[n])}, "cost": {"n_params": 1.0}}
         for n in names]}))
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     app = build_app({"run": str(run), "pool": str(pool), "expert_num_cpus": 0.1, "expert_timeout_s": 60,
                      "default_max_tokens": 4, "admin_key": ADMIN_KEY, "batch_wait_ms": args.batch_wait_ms,
                      "router_in_ingress": args.router_in_ingress})
@@ -292,12 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     def batch_stats() -> dict[str, int]:
         return dict(ray_serve.get_deployment_handle(router_deployment, "cscr").batch_stats.remote().result())
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        t0 = time.perf_counter()
-        ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        ray_serve.run(app, name="cscr", route_prefix="/")
-        log(f"app up in {time.perf_counter() - t0:.1f}s; load average {os.getloadavg()}")
+    t0 = time.perf_counter()
+    with serving(app, free_port()) as base:  # a fresh local cluster, shut down on the way out
+        log(f"cluster and app up in {time.perf_counter() - t0:.1f}s; load average {os.getloadavg()}")
         torch.set_num_threads(1)  # as in the router replica
         encoder = Encoder()
         encoder.encode(PROMPTS)  # warm
@@ -337,9 +297,6 @@ def main(argv: list[str] | None = None) -> int:
                                 "by_expert": {}}
         if args.load_seconds > 0:
             load = asyncio.run(load_run(base, args.concurrency, args.load_seconds, victim, readd))
-    finally:
-        ray_serve.shutdown()
-        ray.shutdown()
 
     print(f"\nserve latency bench (loopback; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
           f"router batch wait {args.batch_wait_ms:g} ms; "
