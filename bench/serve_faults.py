@@ -41,6 +41,9 @@ from typing import Any
 import httpx
 
 KEY, ADMIN = "faults-key", "faults-admin"
+HELPERS = str(Path(__file__).resolve().parents[1] / "tests" / "serve")  # serve_helpers: the tests' small real parts
+if HELPERS not in sys.path:
+    sys.path.insert(0, HELPERS)
 PROMPTS = ["What is the capital of France?", "Solve for x: 3x + 5 = 20.", "Name three prime numbers.",
            "Write a function to compute the n-th Fibonacci number.", "Explain why the sky is blue."]
 
@@ -56,14 +59,6 @@ class Row:
     pool_before: dict[str, Any] = field(default_factory=dict)
     pool_after: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:
@@ -271,6 +266,7 @@ def run_descriptor(run: Path, expert: str) -> tuple[list[float], float]:
 def run_faults(run: Path, pool: Path, workdir: Path, clients: int = 8, requests: int = 40,
                extra: list[str] | None = None, log: Callable[[str], None] = print) -> list[Row]:
     from cscr.serve.pool import specs_from_pool
+    from serve_helpers import free_port
 
     specs = specs_from_pool(pool)
     costs = {s.name: run_descriptor(run, s.name)[1] for s in specs}
@@ -345,8 +341,6 @@ def format_table(rows: list[Row]) -> str:
 def smoke_inputs(workdir: Path, data_dir: Path) -> tuple[Path, Path]:
     """A run trained here on a RouterBench slice and a pool of tiny random LMs under its experts."""
     import yaml
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
     from serve_helpers import RB_EXPERTS, make_tiny_lm, make_trained_run
 
     run = make_trained_run(workdir / "run", data_dir)
