@@ -8,8 +8,8 @@ inner validation fold (k + 1) and on fold k from the same training, and its epoc
 k + 1 as the default's is, so every row compares like with like:
 
 * ``default``: the head after each epoch, the best on fold k + 1 kept (what ``cscr train`` does);
-* ``swa from E``: the uniform average of the heads of epochs E..e, the best e on fold k + 1;
-* ``ema β``: the exponential moving average ``avg = β·avg + (1 − β)·head`` after each epoch from the
+* ``swa from epoch E on``: the uniform average of the heads of epochs E..e, the best e on fold k + 1;
+* ``ema decay=β``: the exponential moving average ``avg = β·avg + (1 − β)·head`` after each epoch from the
   first, the best epoch on fold k + 1.
 
     python scripts/average_cv.py --run runs/rb [--folds 5] [--swa-from 21,41] [--ema 0.9,0.97] [--out avg.json]
@@ -75,13 +75,10 @@ def floats(text: str, what: str, low: float, high: float) -> list[float] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, make_folds, print_fold, print_results, without_test
+    from foldcv import fold_table, fold_validators, nested_inputs, print_fold, print_results
 
     from cscr.config import TrainConfig
-    from cscr.runs.inputs import Run
-    from cscr.training.arrays import prepare_arrays
     from cscr.training.fit import fit_head
-    from cscr.training.validation import audc_validator
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
@@ -96,23 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     if starts is None or betas is None:
         return 2
 
-    run = Run.of(a.run)
-    desc, kind, basis = run.trained_descriptors()
-    table, emb = without_test(run.table, run.embeddings)
-    pool, folds = make_folds(table, a.folds)
+    d = nested_inputs(a.run, a.folds, "average_cv")
+    if d is None:
+        return 2
     res: dict[str, list[float]] = {}
     started = time.time()
     for k in range(a.folds):
-        t = fold_table(table, pool, folds, k, nested=True)  # fold k test, fold k + 1 val
-        arrays = prepare_arrays(t, emb, desc, cfg.loss.tolerance, kind, basis)
-        held = copy.copy(t)  # the same training rows, fold k as the validation split
-        sp = t.splits.copy()
-        sp[t.split_index("val")], sp[t.split_index("test")] = "test", "val"
-        held.splits = sp
-        choose = audc_validator(arrays, cfg.index.top_k)
-        score = audc_validator(prepare_arrays(held, emb, desc, cfg.loss.tolerance, kind, basis), cfg.index.top_k)
-        schemes = [Average(f"swa from {int(s)}", start=int(s)) for s in starts]
-        schemes += [Average(f"ema {b:g}", beta=b) for b in betas]
+        t = fold_table(d.table, d.pool, d.folds, k, nested=True)  # fold k test, fold k + 1 val
+        arrays, choose, score = fold_validators(t, d, cfg)
+        schemes = [Average(f"swa from epoch {int(s)} on", start=int(s)) for s in starts]
+        schemes += [Average(f"ema decay={b:g}", beta=b) for b in betas]
         curves: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in
                                                               ["default", *(s.name for s in schemes)]}
         epoch = [0]
@@ -140,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             if name != "default":
                 res.setdefault(f"{name} - default", []).append(res[name][-1] - res["default"][-1])
         print_fold(k, {n: res[n] for n in curves}, started)
-    print_results(res, run.root, a.folds, a.out, 44)
+    print_results(res, d.run.root, a.folds, a.out, 44)
     return 0
 
 

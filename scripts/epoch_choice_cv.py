@@ -18,7 +18,6 @@ Prints one line per fold and the means, with the fold-averaged curve.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 
@@ -28,12 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, json_object, make_folds, train_config, without_test
+    from foldcv import fold_table, fold_validators, json_object, nested_inputs, train_config
 
-    from cscr.runs.inputs import Run
-    from cscr.training.arrays import prepare_arrays
     from cscr.training.fit import fit_head
-    from cscr.training.validation import audc_validator
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
@@ -53,22 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = train_config(over)
 
-    run = Run.of(a.run)
-    desc, kind, basis = run.trained_descriptors()
-    table, emb = without_test(run.table, run.embeddings)
-    pool, folds = make_folds(table, a.folds)
+    d = nested_inputs(a.run, a.folds, "epoch_choice_cv")
+    if d is None:
+        return 2
 
     chosen, curves = [], []
     stopped: dict[int, list[tuple[float, int]]] = {v: [] for v in patiences}  # P -> (score, epochs trained) per fold
     for k in range(a.folds):
-        t = fold_table(table, pool, folds, k, nested=True)  # fold k test, fold k + 1 val
-        arrays = prepare_arrays(t, emb, desc, cfg.loss.tolerance, kind, basis)
-        held = copy.copy(t)  # the same training rows, fold k as the validation split
-        sp = t.splits.copy()
-        sp[t.split_index("val")], sp[t.split_index("test")] = "test", "val"
-        held.splits = sp
-        choose = audc_validator(arrays, cfg.index.top_k)
-        score = audc_validator(prepare_arrays(held, emb, desc, cfg.loss.tolerance, kind, basis), cfg.index.top_k)
+        t = fold_table(d.table, d.pool, d.folds, k, nested=True)  # fold k test, fold k + 1 val
+        arrays, choose, score = fold_validators(t, d, cfg)
         scored: list[float] = []
 
         def validate(head, choose=choose, score=score, scored=scored):  # the choice on fold k + 1; fold k recorded

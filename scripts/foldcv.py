@@ -7,6 +7,7 @@ same folds and their figures compare; the test split is never read.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,55 @@ def without_test(table: Any, emb: np.ndarray) -> tuple[Any, np.ndarray]:
     """``table`` and its features without the real test rows (never read by cross-validation)."""
     keep = np.flatnonzero(table.splits != "test")
     return table.subset(keep), np.asarray(emb)[keep]
+
+
+@dataclass
+class NestedInputs:
+    """What a nested-CV script reads from a run: train + val (no real test rows), the trained
+    descriptors (``desc``, their ``kind`` and ``basis``) and the K folds of train + val."""
+
+    run: Any
+    table: Any
+    emb: np.ndarray
+    desc: Any
+    kind: str
+    basis: Any
+    pool: np.ndarray
+    folds: list[np.ndarray]
+
+
+def nested_inputs(run_dir: str, k: int, script: str) -> NestedInputs | None:
+    """The run at ``run_dir`` cut into ``k`` folds, or None after one clear error on stderr (a run
+    without trained descriptors; ``script`` names the caller)."""
+    import sys
+
+    from cscr.runs.inputs import Run
+
+    run = Run.of(run_dir)
+    try:
+        desc, kind, basis = run.trained_descriptors()
+    except FileNotFoundError as exc:
+        print(f"{script}: {exc}", file=sys.stderr)
+        return None
+    table, emb = without_test(run.table, run.embeddings)
+    pool, folds = make_folds(table, k)
+    return NestedInputs(run, table, emb, desc, kind, basis, pool, folds)
+
+
+def fold_validators(t: Any, d: NestedInputs, cfg: Any) -> tuple[Any, Any, Any]:
+    """(the head's training arrays of nested fold table ``t``, ``choose``, ``score``): ``choose(head)``
+    is the validation AUDC on ``t``'s validation fold (what ``cscr train`` picks an epoch by),
+    ``score(head)`` the AUDC on its scored fold, the same training rows behind both."""
+    from cscr.training.arrays import prepare_arrays
+    from cscr.training.validation import audc_validator
+
+    arrays = prepare_arrays(t, d.emb, d.desc, cfg.loss.tolerance, d.kind, d.basis)
+    held = copy.copy(t)  # the same training rows, the scored fold as the validation split
+    sp = t.splits.copy()
+    sp[t.split_index("val")], sp[t.split_index("test")] = "test", "val"
+    held.splits = sp
+    scored = prepare_arrays(held, d.emb, d.desc, cfg.loss.tolerance, d.kind, d.basis)
+    return arrays, audc_validator(arrays, cfg.index.top_k), audc_validator(scored, cfg.index.top_k)
 
 
 def scored_rows(t: Any, nested: bool = False) -> np.ndarray:

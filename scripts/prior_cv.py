@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, head_router, make_folds, print_results, scored_rows, without_test
+    from foldcv import fold_table, head_router, nested_inputs, print_results, scored_rows
 
     from cscr.config import TrainConfig
     from cscr.eval.utility import utility_audc
@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     from cscr.prior import GRID, fit_prior
     from cscr.routers.base import RouterContext, get_router
     from cscr.runs.descriptors import DEFAULT_KIND
-    from cscr.runs.inputs import Run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
@@ -47,14 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guard", action="store_true", help="add head + prior + guard rows (a guard search per fold)")
     a = p.parse_args(argv)
 
-    run = Run.of(a.run)
-    table, emb = without_test(run.table, run.embeddings)
-    try:
-        desc, kind, basis = run.trained_descriptors()
-    except FileNotFoundError as exc:
-        print(f"prior_cv: {exc}", file=sys.stderr)
+    d = nested_inputs(a.run, a.folds, "prior_cv")
+    if d is None:
         return 2
-    pool, folds = make_folds(table, a.folds)
+    table, emb, desc, kind, basis, pool, folds = d.table, d.emb, d.desc, d.kind, d.basis, d.pool, d.folds
     res: dict[str, list[float]] = {}
     for k in range(a.folds):
         t0 = time.time()
@@ -93,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fold {k}: head {res['head'][-1]:.4f}  with the prior {res['head + prior (w chosen)'][-1]:.4f} "
               f"(w = {prior.w:g})  per-category {res['per-category (given the label)'][-1]:.4f}  {time.time() - t0:.0f} s",
               flush=True)
-    print_results(res, run.root, a.folds, a.out, 32)
+    print_results(res, d.run.root, a.folds, a.out, 32)
     return 0
 
 

@@ -94,11 +94,10 @@ def parametric_pair(t: Any, emb: np.ndarray) -> tuple[Any, Any, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foldcv import fold_table, make_folds, print_results, scored_rows, without_test
+    from foldcv import fold_table, nested_inputs, print_results, scored_rows
 
     from cscr.eval.utility import utility_audc
     from cscr.routers.base import RouterContext, get_router
-    from cscr.runs.inputs import Run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
@@ -106,14 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
 
-    run = Run.of(a.run)
-    table, emb = without_test(run.table, run.embeddings)
-    try:
-        desc, kind, basis = run.trained_descriptors()
-    except FileNotFoundError as exc:
-        print(f"refit_cv: {exc}", file=sys.stderr)
+    d = nested_inputs(a.run, a.folds, "refit_cv")
+    if d is None:
         return 2
-    pool, folds = make_folds(table, a.folds)
+    table, emb, desc, kind, basis, pool, folds = d.table, d.emb, d.desc, d.kind, d.basis, d.pool, d.folds
     res: dict[str, list[float]] = {}
     started = time.time()
     for k in range(a.folds):
@@ -133,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                     u = prior.apply(u, r.expert_names, e)
                 res.setdefault(f"{variant} {how}", []).append(audc(r.expert_names, np.asarray(r.costs), u))
             res.setdefault(f"{variant}: epochs", []).append(float(epochs))
-        d, r2, best = parametric_pair(t, emb)
-        for how, r in (("default", d), ("refit", r2)):
+        p_default, p_refit, best = parametric_pair(t, emb)
+        for how, r in (("default", p_default), ("refit", p_refit)):
             res.setdefault(f"parametric {how}", []).append(audc(r.expert_names, np.asarray(r.costs), r.utilities(e)))
         res.setdefault("parametric: epochs", []).append(float(best))
         for how, tt in (("default", t), ("refit", merged(t))):
@@ -149,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("vanilla", "parametric", "per-category"):  # cscr's margin over each rival, both ways
         for how in ("default", "refit"):
             res[f"cscr {how} - {name} {how}"] = list(np.subtract(res[f"cscr {how}"], res[f"{name} {how}"]))
-    print_results(res, run.root, a.folds, a.out, 40)
+    print_results(res, d.run.root, a.folds, a.out, 40)
     return 0
 
 

@@ -1,5 +1,5 @@
 """The cross-validation scripts (scripts/cv_grid.py, category_probe.py, lexical_cv.py, prior_cv.py, newcomer_cv.py, ceiling_cv.py,
-finetune_probe.py with finetune_export.py) share their folds (scripts/foldcv.py): run end to end on a
+refit_cv.py, average_cv.py, finetune_probe.py with finetune_export.py) share their folds (scripts/foldcv.py): run end to end on a
 small synthetic run, they score the same rows, and the test split is never read. The validation-split
 probe scripts/prompt_cost_probe.py runs on the same run."""
 
@@ -17,6 +17,7 @@ from cscr.synthetic import synthetic_table, train_synthetic_head, write_syntheti
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
+import average_cv  # noqa: E402
 import category_probe  # noqa: E402
 import ceiling_cv  # noqa: E402
 import cv_grid  # noqa: E402
@@ -30,6 +31,7 @@ import lexical_cv  # noqa: E402
 import newcomer_cv  # noqa: E402
 import prior_cv  # noqa: E402
 import prompt_cost_probe  # noqa: E402
+import refit_cv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -378,3 +380,53 @@ def test_the_prompt_cost_probe_scores_each_router_as_it_routes_then_priced_per_p
                                  table.quality[rows][:, cols], table.cost[rows][:, cols])
         assert saved["routers"][name]["c_m"] == pytest.approx(as_routed, abs=1e-12)
         assert all(0.0 < v <= 1.0 for v in saved["routers"][name].values())
+
+
+def test_refit_cv_scores_each_router_as_fitted_and_refitted_on_the_prior_cv_folds(run_dir, capsys, tmp_path):
+    out, _ = run_dir
+    assert prior_cv.main(["--run", str(out), "--folds", "3"]) == 0
+    prior = _table(capsys.readouterr().out)
+    assert refit_cv.main(["--run", str(out), "--folds", "3", "--out", str(tmp_path / "r.json")]) == 0
+    rows = _table(capsys.readouterr().out)
+    # the default rows are the routers as cscr train fits them: prior_cv's head with its prior, its table
+    np.testing.assert_allclose(rows["cscr default"], prior["head + prior (w chosen)"], atol=1e-9)
+    np.testing.assert_allclose(rows["per-category default"], prior["per-category (given the label)"], atol=1e-9)
+    for name in ("cscr", "vanilla", "parametric", "per-category"):
+        np.testing.assert_allclose(rows[f"{name}: refit gain"],
+                                   np.subtract(rows[f"{name} refit"], rows[f"{name} default"]), atol=1e-4)
+        assert all(0.0 < v <= 1.0 for v in rows[f"{name} refit"])
+    for how in ("default", "refit"):
+        np.testing.assert_allclose(rows[f"cscr {how} - parametric {how}"],
+                                   np.subtract(rows[f"cscr {how}"], rows[f"parametric {how}"]), atol=1e-4)
+    assert all(1 <= e <= 80 for e in rows["cscr: epochs"] + rows["parametric: epochs"])
+    # the per-category table refitted is the table of train + validation: it reads more rows
+    refit_table = refit_cv.merged(foldcv.fold_table(*_nested(out), 0, nested=True))
+    assert len(refit_table.split_index("val")) == 0 and len(refit_table.split_index("test")) > 0
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["folds"] == 3 and len(saved["results"]["cscr refit"]) == 3
+    assert refit_cv.main(["--run", str(tmp_path / "missing")]) == 2
+
+
+def test_average_cv_scores_averaged_heads_chosen_as_the_default_is(run_dir, capsys):
+    out, _ = run_dir
+    assert epoch_choice_cv.main(["--run", str(out), "--folds", "3"]) == 0
+    chosen = float(capsys.readouterr().out.splitlines()[-1].split()[2])
+    # an exponential average of decay 0 and a uniform one from the last epoch are the head itself
+    assert average_cv.main(["--run", str(out), "--folds", "3", "--swa-from", "80,1", "--ema", "0"]) == 0
+    rows = _table(capsys.readouterr().out)
+    assert rows["default"][0] == pytest.approx(chosen, abs=5e-5)  # epoch_choice_cv's choice, the same training
+    np.testing.assert_allclose(rows["ema decay=0"], rows["default"], atol=1e-9)
+    np.testing.assert_allclose(rows["ema decay=0: epoch chosen"], rows["default: epoch chosen"], atol=1e-9)
+    np.testing.assert_allclose(rows["ema decay=0 - default"], 0.0, atol=1e-9)
+    assert rows["swa from epoch 80 on: epoch chosen"][1:] == [80.0, 80.0, 80.0]
+    assert all(0.0 < v <= 1.0 for v in rows["swa from epoch 1 on"])
+    for bad in (["--ema", "1.5"], ["--swa-from", "0"], ["--ema", "x"]):
+        assert average_cv.main(["--run", str(out), *bad]) == 2
+    assert average_cv.main(["--run", str(out.parent / "missing")]) == 2
+
+
+def _nested(out):
+    """(train + val of the run at ``out``, its rows, its 3 folds), as the nested scripts cut them."""
+    d = foldcv.nested_inputs(str(out), 3, "test")
+    assert d is not None
+    return d.table, d.pool, d.folds
