@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     d = nested_inputs(a.run, a.folds, "refit_cv")
     if d is None:
         return 2
-    table, emb, desc, kind, basis, pool, folds = d.table, d.emb, d.desc, d.kind, d.basis, d.pool, d.folds
+    emb = d.emb
     res: dict[str, list[float]] = {}
     started = time.time()
     for k in range(a.folds):
-        t = fold_table(table, pool, folds, k, nested=True)
+        t = fold_table(d.table, d.pool, d.folds, k, nested=True)
         rows = scored_rows(t, nested=True)
         e = emb[rows]
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             return utility_audc(list(names), costs, u, e, t.quality[rows][:, cols], t.cost[rows][:, cols])
 
         for variant in ("cscr", "vanilla"):
-            pair, epochs = head_pair(t, emb, desc, kind, basis, variant)
+            pair, epochs = head_pair(t, emb, d.desc, d.kind, d.basis, variant)
             for how, (r, prior) in zip(("default", "refit"), pair, strict=True):
                 u = r.utilities(e)
                 if prior is not None:
