@@ -11,7 +11,9 @@ split, the rest train), each router is fitted twice and scored on fold k:
 
 * ``default``: as ``cscr train`` / ``cscr evaluate`` fit it (train split, choices on validation);
 * ``refit``: the same choices (the head's best epoch count and its prior's w; parametric's best
-  epoch count), then fitted again from scratch on train + validation, nothing chosen there.
+  epoch count), then fitted again from scratch on train + validation for that many epochs, nothing
+  chosen on held-out prompts (of those epochs, the one of lowest training loss is kept: the
+  training loops' rule without validation prompts, in practice one of the last).
 
 Routers: cscr and vanilla (each head with its category prior, as served), parametric and
 per-category (which has no choice to make: its refit is its table of train + validation).
