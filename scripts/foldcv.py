@@ -60,12 +60,17 @@ class NestedInputs:
 
 
 def nested_inputs(run_dir: str, k: int, script: str) -> NestedInputs | None:
-    """The run at ``run_dir`` cut into ``k`` folds, or None after one clear error on stderr (a run
-    without trained descriptors; ``script`` names the caller)."""
+    """The run at ``run_dir`` cut into ``k`` folds, or None after one clear error on stderr (fewer
+    than 3 folds: one scored, one validating, the rest training; a run without trained descriptors;
+    ``script`` names the caller)."""
     import sys
 
     from cscr.runs.inputs import Run
 
+    if k < 3:
+        print(f"{script}: nested cross-validation needs at least 3 folds (one scored, one for the "
+              f"choices, the rest to train on), got {k}", file=sys.stderr)
+        return None
     run = Run.of(run_dir)
     try:
         desc, kind, basis = run.trained_descriptors()

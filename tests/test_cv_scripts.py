@@ -405,6 +405,8 @@ def test_refit_cv_scores_each_router_as_fitted_and_refitted_on_the_prior_cv_fold
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["folds"] == 3 and len(saved["results"]["cscr refit"]) == 3
     assert refit_cv.main(["--run", str(tmp_path / "missing")]) == 2
+    for script in (refit_cv, average_cv, prior_cv, epoch_choice_cv):  # nested: one fold scored, one chooses
+        assert script.main(["--run", str(out), "--folds", "2"]) == 2
 
 
 def test_average_cv_scores_averaged_heads_chosen_as_the_default_is(run_dir, capsys):
