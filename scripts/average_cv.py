@@ -105,13 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         schemes += [Average(f"ema decay={b:g}", beta=b) for b in betas]
         curves: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in
                                                               ["default", *(s.name for s in schemes)]}
-        epoch = [0]
 
-        def validate(head: Any, choose=choose, score=score, schemes=schemes, curves=curves,
-                     epoch=epoch) -> float | None:
-            epoch[0] += 1
+        def validate(head: Any, choose=choose, score=score, schemes=schemes, curves=curves) -> float | None:
+            epoch = len(curves["default"][0]) + 1  # 1-based: the default's curve has one value per epoch so far
             for s in schemes:
-                averaged = s.update(head, epoch[0])
+                averaged = s.update(head, epoch)
                 if averaged is not None:
                     curves[s.name][0].append(choose(averaged) or 0.0)
                     curves[s.name][1].append(score(averaged) or 0.0)

@@ -159,12 +159,18 @@ def head_router(t: Any, emb: np.ndarray, desc: Any, kind: str, basis: Any, cfg: 
     """The CSCR head (``cfg``, default TrainConfig()) trained on ``t``'s train split (best epoch on its
     val split), as a router."""
     from cscr.config import TrainConfig
-    from cscr.routers.cscr import CSCRRouter
     from cscr.training.arrays import prepare_arrays
     from cscr.training.fit import fit_head
 
     cfg = cfg or TrainConfig()
     arrays = prepare_arrays(t, emb, desc, cfg.loss.tolerance, kind, basis)
-    head = fit_head(arrays, cfg, log=None)
-    return CSCRRouter.from_trained(head, dict(zip(arrays.expert_names, arrays.descriptors, strict=True)),
+    return arrays_router(arrays, fit_head(arrays, cfg, log=None))
+
+
+def arrays_router(arrays: Any, result: Any) -> Any:
+    """The CSCR router of a trained head (``fit_head``'s result) over the experts of its training
+    ``arrays``, with their descriptors and normalised costs."""
+    from cscr.routers.cscr import CSCRRouter
+
+    return CSCRRouter.from_trained(result, dict(zip(arrays.expert_names, arrays.descriptors, strict=True)),
                                    dict(zip(arrays.expert_names, arrays.costs, strict=True)), use_gpu=False)

@@ -51,34 +51,26 @@ def head_pair(t: Any, emb: np.ndarray, desc: Any, kind: str, basis: Any,
               variant: str) -> tuple[list[tuple[Any, Any]], int]:
     """([(default router, its prior), (refit router, its prior)], the epoch count chosen) of one head
     variant; a prior is None where the train rows have fewer than two categories."""
+    from foldcv import arrays_router
+
     from cscr.config import TrainConfig
-    from cscr.prior import CategoryPrior, PriorError, fit_prior
-    from cscr.routers.cscr import CSCRRouter
+    from cscr.prior import CategoryPrior, fit_prior
     from cscr.training.arrays import prepare_arrays
     from cscr.training.fit import fit_head
 
     cfg = TrainConfig()
-
-    def router(arrays: Any, result: Any) -> Any:
-        return CSCRRouter.from_trained(result, dict(zip(arrays.expert_names, arrays.descriptors, strict=True)),
-                                       dict(zip(arrays.expert_names, arrays.costs, strict=True)), use_gpu=False)
-
     arrays = prepare_arrays(t, emb, desc, cfg.loss.tolerance, kind, basis)
     chosen = fit_head(arrays, cfg, variant=variant, log=None)
-    default = router(arrays, chosen)
+    default = arrays_router(arrays, chosen)
     prior = fit_prior(default, t, emb)  # w chosen on the validation split
 
     t2 = merged(t)
     arrays2 = prepare_arrays(t2, emb, desc, cfg.loss.tolerance, kind, basis)
     again = fit_head(arrays2, dataclasses.replace(cfg, epochs=chosen.best_epoch), variant=variant, log=None,
                      validate=lambda head: None)  # the chosen epoch count; nothing chosen on train + val
-    refit = router(arrays2, again)
-    prior2 = None
-    if prior is not None:
-        try:
-            prior2 = dataclasses.replace(CategoryPrior.fit(t2, emb), w=prior.w)
-        except PriorError:
-            prior2 = None
+    refit = arrays_router(arrays2, again)
+    # train + val hold every category train does: a prior fitted there can be fitted here
+    prior2 = None if prior is None else dataclasses.replace(CategoryPrior.fit(t2, emb), w=prior.w)
     return [(default, prior), (refit, prior2)], chosen.best_epoch
 
 
