@@ -155,10 +155,25 @@ class LossConfig:
     # ``category_map``; beyond the write-up). Routing never reads it; 0: none. A table without
     # categories (one group) adds nothing
     category_weight: float = 0.0
+    # weight of the routing regret (cscr/losses.py ``routing_regret``; beyond the write-up): minus what
+    # a softened choice by the quality map earns over a spectrum of cost knobs, at ``regret_temperature``
+    # (quality units). Needs the quality map (bce_weight > 0); 0: none (the default: measured under
+    # nested CV in docs/routing-quality.md, "Latest stop (47)")
+    regret_weight: float = 0.0
+    regret_temperature: float = 0.05
+    # what the regret scores a choice by: each cell's recorded quality, or the BCE's targets (shrunk
+    # towards the category means by ``category_smoothing``)
+    regret_on: Literal["recorded", "targets"] = "recorded"
 
     def __post_init__(self) -> None:
         _check(self.bce_weight >= 0, f"bce_weight must be >= 0, got {self.bce_weight}")
         _check(self.category_weight >= 0, f"category_weight must be >= 0, got {self.category_weight}")
+        _check(self.regret_weight >= 0, f"regret_weight must be >= 0, got {self.regret_weight}")
+        _check(self.regret_temperature > 0, f"regret_temperature must be > 0, got {self.regret_temperature}")
+        _check(self.regret_on in ("recorded", "targets"),
+               f"regret_on must be 'recorded' or 'targets', got {self.regret_on!r}")
+        _check(self.regret_weight == 0 or self.bce_weight > 0,
+               "regret_weight > 0 needs the quality map (bce_weight > 0)")
         _check(0 <= self.category_smoothing <= 1,
                f"category_smoothing must be in [0, 1], got {self.category_smoothing}")
         _check(self.bands >= 1, f"bands must be >= 1, got {self.bands}")

@@ -22,11 +22,17 @@ Notation: N queries in a batch, M experts, D' descriptor width, B cost bands.
   quality in [0, 1] is a soft target; missing cells are skipped). The training loss is then
   ``InfoNCE + bce_weight * BCE``: ``q.d_m`` keeps the contrastive geometry and the utility is in
   quality units, commensurate with ``lambda * c_m``.
+* ``routing_regret`` (beyond the write-up, labelled so; off by default): minus what a softened
+  routing choice earns over a spectrum of cost knobs, from the quality map's P(good); weighted by
+  ``loss.regret_weight``. It scores the ranking between experts that routing reads, which the
+  BCE fits only cell by cell.
 
 No I/O, no framework: the training loop (cscr/training/loop.py) calls these.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -174,3 +180,45 @@ def quality_bce(logits: Tensor, quality: Tensor, mask: Tensor | None = None) -> 
     if n_obs == 0:
         return (logits * 0.0).sum()  # () zero, with a gradient path
     return cell.sum() / n_obs  # ()
+
+
+#: the knob values of ``routing_regret``: the quality a router gives up to save the pool's whole cost
+#: range (the cost normalised to [0, 1] over the experts); 0 is "quality only"
+REGRET_SPECTRUM = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def routing_regret(logits: Tensor, outcome: Tensor, mask: Tensor, costs: Tensor, temperature: float = 0.05,
+                   spectrum: Sequence[float] = REGRET_SPECTRUM) -> Tensor:
+    """The routing decision's loss over a spectrum of cost knobs (beyond the write-up, labelled so).
+
+    For each knob ``s`` in ``spectrum`` the router's choice is relaxed into
+    ``pi = softmax((sigmoid(logits) - s c) / temperature)`` over the prompt's observed experts
+    (``c``: the costs min-max normalised over the M experts) and scored by what the choice would
+    have earned, ``sum_m pi_m (outcome_m - s c_m)``; the loss is minus its mean over knobs and
+    prompts. Where the BCE fits each cell's P(good) on its own, this scores the ranking that
+    routing reads off them. logits: (N, M); outcome: (N, M) the cells' recorded quality in [0, 1]
+    (anything where ``mask`` is False); mask: (N, M) bool observed cells; costs: (M,).
+    A batch without an observed cell gives a zero that still carries a (zero) gradient.
+    """
+    if logits.shape != outcome.shape or logits.shape != mask.shape:
+        raise ValueError(f"logits {tuple(logits.shape)}, outcome {tuple(outcome.shape)} and mask "
+                         f"{tuple(mask.shape)} must share one (N, M) shape")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    c = torch.as_tensor(costs, dtype=logits.dtype, device=logits.device).reshape(-1)  # (M,)
+    if c.shape != (logits.shape[1],):
+        raise ValueError(f"costs must be ({logits.shape[1]},), got {tuple(c.shape)}")
+    span = c.max() - c.min()
+    c = (c - c.min()) / span if float(span) > 0 else torch.zeros_like(c)  # (M,) in [0, 1]
+    s = torch.as_tensor(list(spectrum), dtype=logits.dtype, device=logits.device)[:, None, None]  # (L, 1, 1)
+    observed = mask.to(torch.bool)  # (N, M)
+    gain = torch.where(observed, outcome.to(logits.dtype), torch.zeros_like(logits))[None] - s * c  # (L, N, M)
+    utility = (torch.sigmoid(logits)[None] - s * c) / temperature  # (L, N, M)
+    utility = torch.where(observed[None], utility, torch.full_like(utility, float("-inf")))  # (L, N, M)
+    rows = observed.any(dim=1)  # (N,) prompts with an observed cell
+    if not bool(rows.any()):
+        return (logits * 0.0).sum()  # () zero, with a gradient path
+    utility = torch.where(rows[None, :, None], utility, torch.zeros_like(utility))  # (L, N, M) finite softmax
+    pi = torch.softmax(utility, dim=2)  # (L, N, M)
+    earned = (pi * torch.where(observed[None], gain, torch.zeros_like(gain))).sum(dim=2)  # (L, N)
+    return -(earned * rows[None]).sum() / (rows.sum() * len(spectrum))  # ()

@@ -15,6 +15,7 @@ from cscr.losses import (
     positives_from_quality,
     quality_bce,
     quality_logits,
+    routing_regret,
     vanilla_infonce,
 )
 
@@ -254,3 +255,68 @@ def test_quality_bce_skips_missing_cells_and_is_zero_without_any():
         quality_bce(logits, torch.full_like(logits, 2.0), mask)
     with pytest.raises(ValueError, match="bias must be"):
         quality_logits(q, e, scale, bias[:2])
+
+
+def reference_regret(logits, outcome, mask, costs, temperature, spectrum):
+    """``routing_regret`` written out with loops over knobs, prompts and experts."""
+    lo, hi = float(costs.min()), float(costs.max())
+    c = [(float(x) - lo) / (hi - lo) for x in costs]
+    terms = []
+    for s in spectrum:
+        for i in range(logits.shape[0]):
+            seen = [j for j in range(logits.shape[1]) if mask[i, j]]
+            if not seen:
+                continue
+            w = [torch.exp((torch.sigmoid(logits[i, j]) - s * c[j]) / temperature) for j in seen]
+            total = sum(w)
+            terms.append(sum(wj / total * (outcome[i, j] - s * c[j]) for wj, j in zip(w, seen, strict=True)))
+    return -sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_routing_regret_matches_loop_reference_values_and_gradients(seed):
+    g = torch.Generator().manual_seed(200 + seed)
+    _, _, quality, costs = random_case(seed, missing=0.3)
+    mask = ~torch.isnan(quality)
+    logits = torch.randn(quality.shape, generator=g, dtype=torch.float64).requires_grad_()
+    spectrum = (0.0, 0.1, 1.0)
+    got = routing_regret(logits, quality, mask, costs, 0.07, spectrum)
+    want = reference_regret(logits, quality, mask, costs, 0.07, spectrum)
+    assert torch.allclose(got, want, atol=1e-10)
+    assert torch.allclose(torch.autograd.grad(got, logits)[0], torch.autograd.grad(want, logits)[0], atol=1e-10)
+
+
+def test_routing_regret_is_what_the_hard_choice_earns_at_a_low_temperature():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    outcome = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    costs = torch.tensor([10.0, 2.0, 1.0], dtype=torch.float64)  # normalised: 1, 1/9, 0
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    # knob 0: argmax P(good) is expert 0 (earns 1) and expert 1 (earns 1); knob 1: P - c picks expert 1 in both
+    hard = -((1.0 + 1.0) + (1.0 - 1 / 9) * 2) / 4
+    assert routing_regret(logits, outcome, mask, costs, 1e-4, (0.0, 1.0)).item() == pytest.approx(hard, abs=1e-6)
+    # a cell that was not observed is never chosen, whatever its score and outcome
+    hidden = mask.clone()
+    hidden[0, 0] = False
+    assert routing_regret(logits, outcome, hidden, costs, 1e-4, (0.0,)).item() == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_routing_regret_moves_the_logits_towards_the_cheaper_equally_good_expert():
+    logits = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    outcome = torch.tensor([[1.0, 1.0]], dtype=torch.float64)  # both right: the cheap one is the better choice
+    loss = routing_regret(logits, outcome, torch.ones(1, 2, dtype=torch.bool), torch.tensor([1.0, 0.0]))
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad[0, 1] < 0 < grad[0, 0]  # a descent step raises the cheap expert's P(good), lowers the dear one's
+
+
+def test_routing_regret_without_observed_cells_and_bad_arguments():
+    logits = torch.zeros(2, 3, requires_grad=True)
+    none = routing_regret(logits, torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.bool), torch.ones(3))
+    assert none.item() == 0.0 and none.requires_grad
+    equal = routing_regret(logits, torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.ones(3))
+    assert torch.isfinite(equal) and equal.item() == pytest.approx(-1.0)  # one cost: the knob changes nothing
+    with pytest.raises(ValueError, match="share one"):
+        routing_regret(logits, torch.ones(2, 2), torch.ones(2, 3, dtype=torch.bool), torch.ones(3))
+    with pytest.raises(ValueError, match="temperature"):
+        routing_regret(logits, torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.ones(3), 0.0)
+    with pytest.raises(ValueError, match="costs must be"):
+        routing_regret(logits, torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.ones(2))

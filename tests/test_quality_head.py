@@ -212,3 +212,36 @@ def test_the_auxiliary_category_task_teaches_the_query_the_category_and_routing_
     assert back.head.cfg.categories == len(names)
     np.testing.assert_allclose(_router(back, arrays).utilities(arrays.val_x), _router(res, arrays).utilities(arrays.val_x),
                                rtol=1e-6, atol=1e-7)
+
+
+def test_the_routing_regret_trains_the_quality_map_and_is_off_by_default(synth, quality, tmp_path):
+    _, _, arrays = synth
+    assert TrainConfig().loss.regret_weight == 0.0 and TrainConfig.from_nested({}).loss.regret_weight == 0.0
+    with pytest.raises(ConfigError, match="regret_weight must be"):
+        LossConfig(regret_weight=-1.0)
+    with pytest.raises(ConfigError, match="regret_temperature"):
+        LossConfig(regret_temperature=0.0)
+    with pytest.raises(ConfigError, match="needs the quality map"):
+        LossConfig(bce_weight=0.0, regret_weight=1.0)
+    cfg = dataclasses.replace(QUALITY, loss=dataclasses.replace(QUALITY.loss, regret_weight=5.0))
+    res = fit_head(arrays, cfg, "cscr", log=None)
+    assert res.config.loss.regret_weight == 5.0 and res.best_val_audc is not None
+    # the same seed and schedule without it give another head: the term is in the loss
+    assert res.history[0]["train_loss"] != pytest.approx(quality.history[0]["train_loss"])
+    u = _router(res, arrays).utilities(arrays.val_x)
+    assert ((u > 0) & (u < 1)).all()
+    save_trained(tmp_path / "run", res)  # the record keeps the setting
+    assert load_trained(tmp_path / "run", "cscr").config.loss.regret_weight == 5.0
+    # it scores a choice by the recorded quality, or by the BCE's smoothed targets
+    from cscr.training.loop import Tensors, bce_targets
+
+    with pytest.raises(ConfigError, match="regret_on"):
+        LossConfig(regret_on="oracle")  # type: ignore[arg-type]
+    assert cfg.loss.category_smoothing > 0 and not np.array_equal(bce_targets(arrays, cfg.loss.category_smoothing),
+                                                                  bce_targets(arrays, 0.0))
+    for on, smoothing in (("recorded", 0.0), ("targets", cfg.loss.category_smoothing)):
+        loss = dataclasses.replace(cfg.loss, regret_on=on)
+        outcome = Tensors.of(arrays, dataclasses.replace(cfg, loss=loss)).outcome
+        assert outcome is not None
+        np.testing.assert_array_equal(outcome.numpy(), bce_targets(arrays, smoothing))
+    assert Tensors.of(arrays, QUALITY).outcome is None  # off: not built

@@ -13,7 +13,7 @@ checkpoint). What differs between them is passed in, never branched on here:
 A variant picks the loss: ``cscr`` (cost-spectrum, the config's bands / gamma / alpha) or
 ``vanilla`` (B = 1, gamma = 0, alpha = 0: multi-positive InfoNCE at temperature tau_min). A head
 with quality utilities (beyond the write-up) adds ``bce_weight * BCE`` of its quality map to the
-InfoNCE (cscr/losses.py). The best epoch is the one with the best trailing mean of
+InfoNCE (cscr/losses.py), and ``regret_weight`` times the routing regret of that map where it is set. The best epoch is the one with the best trailing mean of
 ``cfg.select_window`` epochs' validation AUDC (1: its own AUDC).
 """
 
@@ -31,7 +31,7 @@ import torch
 
 from cscr.config import LossConfig, TrainConfig
 from cscr.head import Head
-from cscr.losses import cost_bands, cost_spectrum_infonce, quality_bce
+from cscr.losses import cost_bands, cost_spectrum_infonce, quality_bce, routing_regret
 from cscr.training.arrays import TrainArrays
 
 VARIANTS = ("cscr", "vanilla")
@@ -112,6 +112,7 @@ class Tensors:
     bands: torch.Tensor  # (M,) int64 band ids
     quality: torch.Tensor  # (n, M) float32 BCE targets (0 where missing)
     categories: torch.Tensor | None = None  # (n,) int64 category ids (the auxiliary category loss)
+    outcome: torch.Tensor | None = None  # (n, M) float32 recorded quality, 0 where missing (the routing regret)
 
     @staticmethod
     def of(arrays: TrainArrays, cfg: TrainConfig, device: torch.device | str = "cpu") -> Tensors:
@@ -124,6 +125,8 @@ class Tensors:
             bands=cost_bands(arrays.costs, cfg.loss.bands).to(device),
             quality=torch.from_numpy(bce_targets(arrays, cfg.loss.category_smoothing)).to(device),
             categories=None if category_count(arrays, cfg) == 0 else torch.from_numpy(arrays.category_ids).to(device),
+            outcome=None if cfg.loss.regret_weight <= 0 else torch.from_numpy(
+                bce_targets(arrays, cfg.loss.category_smoothing if cfg.loss.regret_on == "targets" else 0.0)).to(device),
         )
 
 
@@ -169,6 +172,9 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, t: Tensors, 
             if loss_cfg.bce_weight > 0:
                 logits = member.logits(qs[k], t.descriptors)  # (b, M) the quality map's logits
                 loss = loss + loss_cfg.bce_weight * quality_bce(logits, t.quality[ib], t.observed[ib])
+                if loss_cfg.regret_weight > 0 and t.outcome is not None:
+                    loss = loss + loss_cfg.regret_weight * routing_regret(
+                        logits, t.outcome[ib], t.observed[ib], t.costs, loss_cfg.regret_temperature)
             if loss_cfg.category_weight > 0 and t.categories is not None:
                 loss = loss + loss_cfg.category_weight * torch.nn.functional.cross_entropy(
                     member.category_logits(qs[k]), t.categories[ib])
