@@ -157,8 +157,8 @@ class LossConfig:
     category_weight: float = 0.0
     # weight of the routing regret (cscr/losses.py ``routing_regret``; beyond the write-up): minus what
     # a softened choice by the quality map earns over a spectrum of cost knobs, at ``regret_temperature``
-    # (quality units). Needs the quality map (bce_weight > 0); 0: none (the default: measured under
-    # nested CV in docs/routing-quality.md, "Latest stop (47)")
+    # (quality units). Needs the quality map (bce_weight > 0); 0: none (the default: no weight was up on
+    # all three data sets under nested CV; docs/routing-quality.md, the row "routing regret")
     regret_weight: float = 0.0
     regret_temperature: float = 0.05
     # what the regret scores a choice by: each cell's recorded quality, or the BCE's targets (shrunk

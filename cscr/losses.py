@@ -196,8 +196,9 @@ def routing_regret(logits: Tensor, outcome: Tensor, mask: Tensor, costs: Tensor,
     (``c``: the costs min-max normalised over the M experts) and scored by what the choice would
     have earned, ``sum_m pi_m (outcome_m - s c_m)``; the loss is minus its mean over knobs and
     prompts. Where the BCE fits each cell's P(good) on its own, this scores the ranking that
-    routing reads off them. logits: (N, M); outcome: (N, M) the cells' recorded quality in [0, 1]
-    (anything where ``mask`` is False); mask: (N, M) bool observed cells; costs: (M,).
+    routing reads off them. logits: (N, M); outcome: (N, M) the cells' quality in [0, 1] (recorded,
+    or the BCE's targets; anything where ``mask`` is False); mask: (N, M) bool observed cells;
+    costs: (M,).
     A batch without an observed cell gives a zero that still carries a (zero) gradient.
     """
     if logits.shape != outcome.shape or logits.shape != mask.shape:

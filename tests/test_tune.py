@@ -3,6 +3,7 @@ validation split only, recorded next to the head it chose."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -28,6 +29,10 @@ def test_trials_start_from_the_base_config_and_draw_valid_distinct_configs():
         sample_trials(base, 0)
     with pytest.raises(ConfigError, match="unknown search parameter"):
         trial_config(base, {"optimizer.momentum": 0.9})
+    # a base with the routing regret: a trial without the quality map drops it, one with it keeps it
+    regret = dataclasses.replace(base, loss=dataclasses.replace(base.loss, regret_weight=100.0))
+    assert trial_config(regret, {"loss.bce_weight": 0.0}).loss.regret_weight == 0.0
+    assert trial_config(regret, {"loss.bce_weight": 16.0}).loss.regret_weight == 100.0
 
 
 def test_the_choice_is_the_best_finished_validation_audc():

@@ -13,8 +13,9 @@ checkpoint). What differs between them is passed in, never branched on here:
 A variant picks the loss: ``cscr`` (cost-spectrum, the config's bands / gamma / alpha) or
 ``vanilla`` (B = 1, gamma = 0, alpha = 0: multi-positive InfoNCE at temperature tau_min). A head
 with quality utilities (beyond the write-up) adds ``bce_weight * BCE`` of its quality map to the
-InfoNCE (cscr/losses.py), and ``regret_weight`` times the routing regret of that map where it is set. The best epoch is the one with the best trailing mean of
-``cfg.select_window`` epochs' validation AUDC (1: its own AUDC).
+InfoNCE (cscr/losses.py), and ``regret_weight`` times that map's routing regret where it is set
+(off by default). The best epoch is the one with the best trailing mean of ``cfg.select_window``
+epochs' validation AUDC (1: its own AUDC).
 """
 
 from __future__ import annotations
@@ -112,7 +113,9 @@ class Tensors:
     bands: torch.Tensor  # (M,) int64 band ids
     quality: torch.Tensor  # (n, M) float32 BCE targets (0 where missing)
     categories: torch.Tensor | None = None  # (n,) int64 category ids (the auxiliary category loss)
-    outcome: torch.Tensor | None = None  # (n, M) float32 recorded quality, 0 where missing (the routing regret)
+    # (n, M) float32 what the routing regret scores a choice by (``loss.regret_on``: the recorded quality
+    # or the BCE's targets), 0 where missing; None when the regret is off
+    outcome: torch.Tensor | None = None
 
     @staticmethod
     def of(arrays: TrainArrays, cfg: TrainConfig, device: torch.device | str = "cpu") -> Tensors:

@@ -47,7 +47,8 @@ def _get(cfg: TrainConfig, dotted: str) -> Any:
 
 def trial_config(base: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
     """``base`` with the trial's values (dotted TrainConfig fields) set. ``loss.bce_weight`` > 0
-    turns the quality head on (utility "quality"), 0 turns it off: the two go together."""
+    turns the quality head on (utility "quality"), 0 turns it off: the two go together, and 0
+    turns a base's routing regret (``loss.regret_weight``) off with it."""
     top: dict[str, Any] = {}
     sub: dict[str, dict[str, Any]] = {"head": {}, "loss": {}, "index": {}}
     for key, value in values.items():
@@ -57,6 +58,8 @@ def trial_config(base: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
         (sub[section] if section else top)[name] = value
     if "bce_weight" in sub["loss"]:
         sub["head"]["utility"] = "quality" if float(sub["loss"]["bce_weight"]) > 0 else "similarity"
+        if float(sub["loss"]["bce_weight"]) <= 0:
+            sub["loss"]["regret_weight"] = 0.0  # the routing regret trains the quality map: none without it
     try:
         return dataclasses.replace(
             base, **top, head=dataclasses.replace(base.head, **sub["head"]),
