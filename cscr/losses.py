@@ -221,5 +221,5 @@ def routing_regret(logits: Tensor, outcome: Tensor, mask: Tensor, costs: Tensor,
         return (logits * 0.0).sum()  # () zero, with a gradient path
     utility = torch.where(rows[None, :, None], utility, torch.zeros_like(utility))  # (L, N, M) finite softmax
     pi = torch.softmax(utility, dim=2)  # (L, N, M)
-    earned = (pi * torch.where(observed[None], gain, torch.zeros_like(gain))).sum(dim=2)  # (L, N)
+    earned = (pi * gain).sum(dim=2)  # (L, N) an unobserved cell has pi = 0 and a finite gain
     return -(earned * rows[None]).sum() / (rows.sum() * len(spectrum))  # ()

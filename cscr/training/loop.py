@@ -119,6 +119,10 @@ class Tensors:
 
     @staticmethod
     def of(arrays: TrainArrays, cfg: TrainConfig, device: torch.device | str = "cpu") -> Tensors:
+        quality = torch.from_numpy(bce_targets(arrays, cfg.loss.category_smoothing)).to(device)
+        outcome = None  # the routing regret's: off, the BCE's targets themselves, or the recorded quality
+        if cfg.loss.regret_weight > 0:
+            outcome = quality if cfg.loss.regret_on == "targets" else torch.from_numpy(bce_targets(arrays)).to(device)
         return Tensors(
             x=torch.from_numpy(arrays.x).to(device),
             positives=torch.from_numpy(arrays.positives).to(device),
@@ -126,10 +130,9 @@ class Tensors:
             descriptors=torch.from_numpy(arrays.descriptors).to(device),
             costs=torch.from_numpy(arrays.costs.astype(np.float32)).to(device),
             bands=cost_bands(arrays.costs, cfg.loss.bands).to(device),
-            quality=torch.from_numpy(bce_targets(arrays, cfg.loss.category_smoothing)).to(device),
+            quality=quality,
             categories=None if category_count(arrays, cfg) == 0 else torch.from_numpy(arrays.category_ids).to(device),
-            outcome=None if cfg.loss.regret_weight <= 0 else torch.from_numpy(
-                bce_targets(arrays, cfg.loss.category_smoothing if cfg.loss.regret_on == "targets" else 0.0)).to(device),
+            outcome=outcome,
         )
 
 

@@ -57,8 +57,9 @@ def trial_config(base: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
             raise ConfigError(f"unknown search parameter {key!r}; known: {sorted(SPACE)}")
         (sub[section] if section else top)[name] = value
     if "bce_weight" in sub["loss"]:
-        sub["head"]["utility"] = "quality" if float(sub["loss"]["bce_weight"]) > 0 else "similarity"
-        if float(sub["loss"]["bce_weight"]) <= 0:
+        quality_map = float(sub["loss"]["bce_weight"]) > 0
+        sub["head"]["utility"] = "quality" if quality_map else "similarity"
+        if not quality_map:
             sub["loss"]["regret_weight"] = 0.0  # the routing regret trains the quality map: none without it
     try:
         return dataclasses.replace(
