@@ -107,6 +107,7 @@ class AdminService:
         self.converge_timeout_s = converge_timeout_s
         self._lock = asyncio.Lock()  # in-process changes only (no pool state)
         self.budgets: KeyBudgets | None = None  # per-key spend budgets (set by serve.routes.build_api)
+        self.replica: str | None = None  # the serving replica's id (set by serve.deployments.Ingress)
 
     async def list(self) -> ExpertList:
         if self.state is not None:
@@ -226,6 +227,8 @@ class AdminService:
         out = {"status": "ok", "experts": costs, "best_expert": ref.best_expert,
                "metrics": self.completion.metrics.as_dict(),
                "circuits": self.completion.health.snapshot()}  # this replica's: experts that failed
+        if self.replica is not None:  # which ingress replica answered (its metrics and circuits are its own)
+            out["replica"] = self.replica
         if self.state is not None:
             record = await self.state.get()
             out["experts"] = {e.name: e.cost for e in record.experts}

@@ -23,12 +23,14 @@ Serving binds Ray handles to them (``serve.deployments``); ``serve.local`` binds
    skips, at once and without a call, an expert that failed ``breaker_failures`` times in a
    row or whose replicas are dead (``ExpertUnavailable``), for ``breaker_cooldown_s``; then one
    trial request decides whether it is back (when every expert a request may use is out, they
-   are tried anyway: a last resort, never a refusal). A client error of an expert (a prompt, or a
-   prompt plus the requested ``max_tokens``, longer than its context) is not a failure (the
-   breaker does not count it): a routed request tries the next ranked expert, whose context may
-   be larger (what a client of a router expects: an answer from an expert that can take the
-   request), and when every expert tried refused, the first refusal is the answer (a 400); a
-   request naming an expert gets that expert's 400;
+   are tried anyway: a last resort, never a refusal). With several replicas the breakers share
+   their openings and closings (``share``, ``apply_board``: ``serve.health.CircuitBoard``), so a
+   failing expert costs its failed calls once for the server, not once per replica. A client
+   error of an expert (a prompt, or a prompt plus the requested ``max_tokens``, longer than its
+   context) is not a failure (the breaker does not count it): a routed request tries the next
+   ranked expert, whose context may be larger (what a client of a router expects: an answer
+   from an expert that can take the request), and when every expert tried refused, the first
+   refusal is the answer (a 400); a request naming an expert gets that expert's 400;
 3. SSE framing of streamed answers (``data: {...}`` events, ``data: [DONE]``; an expert that
    fails mid-stream ends the stream with an error event: too late to fall back);
 4. cost accounting: the estimated cost of the expert that answered against the best expert's.
@@ -199,7 +201,42 @@ class CompletionService:
         self.metrics: Metrics = metrics if metrics is not None else Tally()
         self._reference: CostReference | None = None
         self.health = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s,
-                                     on_change=self.metrics.circuit)  # each opening and closing, published
+                                     on_change=self._circuit_changed)  # each opening and closing, published
+        # told (name, True) when this replica's own breaker (re)opens a circuit and (name, False) when
+        # it closes one (serve.deployments posts them to the shared CircuitBoard); None: not shared
+        self.share: Callable[[str, bool], None] | None = None
+        self._board: dict[str, int] = {}  # expert -> epoch of the shared opening applied here
+        self._board_id: str | None = None  # the board those epochs come from
+        self._applying_board = False
+
+    def _circuit_changed(self, name: str, is_open: bool) -> None:
+        self.metrics.circuit(name, is_open)
+        if self.share is not None and not self._applying_board:  # the board's own news is not posted back
+            self.share(name, is_open)
+
+    def apply_board(self, view: dict[str, Any]) -> None:
+        """Apply the shared board (``CircuitBoard.view()``: its open circuits, ``{name: [epoch,
+        seconds until a trial]}``): an opening not applied yet opens this replica's circuit too; a
+        shared opening that left the board (closed by another replica's successful trial, or its
+        expert left the pool) closes it here. A new board (the controller restarted and knows no
+        circuit) closes nothing: this replica posts its open circuits to it instead."""
+        opened: dict[str, Any] = view["open"]
+        if view["id"] != self._board_id:
+            if self._board_id is not None and self.share is not None:
+                for name in self.health.open_names():
+                    self.share(name, True)
+            self._board_id, self._board = view["id"], {}
+        names = self.experts.names()
+        self._applying_board = True
+        try:
+            for name, (epoch, retry_after_s) in opened.items():
+                if name in names and self._board.get(name) != epoch:
+                    self.health.trip(name, float(retry_after_s))
+            for name in self._board.keys() - opened.keys():
+                self.health.clear(name)
+        finally:
+            self._applying_board = False
+        self._board = {name: int(v[0]) for name, v in opened.items() if name in names}
 
     async def reference(self) -> CostReference:
         if self._reference is None:

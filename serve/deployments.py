@@ -2,8 +2,10 @@
 
 - ``PoolController``: the live pool record (``serve.state.PoolState``): compare-and-set
   commits, persisted atomically in the state folder, and a long poll that every Router and
-  Ingress replica follows (``PoolFollower``). One replica, pinned to the head node (where the
-  state folder is); Serve restarts it on failure and it reloads the durable record.
+  Ingress replica follows (``PoolFollower``); beside it the ``CircuitBoard`` the ingress
+  replicas' breakers share (``serve.health``), long-polled the same way. One replica, pinned
+  to the head node (where the state folder is); Serve restarts it on failure and it reloads the
+  durable record (the board starts empty: the ingress replicas post their open circuits again).
 - ``RouterDeployment``: one ``serve.router_core.RouterCore`` (a ``RouterService``; encoder calls
   of concurrent requests batched by ``serve.batching.EncoderBatcher``, one MiniLM forward per batch). Its index
   follows the pool record, so it runs as many replicas as asked (or autoscales).
@@ -35,7 +37,7 @@ from cscr.serve.admin import AdminService
 from cscr.serve.budgets import KeyBudgets
 from cscr.serve.completion import CompletionService, CompletionSettings
 from cscr.serve.experts import build_backend
-from cscr.serve.health import ExpertUnavailable
+from cscr.serve.health import CircuitBoard, ExpertUnavailable
 from cscr.serve.protocol import (
     ExpertSpec,
     GenerationRequest,
@@ -70,6 +72,7 @@ class PoolController:
         store = PoolStore(state_dir) if state_dir else None
         self.state = PoolState(PoolRecord.model_validate(initial), store)
         self.spend = SpendBook(state_dir)  # per-key spend of every ingress replica (serve.budgets)
+        self.circuits = CircuitBoard()  # the open circuits every ingress replica shares (in memory)
 
     async def get(self) -> PoolRecord:
         return await self.state.get()
@@ -79,11 +82,23 @@ class PoolController:
 
     async def commit(self, expected: int, record: PoolRecord) -> PoolRecord:
         try:
-            return await self.state.commit(expected, record)
+            out = await self.state.commit(expected, record)
         except VersionConflict as exc:
             raise ProtocolError(str(exc), status=409, code="pool_changed") from None
         except PoolStateError as exc:
             raise ProtocolError(str(exc), status=409, code="pool_state") from None
+        await self.circuits.keep(out.names())  # an expert that left: its circuit is forgotten
+        return out
+
+    # the shared circuits (serve.health.CircuitBoard): posted by an ingress replica's breaker
+    async def circuit(self, name: str, is_open: bool, cooldown_s: float) -> None:
+        if not is_open:
+            await self.circuits.closed(name)
+        elif name in self.state.record.names():  # a post that raced the expert's removal is dropped
+            await self.circuits.opened(name, cooldown_s)
+
+    async def circuits_since(self, seen: int, timeout_s: float = POLL_S) -> dict[str, Any]:
+        return await self.circuits.wait(seen, timeout_s)
 
     async def ack(self, replica: str, role: str, version: int, inflight: int | None = None) -> None:
         await self.state.ack(replica, role, version, inflight)
@@ -539,6 +554,36 @@ class Ingress:
         self.follower = PoolFollower(controller, "Ingress", self.apply,
                                      inflight=lambda: self.gate.inflight if self.gate is not None else 0)
         await self.follower.start()
+        self.admin.replica = self.follower.replica
+        self._posts: set[asyncio.Task[None]] = set()  # circuit posts in flight (kept from the GC)
+        self.completion.share = self._post_circuit
+        self._circuits = asyncio.get_running_loop().create_task(self._follow_circuits())
+
+    def _post_circuit(self, name: str, is_open: bool) -> None:
+        """This replica's breaker opened or closed a circuit: tell the board (without waiting)."""
+        async def post() -> None:
+            try:
+                await self.controller.circuit.remote(name, is_open, self.completion.settings.breaker_cooldown_s)
+            except Exception as exc:  # the controller restarting: the others learn at their own failure
+                log.warning("%s: could not share the circuit of %r (%r)", self.follower.replica, name, exc)
+
+        task = asyncio.get_running_loop().create_task(post())
+        self._posts.add(task)
+        task.add_done_callback(self._posts.discard)
+
+    async def _follow_circuits(self) -> None:
+        """Long-poll the shared board and apply it to this replica's breaker."""
+        seen = -1
+        while True:
+            try:
+                view = await self.controller.circuits_since.remote(seen, POLL_S)
+                seen = int(view["seq"])
+                self.completion.apply_board(view)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the controller restarting: poll again shortly
+                log.warning("%s: circuit poll failed (%r); retrying", self.follower.replica, exc)
+                await asyncio.sleep(1.0)
 
     async def apply(self, record: PoolRecord) -> None:
         """Serve ``record``: its expert handles, and its index when this replica routes (both

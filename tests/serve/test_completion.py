@@ -18,7 +18,7 @@ from cscr.serve.completion import (
     info_headers,
     sse_event,
 )
-from cscr.serve.health import CircuitBreaker
+from cscr.serve.health import CircuitBoard, CircuitBreaker
 from cscr.serve.local import LocalExperts, LocalRouter
 from cscr.serve.metrics import Tally
 from cscr.serve.protocol import (
@@ -291,7 +291,7 @@ class Clock:
 
 def with_clock(service, failures: int = 3, cooldown_s: float = 10.0) -> Clock:
     clock = Clock()
-    service.health = CircuitBreaker(failures, cooldown_s, clock=clock, on_change=service.metrics.circuit)
+    service.health = CircuitBreaker(failures, cooldown_s, clock=clock, on_change=service.health.on_change)
     return clock
 
 
@@ -393,6 +393,108 @@ def test_a_failing_expert_leaves_rotation_and_returns_when_healthy(parts):
     assert service.metrics.open_circuits == set()
     assert service.health.snapshot()["broken"] == {"state": "closed", "failures": 0, "opened": 2,
                                                    "retry_after_s": 0.0}
+
+
+def test_the_breaker_takes_openings_and_closings_from_outside():
+    now, told = [0.0], []
+    b = CircuitBreaker(failures=3, cooldown_s=10, clock=lambda: now[0], on_change=lambda n, o: told.append((n, o)))
+    b.trip("a", 4.0)  # another replica opened it 6 s ago: a trial in 4 s here too
+    assert b.state("a") == "open" and b.retry_after("a") == 4.0 and told == [("a", True)]
+    b.trip("a", 2.0)  # an older opening does not shorten the wait
+    assert b.retry_after("a") == 4.0 and told == [("a", True)]
+    b.trip("a", 8.0)  # a newer one (a failed trial elsewhere) lengthens it, and is not told twice
+    assert b.retry_after("a") == 8.0 and told == [("a", True)]
+    now[0] = 8.0
+    assert b.acquire("a")  # the trial here is in flight: an opening from outside leaves it alone
+    b.trip("a", 10.0)
+    assert b.state("a") == "half-open" and not b.acquire("a")
+    b.failure("a")  # the trial failed: (re)opened, told again (the board hears of every opening)
+    assert b.state("a") == "open" and told[-1] == ("a", True) and len(told) == 2
+    b.clear("a")  # another replica's trial succeeded
+    assert b.state("a") == "closed" and told[-1] == ("a", False)
+    b.clear("never-opened")  # nothing to close: nothing told
+    assert len(told) == 3 and b.snapshot()["a"] == {"state": "closed", "failures": 0, "opened": 2,
+                                                    "retry_after_s": 0.0}
+
+
+def test_the_board_long_polls_and_forgets_experts_that_left():
+    now = [100.0]
+    board = CircuitBoard(clock=lambda: now[0])
+
+    async def go():
+        assert await board.wait(-1, timeout_s=1) == {"id": board.id, "seq": 0, "open": {}}  # a new replica: at once
+        t0 = time.perf_counter()
+        assert (await board.wait(0, timeout_s=0.05))["seq"] == 0 and time.perf_counter() - t0 >= 0.04
+        waiter = asyncio.create_task(board.wait(0, timeout_s=5))
+        await asyncio.sleep(0.05)
+        await board.opened("a", 10.0)
+        assert (await asyncio.wait_for(waiter, 1))["open"] == {"a": [1, 10.0]}  # woken at once
+        now[0] += 3
+        await board.opened("b", 10.0)
+        await board.opened("a", 10.0)  # re-opened: a new epoch, the full cooldown
+        assert board.view() == {"id": board.id, "seq": 3, "open": {"a": [3, 10.0], "b": [2, 10.0]}}
+        now[0] += 12
+        assert board.view()["open"]["b"] == [2, 0.0]  # cooled down: kept until a trial succeeds
+        await board.closed("a")
+        await board.closed("a")  # already closed: no change to report
+        await board.keep({"a", "c"})  # "b" left the pool
+        assert board.view()["seq"] == 5 and board.view()["open"] == {}
+        assert CircuitBoard().id != board.id  # a restarted controller's board is a new one
+        with pytest.raises(ValueError, match="cooldown"):
+            await board.opened("a", -1.0)
+
+    asyncio.run(go())
+
+
+def test_replicas_sharing_a_board_call_a_dead_expert_once(parts):
+    """Two services (two ingress replicas) over one dead expert and one board (what the pool
+    controller keeps): the first replica's failure opens the second's circuit without a call of its
+    own; the first's successful trial closes it on both. Nothing a replica learns from the board is
+    posted back."""
+    dead = FlakyExpert(parts[1]["tiny-a"], mode="dead")
+    (a, _), (b, _) = make(parts, extra={"broken": dead}), make(parts, extra={"broken": dead})
+    clocks = [with_clock(a, cooldown_s=10.0), with_clock(b, cooldown_s=10.0)]
+    board = CircuitBoard(clock=clocks[0])
+    posts: list[tuple[str, str, bool]] = []
+    a.share = lambda name, is_open: posts.append(("a", name, is_open))
+    b.share = lambda name, is_open: posts.append(("b", name, is_open))
+    req = chat(candidates=["broken", "tiny-b"])
+
+    async def deliver():  # the controller's side: the posts reach the board, the replicas poll it
+        for _, name, is_open in posts:
+            await (board.opened(name, 10.0) if is_open else board.closed(name))
+        posts.clear()
+        view = await board.wait(-1)
+        a.apply_board(view)
+        b.apply_board(view)
+
+    async def go():
+        first = await a.complete(req)
+        assert first.info.failed == ["broken"] and dead.calls == 1 and posts == [("a", "broken", True)]
+        await deliver()
+        assert b.health.state("broken") == "open" and b.metrics.open_circuits == {"broken"} and posts == []
+        for service in (a, b):  # neither calls it again inside the cooldown
+            answer = await service.complete(req)
+            assert answer.info.expert == "tiny-b" and answer.info.failed == [] and dead.calls == 1
+        for clock in clocks:
+            clock.now += 10.0
+        dead.mode = "ok"
+        back = await a.complete(req)  # a's trial finds it back
+        assert back.info.expert == "broken" and dead.calls == 2 and posts == [("a", "broken", False)]
+        await deliver()
+        assert b.health.state("broken") == "closed" and b.metrics.open_circuits == set() and posts == []
+        answer = await b.complete(req)
+        assert answer.info.expert == "broken" and dead.calls == 3
+        dead.mode = "dead"
+        await b.complete(req)
+        await deliver()
+        assert a.health.state("broken") == b.health.state("broken") == "open" and dead.calls == 4
+        # the controller restarted: its new board knows no circuit; the replicas close nothing and
+        # post their open circuits to it again
+        a.apply_board(CircuitBoard().view())
+        assert a.health.state("broken") == "open" and posts == [("a", "broken", True)]
+
+    asyncio.run(go())
 
 
 def test_a_prompt_longer_than_the_experts_context_is_a_400_not_a_failure(parts):

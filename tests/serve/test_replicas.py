@@ -1,8 +1,9 @@
 """Two Router and two Ingress replicas on a simulated two-node Ray cluster (ray.cluster_utils.Cluster):
 every replica follows the one versioned pool record, decisions agree whichever replica serves them,
 a live add or remove reaches all of them before the admin call answers, admin adds are bounded,
-the durable record carries its pool's operating-point table, and a key's spend budget is one tally
-shared by both ingress replicas (kept by the pool controller, persisted beside the record).
+the durable record carries its pool's operating-point table, a key's spend budget is one tally
+shared by both ingress replicas (kept by the pool controller, persisted beside the record), and so
+are the breakers' circuits: a failing expert is called once for the server, not once per replica.
 
 The router is a real trained CSCR run on a RouterBench slice; the three experts are tiny random
 GPT-2s, each in its own Serve application (as under `cscr serve`)."""
@@ -45,7 +46,9 @@ def cluster(trained_run, tiny_lms, tmp_path_factory, encoder):
     state_dir = tmp / "state"
     keys = tmp / "keys.yaml"
     keys.write_text(yaml.safe_dump({"keys": [{"key": TEAM, "name": "team", "budget": 1e-12}]}))
-    args = ServeArgs(keys=str(keys), run=str(trained_run), pool=str(write_pool(tmp / "pool.yaml", tiny_lms)), api_key=KEY,
+    refusing = free_port()  # an upstream with nothing listening: every call to it fails at once
+    args = ServeArgs(allow_upstreams=[f"http://127.0.0.1:{refusing}/v1"], breaker_failures=1, breaker_cooldown_s=120,
+                     keys=str(keys), run=str(trained_run), pool=str(write_pool(tmp / "pool.yaml", tiny_lms)), api_key=KEY,
                      admin_key=ADMIN, state_dir=str(state_dir), router_replicas=2, ingress_replicas=2,
                      expert_apps=True, expert_num_cpus=0.1, router_num_cpus=0.1, ingress_num_cpus=0.1,
                      default_max_tokens=4, expert_deploy_timeout_s=300,
@@ -62,7 +65,8 @@ def cluster(trained_run, tiny_lms, tmp_path_factory, encoder):
         launch_expert_apps(record, ExpertLauncher(deploy_timeout_s=300))
         ray_serve.run(app, name="cscr", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        yield app_clients(base, KEY, ADMIN, state_dir=state_dir, local=RouterService.from_run(trained_run, encoder=encoder))
+        yield app_clients(base, KEY, ADMIN, state_dir=state_dir, refusing=refusing,
+                          local=RouterService.from_run(trained_run, encoder=encoder))
     finally:
         ray_serve.shutdown()
         ray.shutdown()
@@ -192,3 +196,48 @@ def test_admin_adds_are_bounded(cluster, tiny_lms):
     assert r.status_code in (400, 504), r.text
     assert set(ray_serve.status().applications) == apps_before  # no orphan application
     assert cluster.admin.get("/healthz").json()["pool_version"] == version
+
+
+def per_replica(cl, done, timeout: float = 30.0) -> dict[str, dict]:
+    """The admin health report of each ingress replica (either answers a request), once
+    ``done(reports)`` holds for the reports seen so far."""
+    deadline, seen = time.time() + timeout, {}
+    while time.time() < deadline:
+        health = cl.admin.get("/healthz").json()
+        seen[health["replica"]] = health
+        if len(seen) == 2 and done(seen):
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout} s: {json.dumps(seen)[:3000]}")
+
+
+def test_a_circuit_one_ingress_replica_opens_opens_on_both(cluster):
+    """A black-box expert whose upstream refuses every connection, routed first (free, right on
+    the prompt): one request fails over it and opens that replica's circuit (the fixture: one
+    failure opens, 120 s cooldown); the other replica learns it from the shared board without a
+    call of its own, so every request after it, whichever replica serves it, skips the expert."""
+    prompt = PROMPTS[3]
+    query = cluster.local.router.queries(cluster.local.embed([prompt]))[0].tolist()
+    spec = {"name": "refuser", "backend": "openai", "model": "m", "base_url": f"http://127.0.0.1:{cluster.refusing}/v1",
+            "retries": 0, "timeout_s": 10, "num_cpus": 0.05}
+    added = cluster.admin.post("/v1/experts", json={"expert": spec, "cost": 0.0, "descriptor": query})
+    assert added.status_code == 201 and added.json()["replicas"]["lagging"] == [], added.text
+    ask = {"model": "cscr:1000", "max_tokens": 2, "candidates": ["refuser", RB_EXPERTS[0]],
+           "messages": [{"role": "user", "content": prompt}]}
+    try:
+        first = cluster.http.post("/v1/chat/completions", json=ask)
+        assert first.status_code == 200 and first.json()["cscr"]["failed"] == ["refuser"], first.text
+        assert first.json()["model"] == RB_EXPERTS[0]
+        reports = per_replica(cluster, lambda seen: all(
+            h["circuits"].get("refuser", {}).get("state") == "open" for h in seen.values()))
+        assert sum(h["metrics"]["failures"].get("refuser", 0) for h in reports.values()) == 1  # one call in all
+        with ThreadPoolExecutor(4) as pool:  # spread over both replicas
+            later = list(pool.map(lambda _: cluster.http.post("/v1/chat/completions", json=ask), range(12)))
+        assert all(r.status_code == 200 and r.json()["cscr"]["failed"] == [] for r in later), [r.text for r in later]
+        reports = per_replica(cluster, lambda seen: True)
+        assert sum(h["metrics"]["failures"].get("refuser", 0) for h in reports.values()) == 1
+        assert all(100 < h["circuits"]["refuser"]["retry_after_s"] <= 120 for h in reports.values())
+    finally:
+        gone = cluster.admin.delete("/v1/experts/refuser")
+    assert gone.status_code == 200, gone.text
+    per_replica(cluster, lambda seen: all("refuser" not in h["circuits"] for h in seen.values()))  # forgotten on both
