@@ -11,6 +11,7 @@ GPT-2s, each in its own Serve application (as under `cscr serve`)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +24,7 @@ from serve_helpers import RB_EXPERTS, app_clients, free_port
 pytestmark = pytest.mark.slow
 
 KEY, ADMIN = "k-replicas", "admin-replicas"
+LOCAL_ROUTING = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
 TEAM = "sk-team-tiny"  # a declared key whose budget one answer exhausts
 PROMPTS = ["What is the capital of France?", "Solve for x: 3x + 5 = 20.",
            "Write a function to compute the n-th Fibonacci number.", "Explain why the sky is blue."]
@@ -56,6 +58,10 @@ def cluster(trained_run, tiny_lms, tmp_path_factory, encoder):
     app, record, a = plan_app(args)
     if ray.is_initialized():
         ray.shutdown()
+    # the proxy (head node) would send every request to the ingress replica on its own node;
+    # these tests need both replicas to take requests, as proxies on every node would
+    saved_env = os.environ.get(LOCAL_ROUTING)
+    os.environ[LOCAL_ROUTING] = "0"
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     c.add_node(num_cpus=2)
     port = free_port()
@@ -71,6 +77,10 @@ def cluster(trained_run, tiny_lms, tmp_path_factory, encoder):
         ray_serve.shutdown()
         ray.shutdown()
         c.shutdown()
+        if saved_env is None:
+            os.environ.pop(LOCAL_ROUTING, None)
+        else:
+            os.environ[LOCAL_ROUTING] = saved_env
 
 
 def replicas(cl, want_version: int, timeout: float = 60.0) -> dict:
