@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from cscr.serve.admin import AdminService
-from cscr.serve.budgets import KeyBudgets
+from cscr.serve.budgets import KeyBudgets, RequestWindows
 from cscr.serve.completion import CompletionService, CompletionSettings
 from cscr.serve.experts import build_backend
 from cscr.serve.health import CircuitBoard, ExpertUnavailable
@@ -73,6 +73,7 @@ class PoolController:
         self.state = PoolState(PoolRecord.model_validate(initial), store)
         self.spend = SpendBook(state_dir)  # per-key spend of every ingress replica (serve.budgets)
         self.circuits = CircuitBoard()  # the open circuits every ingress replica shares (in memory)
+        self.windows = RequestWindows()  # per-key request rates (rpm) of every ingress replica (in memory)
 
     async def get(self) -> PoolRecord:
         return await self.state.get()
@@ -123,6 +124,9 @@ class PoolController:
     async def charge(self, name: str, amount: float) -> float:
         return self.spend.charge(name, amount)
 
+    async def take(self, name: str, rpm: int) -> float:
+        return self.windows.take(name, rpm)
+
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.spend.flush()
@@ -146,7 +150,7 @@ def _replica_id() -> str:
 
 class ControllerLedger:
     """The per-key spend tally of ``serve.budgets`` kept by the PoolController (one for every
-    ingress replica, persisted in the state folder)."""
+    ingress replica, persisted in the state folder), and its per-key request windows (``rpm``)."""
 
     def __init__(self, controller: Any) -> None:
         self.controller = controller
@@ -156,6 +160,9 @@ class ControllerLedger:
 
     async def charge(self, name: str, amount: float) -> float:
         return float(await self.controller.charge.remote(name, amount))
+
+    async def take(self, name: str, rpm: int) -> float:
+        return float(await self.controller.take.remote(name, rpm))
 
 
 class PoolFollower:

@@ -66,7 +66,7 @@ class ProtocolError(ValueError):
 
     def __init__(self, message: str, status: int = 400, code: str = "invalid_request",
                  param: str | None = None, type_: str = "invalid_request_error",
-                 reachable: dict[str, Any] | None = None) -> None:
+                 reachable: dict[str, Any] | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
@@ -74,9 +74,11 @@ class ProtocolError(ValueError):
         self.param = param
         self.type = type_
         self.reachable = reachable  # an unreachable operating point: what is (cscr.operating)
+        self.retry_after_s = retry_after_s  # when to ask again (a rate limit): the Retry-After header
 
     def __reduce__(self) -> tuple:  # keep status and code across Ray's pickling
-        return (type(self), (self.message, self.status, self.code, self.param, self.type, self.reachable))
+        return (type(self), (self.message, self.status, self.code, self.param, self.type, self.reachable,
+                             self.retry_after_s))
 
 
 def check_bearer(authorization: str | None, key: str, what: str = "API key",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -138,7 +139,11 @@ def checked_route(settings: EdgeSettings) -> type[APIRoute]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProtocolError)
     async def _protocol(_: FastAPIRequest, exc: ProtocolError) -> JSONResponse:
-        return JSONResponse(ErrorResponse.of(exc).model_dump(), status_code=exc.status)  # + "reachable"
+        headers = None
+        if exc.retry_after_s is not None:  # whole seconds, rounded up (what the openai client waits)
+            headers = {"retry-after": str(max(1, math.ceil(exc.retry_after_s)))}
+        return JSONResponse(ErrorResponse.of(exc).model_dump(), status_code=exc.status,  # + "reachable"
+                            headers=headers)
 
     @app.exception_handler(RouterError)
     async def _router(_: FastAPIRequest, exc: RouterError) -> JSONResponse:

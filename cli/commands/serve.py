@@ -56,8 +56,9 @@ def register(subparsers: Any) -> None:
                    help="instead of --cost-weight: the cheapest operating point meeting this quality "
                         "(absolute, e.g. 0.7, or relative to the best expert, e.g. 0.95x)")
     p.add_argument("--keys", default=None,
-                   help="YAML/JSON file of API keys with spend budgets ([{key, name, budget}], budget in the "
-                        "run's unit): spend is tallied per key and a key over its budget gets a 429")
+                   help="YAML/JSON file of API keys with spend budgets ([{key, name, budget, rpm?}], budget in "
+                        "the run's unit): spend is tallied per key and a key over its budget gets a 429; "
+                        "rpm limits a key to that many requests in any 60 s (429 with Retry-After past it)")
     p.add_argument("--expert-timeout", type=float, default=120.0,
                    help="seconds before an expert call falls back to the next candidate")
     p.add_argument("--breaker-failures", type=int, default=3,

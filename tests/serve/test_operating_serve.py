@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cscr.serve.admin import AdminService
-from cscr.serve.budgets import KeyBudgets
+from cscr.serve.budgets import BookLedger, KeyBudgets, RequestWindows
 from cscr.serve.completion import CompletionService, CompletionSettings
 from cscr.serve.local import LocalExperts, LocalRouter
 from cscr.serve.metrics import Tally
@@ -214,6 +214,47 @@ def test_per_key_budgets_are_tallied_and_enforced_with_a_429(service, backends):
         KeyBudgets.from_entries([{"key": "k", "name": "a", "budget": 1}, {"key": "k", "name": "b", "budget": 1}])
 
 
+def test_request_windows_admit_rpm_in_any_minute():
+    now = [0.0]
+    w = RequestWindows(clock=lambda: now[0])
+    for t in (0.0, 10.0, 20.0):
+        now[0] = t
+        assert w.take("a", 3) == 0.0
+    assert w.take("a", 3) == 40.0 and w.take("b", 3) == 0.0  # full until the first leaves; another key: its own
+    now[0] = 59.9
+    assert w.take("a", 3) == pytest.approx(0.1)  # a refused request is not recorded
+    now[0] = 60.0
+    assert w.take("a", 3) == 0.0 and w.take("a", 3) == 10.0  # the first left, one came in: full until 70 s
+    assert w.take("a", 4) == 0.0  # a key whose limit was raised takes one more at once
+
+
+def test_a_keys_request_rate_is_enforced_with_a_429_and_retry_after(service, backends):
+    now = [0.0]
+    ledger = BookLedger(windows=RequestWindows(clock=lambda: now[0]))
+    budgets = KeyBudgets.from_entries([{"key": "sk-slow", "name": "slow", "budget": 1e9, "rpm": 2},
+                                       {"key": "sk-free", "name": "free", "budget": 1e9}], ledger=ledger)
+    c = client(service, backends, budgets)
+    ask = {"model": RB_EXPERTS[0], "prompt": "hi", "max_tokens": 2}
+    assert [c.post("/v1/completions", headers=auth("sk-slow"), json=ask).status_code for _ in range(2)] == [200, 200]
+    spent = ledger.book.get("slow")
+    now[0] = 15.5
+    r = c.post("/v1/completions", headers=auth("sk-slow"), json={**ask, "stream": True})
+    e = error(r, 429, "rate_limit_exceeded", None)
+    assert e["type"] == "requests" and "2 requests a minute" in e["message"] and r.headers["retry-after"] == "45"
+    assert ledger.book.get("slow") == spent  # refused before anything ran: not charged
+    assert c.post("/v1/completions", headers=auth("sk-free"), json=ask).status_code == 200  # no limit
+    assert c.post("/v1/completions", headers=auth(), json=ask).status_code == 200  # the plain key: no limit
+    now[0] = 60.0  # the first two left the window
+    assert [c.post("/v1/completions", headers=auth("sk-slow"), json=ask).status_code for _ in range(2)] == [200, 200]
+    import openai
+
+    oc = openai.OpenAI(base_url="http://testserver/v1", api_key="sk-slow", http_client=c, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as err:  # what the openai client sees
+        oc.completions.create(**ask)
+    assert err.value.code == "rate_limit_exceeded" and err.value.response.headers["retry-after"] == "60"
+    assert [k.get("rpm") for k in asyncio.run(budgets.usage())] == [2, None]  # the admin report's "keys"
+
+
 def test_the_table_follows_live_pool_changes(trained_run, encoder):
     svc = RouterService.from_run(trained_run, encoder=encoder)
     before = svc.table
@@ -356,7 +397,11 @@ def test_the_keys_file_and_the_serve_flags(tmp_path):
         asyncio.run(budgets.admit(budgets.keys[1]))  # a zero budget admits nothing
     assert (err.value.status, err.value.type) == (429, "insufficient_quota")
     for text, message in (("keys: []\n", "expected a list"), ("- {key: k, name: a}\n", r"expected \{key, name, budget\}"),
-                          ("- {key: k, name: a, budget: -1}\n", "finite number >= 0")):
+                          ("- {key: k, name: a, budget: -1}\n", "finite number >= 0"),
+                          ("- {key: k, name: a, budget: 1, rps: 2}\n", "optionally rpm"),
+                          ("- {key: k, name: a, budget: 1, rpm: 0}\n", "rpm must be a whole number"),
+                          ("- {key: k, name: a, budget: 1, rpm: 1.5}\n", "rpm must be a whole number"),
+                          ("- {key: k, name: a, budget: 1, rpm: true}\n", "rpm must be a whole number")):
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):

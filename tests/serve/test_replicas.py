@@ -3,7 +3,8 @@ every replica follows the one versioned pool record, decisions agree whichever r
 a live add or remove reaches all of them before the admin call answers, admin adds are bounded,
 the durable record carries its pool's operating-point table, a key's spend budget is one tally
 shared by both ingress replicas (kept by the pool controller, persisted beside the record), and so
-are the breakers' circuits: a failing expert is called once for the server, not once per replica.
+are a key's request window (rpm) and the breakers' circuits: a failing expert is called once for
+the server, not once per replica.
 
 The router is a real trained CSCR run on a RouterBench slice; the three experts are tiny random
 GPT-2s, each in its own Serve application (as under `cscr serve`)."""
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.slow
 KEY, ADMIN = "k-replicas", "admin-replicas"
 LOCAL_ROUTING = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
 TEAM = "sk-team-tiny"  # a declared key whose budget one answer exhausts
+PACED = "sk-team-paced"  # a declared key limited to 3 requests a minute
 PROMPTS = ["What is the capital of France?", "Solve for x: 3x + 5 = 20.",
            "Write a function to compute the n-th Fibonacci number.", "Explain why the sky is blue."]
 
@@ -47,7 +49,8 @@ def cluster(trained_run, tiny_lms, tmp_path_factory, encoder):
     tmp = tmp_path_factory.mktemp("replicas")
     state_dir = tmp / "state"
     keys = tmp / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"keys": [{"key": TEAM, "name": "team", "budget": 1e-12}]}))
+    keys.write_text(yaml.safe_dump({"keys": [{"key": TEAM, "name": "team", "budget": 1e-12},
+                                             {"key": PACED, "name": "paced", "budget": 1e9, "rpm": 3}]}))
     refusing = free_port()  # an upstream with nothing listening: every call to it fails at once
     args = ServeArgs(allow_upstreams=[f"http://127.0.0.1:{refusing}/v1"], breaker_failures=1, breaker_cooldown_s=120,
                      keys=str(keys), run=str(trained_run), pool=str(write_pool(tmp / "pool.yaml", tiny_lms)), api_key=KEY,
@@ -181,6 +184,19 @@ def test_a_keys_budget_is_one_tally_across_ingress_replicas(cluster):
         time.sleep(0.2)
     on_disk = json.loads((cluster.state_dir / "spend.json").read_text())["spent"]["team"]
     assert on_disk == pytest.approx(next(iter(spent)))  # a restart keeps the tally
+
+
+def test_a_keys_request_rate_is_one_window_across_ingress_replicas(cluster):
+    paced = httpx.Client(base_url=cluster.base, headers={"Authorization": f"Bearer {PACED}"}, timeout=300)
+    ask = {"model": RB_EXPERTS[0], "prompt": "hi", "max_tokens": 2}
+    with ThreadPoolExecutor(4) as pool:  # spread over both replicas: 3 in all, not 3 each
+        got = list(pool.map(lambda _: paced.post("/v1/completions", json=ask), range(16)))
+    assert sorted(r.status_code for r in got) == [200] * 3 + [429] * 13, [r.text for r in got]
+    refused = [r for r in got if r.status_code == 429]
+    assert {r.json()["error"]["code"] for r in refused} == {"rate_limit_exceeded"}
+    assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in refused)
+    keys = {k["name"]: k for k in cluster.admin.get("/healthz").json()["keys"]}
+    assert keys["paced"]["rpm"] == 3 and keys["paced"]["spent"] > 0
 
 
 def test_admin_adds_are_bounded(cluster, tiny_lms):
