@@ -200,19 +200,28 @@ class PoolFollower:
         self._task = asyncio.get_running_loop().create_task(self._follow())
 
     async def _follow(self) -> None:
-        while True:
-            try:
-                wait = DRAIN_POLL_S if self.draining and self.inflight is not None else POLL_S
-                record, self.draining = await self.controller.poll.remote(self.version, self.draining, wait)
-                if record.version != self.version:
-                    await self._apply(record)
-                busy = self.inflight() if self.draining and self.inflight is not None else None
-                await self.controller.ack.remote(self.replica, self.role, self.version, busy)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the controller restarting: poll again shortly
-                log.warning("%s: pool poll failed (%r); retrying", self.replica, exc)
-                await asyncio.sleep(1.0)
+        async def step() -> None:
+            wait = DRAIN_POLL_S if self.draining and self.inflight is not None else POLL_S
+            record, self.draining = await self.controller.poll.remote(self.version, self.draining, wait)
+            if record.version != self.version:
+                await self._apply(record)
+            busy = self.inflight() if self.draining and self.inflight is not None else None
+            await self.controller.ack.remote(self.replica, self.role, self.version, busy)
+
+        await keep_polling(self.replica, "pool", step)
+
+
+async def keep_polling(replica: str, what: str, step: Callable[[], Awaitable[None]]) -> None:
+    """Run one long-poll ``step`` after another, for ever; a step that fails (the controller
+    restarting) is logged and tried again a second later."""
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("%s: %s poll failed (%r); retrying", replica, what, exc)
+            await asyncio.sleep(1.0)
 
 
 @serve.deployment(name="Router", num_replicas=1, max_ongoing_requests=512,
@@ -581,16 +590,14 @@ class Ingress:
     async def _follow_circuits(self) -> None:
         """Long-poll the shared board and apply it to this replica's breaker."""
         seen = -1
-        while True:
-            try:
-                view = await self.controller.circuits_since.remote(seen, POLL_S)
-                seen = int(view["seq"])
-                self.completion.apply_board(view)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the controller restarting: poll again shortly
-                log.warning("%s: circuit poll failed (%r); retrying", self.follower.replica, exc)
-                await asyncio.sleep(1.0)
+
+        async def step() -> None:
+            nonlocal seen
+            view = await self.controller.circuits_since.remote(seen, POLL_S)
+            seen = int(view["seq"])
+            self.completion.apply_board(view)
+
+        await keep_polling(self.follower.replica, "circuit", step)
 
     async def apply(self, record: PoolRecord) -> None:
         """Serve ``record``: its expert handles, and its index when this replica routes (both

@@ -12,7 +12,6 @@ GPT-2s, each in its own Serve application (as under `cscr serve`)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +24,6 @@ from serve_helpers import RB_EXPERTS, app_clients, free_port
 pytestmark = pytest.mark.slow
 
 KEY, ADMIN = "k-replicas", "admin-replicas"
-LOCAL_ROUTING = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
 TEAM = "sk-team-tiny"  # a declared key whose budget one answer exhausts
 PACED = "sk-team-paced"  # a declared key limited to 3 requests a minute
 PROMPTS = ["What is the capital of France?", "Solve for x: 3x + 5 = 20.",
@@ -63,27 +61,23 @@ def cluster(trained_run, tiny_lms, tmp_path_factory, encoder):
         ray.shutdown()
     # the proxy (head node) would send every request to the ingress replica on its own node;
     # these tests need both replicas to take requests, as proxies on every node would
-    saved_env = os.environ.get(LOCAL_ROUTING)
-    os.environ[LOCAL_ROUTING] = "0"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    c.add_node(num_cpus=2)
-    port = free_port()
-    try:
-        ray.init(address=c.address, log_to_driver=False)
-        ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        launch_expert_apps(record, ExpertLauncher(deploy_timeout_s=300))
-        ray_serve.run(app, name="cscr", route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        yield app_clients(base, KEY, ADMIN, state_dir=state_dir, refusing=refusing,
-                          local=RouterService.from_run(trained_run, encoder=encoder))
-    finally:
-        ray_serve.shutdown()
-        ray.shutdown()
-        c.shutdown()
-        if saved_env is None:
-            os.environ.pop(LOCAL_ROUTING, None)
-        else:
-            os.environ[LOCAL_ROUTING] = saved_env
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+        c.add_node(num_cpus=2)
+        port = free_port()
+        try:
+            ray.init(address=c.address, log_to_driver=False)
+            ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+            launch_expert_apps(record, ExpertLauncher(deploy_timeout_s=300))
+            ray_serve.run(app, name="cscr", route_prefix="/")
+            base = f"http://127.0.0.1:{port}"
+            yield app_clients(base, KEY, ADMIN, state_dir=state_dir, refusing=refusing,
+                              local=RouterService.from_run(trained_run, encoder=encoder))
+        finally:
+            ray_serve.shutdown()
+            ray.shutdown()
+            c.shutdown()
 
 
 def replicas(cl, want_version: int, timeout: float = 60.0) -> dict:
